@@ -1,0 +1,78 @@
+"""Model hyperparameters: read from config.json, checked, and written as GGUF metadata."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import gguf
+
+from .arch import Architecture
+from .errors import InputError
+
+
+def _number(config: Mapping, key: str, where: str, kind=(int, float)) -> Any:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        want = "an integer" if kind is int or kind == (int,) else "a number"
+        raise InputError(f"{where}: field {key!r} is {value!r}, expected {want}. Fix the config or download it again.")
+    return value
+
+
+def find(config: Mapping, keys: tuple[str, ...], where: str, required: bool = True) -> Any:
+    for k in keys:
+        if k in config and config[k] is not None:
+            return _number(config, k, where)
+    if required:
+        raise InputError(f"{where}: missing field {keys[0]!r}, which the GGUF needs. Is this the model's config.json?")
+    return None
+
+
+def rope_parameters(config: Mapping, where: str = "config.json") -> dict[str, Any]:
+    """RoPE settings in one shape, from transformers 5.x `rope_parameters` (rope_theta inside) or
+    the older `rope_scaling` + top-level `rope_theta`."""
+    params = config.get("rope_parameters")
+    if params is None:
+        params = dict(config.get("rope_scaling") or {})
+        if "rope_theta" in config:
+            params["rope_theta"] = config["rope_theta"]
+    elif not isinstance(params, dict):
+        raise InputError(f"{where}: 'rope_parameters' is {params!r}, expected an object")
+    else:
+        params = dict(params.get("full_attention", params))
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params["type"]
+    return params
+
+
+def write_hparams(writer: gguf.GGUFWriter, arch: Architecture, config: Mapping, where: str = "config.json") -> dict:
+    """Write the architecture's hyperparameters; returns them as {gguf key method: value}."""
+    written: dict[str, Any] = {}
+    for method, keys, required in arch.hparams:
+        value = find(config, keys, where, required)
+        if value is not None:
+            getattr(writer, method)(value)
+            written[method] = value
+    rope = rope_parameters(config, where)
+    rope_type = rope.get("rope_type")
+    factor = rope.get("factor")
+    if rope_type == "yarn" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(factor)
+        if "original_max_position_embeddings" not in rope:
+            raise InputError(f"{where}: YaRN rope scaling without 'original_max_position_embeddings'")
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for key, method in (
+            ("extrapolation_factor", "add_rope_scaling_yarn_ext_factor"),
+            ("attention_factor", "add_rope_scaling_yarn_attn_factor"),
+            ("beta_fast", "add_rope_scaling_yarn_beta_fast"),
+            ("beta_slow", "add_rope_scaling_yarn_beta_slow"),
+        ):
+            if rope.get(key) is not None:
+                getattr(writer, method)(rope[key])
+    elif rope_type == "linear" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+    if rope.get("rope_theta") is not None:
+        writer.add_rope_freq_base(rope["rope_theta"])
+    written["rope"] = rope
+    return written
