@@ -517,7 +517,7 @@ def decode_bnb_4bit(
 
 
 def _weight_prefix(prefix: str) -> str:
-    return prefix if prefix.endswith(".weight") else prefix + ".weight"
+    return prefix if prefix == "weight" or prefix.endswith(".weight") else prefix + ".weight"
 
 
 def parse_bnb_quant_state(tensors: Mapping[str, np.ndarray], prefix: str) -> dict:
