@@ -264,7 +264,7 @@ def write_tokenizer(
             tj["added_tokens"].append({"id": known[t], **_added_token(t, extra_tokens_special)})
         if tokenizer_json_hook is not None:
             tokenizer_json_hook(tj)
-        (dest / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False, indent=2), encoding="utf-8")
+        (dest / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
 
     decoder = {str(i): _added_token(t) for t, i in HARMONY_SPECIAL_TOKENS.items()}
     for t in extra:

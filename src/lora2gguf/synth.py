@@ -65,16 +65,16 @@ VOCAB_SIZE = 201088
 LOGIT_STD = 6.0
 TRANSFORMERS_VERSION = "5.24.0"  # the version whose save_pretrained layout these files follow
 
-#: Presets: keyword arguments for :func:`gpt_oss_config`, e.g. ``gpt_oss_config(**K256, num_hidden_layers=1)``.
-TINY: dict[str, Any] = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+#: Presets: keyword arguments for :func:`gpt_oss_config` (2 layers unless overridden), e.g.
+#: ``gpt_oss_config(**K256, num_hidden_layers=1)``.
+TINY: dict[str, Any] = dict(hidden_size=64, intermediate_size=64, num_attention_heads=4,
                             num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2)
 #: Widths that are multiples of 256, so k-quants (Q4_K_M...) really produce K-quant tensors.
-K256: dict[str, Any] = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+K256: dict[str, Any] = dict(hidden_size=256, intermediate_size=256, num_attention_heads=4,
                             num_key_value_heads=2, head_dim=64, num_local_experts=4, num_experts_per_tok=2)
 #: gpt-oss-20b widths (the benchmark picks 1, 2 or 4 layers); about 2.8 GB of bf16 weights per
 #: layer plus 2.3 GB for embeddings and lm_head.
-REAL_WIDTH: dict[str, Any] = dict(hidden_size=2880, intermediate_size=2880, num_hidden_layers=2,
-                                  num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+REAL_WIDTH: dict[str, Any] = dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
                                   num_local_experts=32, num_experts_per_tok=4)
 
 _DTYPES = {  # name -> (safetensors dtype, bytes per element)
@@ -112,7 +112,9 @@ def gpt_oss_config(
     **extra: Any,
 ) -> dict[str, Any]:
     """A config.json dict exactly as transformers 5.x saves ``GptOssConfig`` (``rope_parameters``
-    with yarn; ``dtype``). ``extra`` keys are added (or override) at the top level."""
+    with yarn; ``dtype``). ``extra`` keys are added (or override) at the top level. A vocabulary
+    smaller than gpt-oss's (for quick tests) gets ``eos_token_id``/``pad_token_id`` None, since
+    transformers rejects ids outside the vocabulary."""
     if layer_types is None:
         layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_hidden_layers)]
     if len(layer_types) != num_hidden_layers:
@@ -158,6 +160,8 @@ def gpt_oss_config(
         "use_cache": True,
         "vocab_size": vocab_size,
     }
+    if vocab_size <= EOS_TOKEN_ID:
+        cfg["eos_token_id"] = cfg["pad_token_id"] = None
     cfg.update(extra)
     return dict(sorted(cfg.items()))
 
