@@ -451,3 +451,104 @@ def test_bnb_against_bitsandbytes_if_installed():
     scb = torch.rand(5) * 3
     np.testing.assert_array_equal(N.decode_bnb_int8(w.numpy(), scb.numpy()),
                                   bnb.functional.int8_vectorwise_dequant(w, scb).numpy())
+
+
+# ------------------------------------------------------------------------------------ fixtures
+# tests/quantized_layouts.py re-encodes a BF16 base into the layouts users meet; check that the
+# result is what transformers (and bitsandbytes) read, so builds from it mean something.
+
+def _raw_all(folder):
+    from lora2gguf.safetensors_io import Checkpoint
+    ck = Checkpoint.open(folder)
+    return ck, {n: ck.raw(n) for n in ck.tensors}
+
+
+def test_mxfp4_fixture_layout_and_transformers_reads_it(tiny_base, tmp_path):
+    import quantized_layouts as QL
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    mx_dir, bf_dir = QL.bf16_base_to_mxfp4(tiny_base, tmp_path)
+    cfg = json.loads((tiny_base / "config.json").read_text())
+    E, H, I = cfg["num_local_experts"], cfg["hidden_size"], cfg["intermediate_size"]
+    mx_cfg = json.loads((mx_dir / "config.json").read_text())
+    assert mx_cfg["quantization_config"]["quant_method"] == "mxfp4"
+    assert "quantization_config" not in json.loads((bf_dir / "config.json").read_text())
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (mx_dir / name).read_bytes() == (tiny_base / name).read_bytes()
+    src_ck, src = _raw_all(tiny_base)
+    mx_ck, mx = _raw_all(mx_dir)
+    bf_ck, bf = _raw_all(bf_dir)
+    assert set(bf) == set(src)
+    n_layers = cfg["num_hidden_layers"]
+    for n in range(n_layers):
+        p = f"model.layers.{n}.mlp.experts."
+        assert p + "gate_up_proj" not in mx and p + "down_proj" not in mx
+        assert mx_ck.info(p + "gate_up_proj_blocks").dtype == "U8" and mx[p + "gate_up_proj_blocks"].shape == (E, 2 * I, H // 32, 16)
+        assert mx_ck.info(p + "gate_up_proj_scales").dtype == "U8" and mx[p + "gate_up_proj_scales"].shape == (E, 2 * I, H // 32)
+        assert mx[p + "down_proj_blocks"].shape == (E, H, I // 32, 16) and mx[p + "down_proj_scales"].shape == (E, H, I // 32)
+        # blocks and scales sit in the shard that held the BF16 tensor (llama.cpp's converter pairs them in order)
+        assert mx_ck.info(p + "gate_up_proj_blocks").path.name == src_ck.info(p + "gate_up_proj").path.name
+        assert mx_ck.info(p + "down_proj_scales").path.name == src_ck.info(p + "down_proj").path.name
+        for w in ("gate_up_proj", "down_proj"):
+            decoded = N.decode_mxfp4_expert(mx[p + w + "_blocks"], mx[p + w + "_scales"])
+            np.testing.assert_array_equal(N.f32_to_bf16_bits(decoded), bf[p + w])  # exact in bf16
+            np.testing.assert_array_equal(N.bf16_bits_to_f32(bf[p + w]), decoded)
+            orig = N.bf16_bits_to_f32(src[p + w])
+            assert not np.array_equal(decoded, orig)  # really snapped...
+            assert np.abs(decoded - orig).max() <= 0.25 * np.abs(orig).max()  # ...to nearby values
+    for k, v in src.items():
+        if ".mlp.experts.gate_up_proj" not in k and ".mlp.experts.down_proj" not in k or k.endswith("_bias"):
+            assert mx[k].tobytes() == v.tobytes() and bf[k].tobytes() == v.tobytes(), k
+    # transformers reads the MXFP4 folder (dequantizing on CPU) into exactly the snapped BF16 model
+    m_mx = transformers.AutoModelForCausalLM.from_pretrained(str(mx_dir), dtype=torch.bfloat16)
+    m_bf = transformers.AutoModelForCausalLM.from_pretrained(str(bf_dir), dtype=torch.bfloat16)
+    sd_mx, sd_bf = m_mx.state_dict(), m_bf.state_dict()
+    assert set(sd_mx) == set(sd_bf)
+    for k in sd_bf:
+        assert sd_mx[k].dtype == sd_bf[k].dtype and torch.equal(sd_mx[k], sd_bf[k]), k
+
+
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
+def test_bnb4_fixture_layout(tiny_base, tmp_path, quant_type, nested):
+    import quantized_layouts as QL
+    out = QL.bf16_base_to_bnb4(tiny_base, tmp_path / "bnb", quant_type, nested)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes" and qc["load_in_4bit"] is True
+    assert qc["bnb_4bit_quant_type"] == quant_type and qc["bnb_4bit_use_double_quant"] is nested
+    _, src = _raw_all(tiny_base)
+    ck, q = _raw_all(out)
+    n_quantized = 0
+    for k, v in src.items():
+        if ".self_attn." in k and k.endswith("_proj.weight"):
+            n_quantized += 1
+            assert ck.info(k).dtype == "U8" and q[k].shape == (v.size // 2, 1)
+            assert (k + ".nested_absmax" in q) == nested
+            assert ck.info(k + f".quant_state.bitsandbytes__{quant_type}").dtype == "U8"
+            st = N.parse_bnb_quant_state(q, k)
+            assert st["shape"] == v.shape and st["dtype"] == "bfloat16" and st["blocksize"] == 64
+            y = N.decode_bnb_4bit_state(q, k)
+            x = N.bf16_bits_to_f32(v)
+            absmax = np.abs(x.reshape(-1, 64)).max(axis=1)
+            half_gap = np.diff(np.sort(N.bnb_4bit_code(quant_type))).max() / 2
+            bound = np.repeat(absmax, 64).reshape(x.shape) * (half_gap + (0.02 if nested else 0)) * 1.01
+            assert np.all(np.abs(y - x) <= bound) and not np.array_equal(y, x)
+        else:
+            assert q[k].tobytes() == v.tobytes(), k  # experts, router, norms, embeddings, lm_head kept
+    assert n_quantized == 4 * json.loads((tiny_base / "config.json").read_text())["num_hidden_layers"]
+
+
+def test_bnb4_fixture_loads_in_transformers_if_bitsandbytes_installed(tiny_base, tmp_path):
+    """transformers + bitsandbytes load the fixture as Linear4bit layers, and our numpy decode
+    equals bitsandbytes' dequantize of what they loaded. Runs where bitsandbytes is installed."""
+    bnb = pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    import quantized_layouts as QL
+    out = QL.bf16_base_to_bnb4(tiny_base, tmp_path / "bnb", "nf4", True)
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu")
+    _, q = _raw_all(out)
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        lin = getattr(m.model.layers[1].self_attn, proj)
+        assert type(lin.weight).__name__ == "Params4bit"
+        ref = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state).float().numpy()
+        mine = N.decode_bnb_4bit_state(q, f"model.layers.1.self_attn.{proj}")
+        np.testing.assert_array_equal(mine.view(np.uint32), ref.view(np.uint32))
