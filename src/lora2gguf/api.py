@@ -1,0 +1,275 @@
+"""The Python API: the same stages the CLI runs.
+
+    from lora2gguf.api import build
+    result = build("gpt-oss-20b-bf16", "my-adapter", "out", quants=["Q4_K_M", "MXFP4_MOE"])
+
+Flow: inputs -> doctor -> plan -> stream (BF16/F16/F32 GGUF, optional merged safetensors) ->
+quantize (llama.cpp) -> verify -> report. Progress goes through a callback; nothing prints.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import __version__, arch as arch_registry
+from .adapter import load_adapter
+from .errors import BlockedError, FormatError, InputError
+from .gguf_out import GGUFStream, sha256_file, tensor_types
+from .hparams import write_hparams
+from .plan import FILE_TYPES, make_plan
+from .quantize import parse_quants, quantize, type_counts
+from .safetensors_io import Checkpoint
+from .sources import logical_tensors
+from .stream import MergedShards, execute, require_space
+from .vocab import write_vocab
+
+# progress(stage, done, total, detail)
+ProgressFn = Callable[[str, int, int, str], None]
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(f"{path}: missing ({what})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a JSON object")
+    return data
+
+
+def default_name(adapter_dir: Path) -> str:
+    name = Path(adapter_dir).resolve().name
+    return name or "model"
+
+
+@dataclass
+class TokenizerChoice:
+    dir: Path
+    source: str  # "adapter" or "base"
+    reason: str
+
+
+def choose_tokenizer(base_dir: Path, adapter_dir: Path, tokenizer: str = "auto") -> TokenizerChoice:
+    """By default the adapter's tokenizer, since the fine-tune was trained with it; doctor checks
+    that its token ids agree with the base's."""
+    has_adapter_tok = (Path(adapter_dir) / "tokenizer.json").is_file()
+    if tokenizer == "base" or (tokenizer == "auto" and not has_adapter_tok):
+        return TokenizerChoice(Path(base_dir), "base",
+                               "asked for" if tokenizer == "base" else "the adapter folder has no tokenizer.json")
+    if tokenizer in ("adapter", "auto"):
+        if not has_adapter_tok:
+            raise InputError(f"{adapter_dir}: --tokenizer adapter, but the adapter folder has no tokenizer.json")
+        return TokenizerChoice(Path(adapter_dir), "adapter", "the fine-tune was trained with the adapter's tokenizer")
+    path = Path(tokenizer)
+    if not (path / "tokenizer.json").is_file():
+        raise InputError(f"--tokenizer {tokenizer}: no tokenizer.json there (use auto, adapter, base or a folder)")
+    return TokenizerChoice(path, "folder", "asked for")
+
+
+@dataclass
+class OutputFile:
+    file: str
+    type: str
+    bytes: int
+    sha256: str
+    seconds: float
+    tensor_types: dict[str, int]
+    tensors: dict[str, str]
+    source: str | None = None
+    note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "type": self.type, "bytes": self.bytes, "sha256": self.sha256,
+                "seconds": round(self.seconds, 3), "from": self.source, "tensor_types": self.tensor_types,
+                "tensors": self.tensors, "note": self.note}
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    outputs: list[OutputFile]
+    record: dict[str, Any]
+    verify: Any = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def run_json(self) -> Path:
+        return self.out_dir / "run.json"
+
+
+def _run_doctor(base_dir: Path, adapter_dir: Path, out_dir: Path, outputs: Sequence[str], accept: Sequence[str]):
+    try:
+        from . import doctor as doctor_pkg
+    except ImportError:
+        return None
+    if not hasattr(doctor_pkg, "run"):
+        return None
+    report = doctor_pkg.run(base_dir, adapter_dir, out_dir=out_dir, outputs=tuple(outputs))
+    blocking = report.blocking(set(accept))
+    if blocking:
+        lines = "\n".join(f"  [{f.code}] {f.title}\n      fix: {f.fix}" for f in blocking)
+        raise BlockedError(
+            "doctor found blocking problems; nothing was written:\n" + lines
+            + "\nFix them, or accept one you understand with --accept CODE (run `lora2gguf doctor` for details)."
+        )
+    return report
+
+
+def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, name: str | None = None,
+          outtype: str = "bf16", quants: Sequence[str] | str = (), accept: Sequence[str] = (),
+          save_merged: str | Path | None = None, tokenizer: str = "auto", verify: bool = False,
+          nthread: int = 0, progress: ProgressFn | None = None, command: Sequence[str] | None = None,
+          verify_options: dict[str, Any] | None = None) -> BuildResult:
+    t_start = time.perf_counter()
+    base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    outtype = outtype.lower()
+    quant_list = parse_quants(quants) if quants else []
+    name = name or default_name(adapter_dir)
+    stages: dict[str, Any] = {}
+
+    config = read_json(base_dir / "config.json", "the base model's config")
+    arch = arch_registry.for_config(config, where=str(base_dir / "config.json"))
+
+    t0 = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = _run_doctor(base_dir, adapter_dir, out_dir, [outtype.upper(), *quant_list], accept)
+    stages["doctor"] = {"seconds": round(time.perf_counter() - t0, 3)}
+    choice = getattr(report, "tokenizer_choice", None) or choose_tokenizer(base_dir, adapter_dir, tokenizer)
+    if tokenizer != "auto":
+        choice = choose_tokenizer(base_dir, adapter_dir, tokenizer)
+
+    t0 = time.perf_counter()
+    ckpt = Checkpoint.open(base_dir)
+    sources = logical_tensors(ckpt)
+    adapter = load_adapter(adapter_dir, {n: s.shape for n, s in sources.items()}, arch)
+    plan = make_plan(arch, config, sources, adapter, outtype)
+    vocab_size = int(config.get("vocab_size", 0))
+
+    main_file = out_dir / f"{name}-{outtype.upper()}.gguf"
+    require_space(out_dir, plan.gguf_tensor_bytes + 64 * 1024 * 1024)
+
+    info: dict[str, Any] = {}
+
+    def add_metadata(w) -> None:
+        w.add_type("model")
+        w.add_name(name)
+        w.add_file_type(int(FILE_TYPES[outtype]))
+        w.add_quantization_version(2)
+        write_hparams(w, arch, config, str(base_dir / "config.json"))
+        vocab, special = write_vocab(w, choice.dir, vocab_size)
+        info["vocab"], info["special"] = vocab, special
+
+    stream = GGUFStream(main_file, arch.gguf_arch_name, add_metadata, plan.outputs)
+    merged = MergedShards.create(Path(save_merged), plan) if save_merged else None
+
+    def on_progress(done: int, total: int, what: str) -> None:
+        if progress:
+            progress("build", done, total, what)
+
+    stats = execute(plan, stream, merged=merged, progress=on_progress)
+    stream.finish()
+    if merged is not None:
+        merged.finish(base_dir)
+    build_seconds = time.perf_counter() - t0
+    stages["build"] = {"seconds": round(build_seconds, 3), "bytes_read": stats.bytes_read,
+                       "bytes_written": stats.bytes_written, "peak_rss_bytes": _peak_rss()}
+    outputs = [_describe(main_file, outtype.upper(), build_seconds, None, None)]
+
+    t_q = time.perf_counter()
+    for q in quant_list:
+        t0 = time.perf_counter()
+        dst = out_dir / f"{name}-{q}.gguf"
+        if progress:
+            progress("quantize", 0, 1, q)
+        res = quantize(main_file, dst, q, nthread=nthread)
+        outputs.append(_describe(dst, q, time.perf_counter() - t0, main_file.name, res.note))
+        if progress:
+            progress("quantize", 1, 1, q)
+    if quant_list:
+        stages["quantize"] = {"seconds": round(time.perf_counter() - t_q, 3)}
+
+    vocab, special = info["vocab"], info["special"]
+    eos_id = special.special_token_ids.get("eos")
+    record: dict[str, Any] = {
+        "lora2gguf_version": __version__,
+        "command": list(command) if command is not None else list(sys.argv),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "base_dir": str(base_dir.resolve()),
+        "adapter_dir": str(adapter_dir.resolve()),
+        "name": name,
+        "architecture": arch.name,
+        "outtype": outtype,
+        "tokenizer": {"source": choice.source, "dir": str(Path(choice.dir).resolve()), "reason": choice.reason},
+        "findings": [f.to_json() | {"accepted": f.code in set(accept)} for f in getattr(report, "findings", [])],
+        "adapter": {
+            "r": adapter.config.get("r"), "lora_alpha": adapter.config.get("lora_alpha"),
+            "use_rslora": adapter.use_rslora, "pairs": len(adapter.all_terms),
+            "targets": sorted({t.target.split(".")[-2] if t.kind == "linear" else t.target.split(".")[-1]
+                               for t in adapter.all_terms}),
+        },
+        "base_storage": dict(type_counts({n: s.storage for n, s in sources.items()})),
+        "outputs": [o.to_json() for o in outputs],
+        "stages": stages,
+        "technical": {
+            "architecture": arch.gguf_arch_name,
+            "context_length": config.get("max_position_embeddings"),
+            "vocab_size": vocab_size,
+            "n_layers": config.get("num_hidden_layers"),
+            "n_experts": config.get("num_local_experts"),
+            "n_experts_used": config.get("num_experts_per_tok"),
+            "hidden_size": config.get("hidden_size"),
+            "eos_token_id": eos_id,
+            "eos_token": vocab.tokens[eos_id] if eos_id is not None and eos_id < len(vocab.tokens) else None,
+            "eog_tokens": {t: vocab.id_of(t) for t in arch.eog_tokens},
+            "special_tokens": {k: {"id": v, "token": vocab.tokens[v] if v < len(vocab.tokens) else None}
+                               for k, v in special.special_token_ids.items()},
+            "chat_template": special.chat_template if isinstance(special.chat_template, str) else None,
+            "chat_format": arch.chat_format,
+        },
+    }
+    stages["total"] = {"seconds": round(time.perf_counter() - t_start, 3)}
+    write_record(out_dir, record)
+    result = BuildResult(out_dir, outputs, record)
+    if verify:
+        result.verify = globals()["verify"](out_dir, progress=progress, **(verify_options or {}))
+    return result
+
+
+def _describe(path: Path, type_name: str, seconds: float, source: str | None, note: str | None) -> OutputFile:
+    types = tensor_types(path)
+    return OutputFile(path.name, type_name, path.stat().st_size, sha256_file(path), seconds,
+                      type_counts(types), types, source, note)
+
+
+def write_record(out_dir: Path, record: dict[str, Any]) -> Path:
+    path = Path(out_dir) / "run.json"
+    tmp = path.with_name("run.json.partial")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(path)
+    return path
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def doctor(base_dir: str | Path, adapter_dir: str | Path, **kwargs):
+    from . import doctor as doctor_pkg
+
+    return doctor_pkg.run(Path(base_dir), Path(adapter_dir), **kwargs)
+
+
+def verify(out_dir: str | Path, **kwargs):
+    from . import verify as verify_pkg
+
+    return verify_pkg.verify(Path(out_dir), **kwargs)

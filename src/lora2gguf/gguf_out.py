@@ -1,0 +1,146 @@
+"""Writing GGUF files: gguf-py writes the header, metadata and tensor infos; tensor data is then
+filled in slab by slab with positioned writes at the offsets gguf-py's layout implies.
+
+A file is written under a temporary name in the output folder and renamed into place only when
+complete and readable by gguf-py, so a file with the final name is always a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from .errors import OutputError
+from .plan import OutTensor
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def _np_dtype(qtype: gguf.GGMLQuantizationType) -> np.dtype:
+    return {
+        gguf.GGMLQuantizationType.F32: np.dtype(np.float32),
+        gguf.GGMLQuantizationType.F16: np.dtype(np.float16),
+        gguf.GGMLQuantizationType.BF16: np.dtype(np.uint16),
+    }.get(qtype, np.dtype(np.uint8))
+
+
+class GGUFStream:
+    """One GGUF file: metadata first, then tensor data by (name, byte offset within the tensor)."""
+
+    def __init__(self, path: Path, arch_name: str, add_metadata: Callable[[gguf.GGUFWriter], None],
+                 tensors: list[OutTensor]):
+        self.path = Path(path)
+        self.tmp = partial_path(self.path)
+        self.tensors = {t.name: t for t in tensors}
+        try:
+            writer = gguf.GGUFWriter(self.tmp, arch_name)
+            add_metadata(writer)
+            for t in tensors:
+                dt = _np_dtype(t.qtype)
+                shape = t.shape if dt != np.uint8 else gguf.quant_shape_to_byte_shape(t.shape, t.qtype)
+                writer.add_tensor_info(t.name, shape, dt, t.nbytes, raw_dtype=t.qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            fout = writer.fout[0]
+            pos = fout.tell()
+            align = writer.data_alignment
+            self.data_start = gguf.GGUFWriter.ggml_pad(pos, align)
+            fout.write(b"\0" * (self.data_start - pos))
+            writer.close()
+        except OSError as e:
+            self._discard()
+            raise OutputError(f"{self.tmp}: cannot write ({e.strerror})") from None
+        self.offsets: dict[str, int] = {}
+        off = 0
+        for t in tensors:
+            self.offsets[t.name] = off
+            off += gguf.GGUFWriter.ggml_pad(t.nbytes, align)
+        self.size = self.data_start + off
+        self._fd: int | None = os.open(self.tmp, os.O_RDWR)
+        self.bytes_written = self.data_start
+
+    def write(self, name: str, data: np.ndarray, byte_offset: int = 0) -> None:
+        t = self.tensors[name]
+        buf = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        if byte_offset + buf.nbytes > t.nbytes:
+            raise ValueError(f"{name}: write of {buf.nbytes} bytes at {byte_offset} past the tensor's {t.nbytes}")
+        pos = self.data_start + self.offsets[name] + byte_offset
+        mv = memoryview(buf)
+        try:
+            while mv:
+                n = os.pwrite(self._fd, mv, pos)
+                mv = mv[n:]
+                pos += n
+        except OSError as e:
+            self._discard()
+            raise OutputError(
+                f"{self.path}: write failed ({e.strerror}); the file needs {self.size:,} bytes. "
+                "Nothing was left behind; free space (or choose another -o folder) and run again."
+            ) from None
+        self.bytes_written += buf.nbytes
+
+    def finish(self) -> Path:
+        """Pad, sync, check the header with gguf-py, and rename into place."""
+        try:
+            os.ftruncate(self._fd, self.size)
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            check_readable(self.tmp, expect_tensors=len(self.tensors))
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self._discard()
+            raise OutputError(f"{self.path}: could not finish the file ({e.strerror})") from None
+        return self.path
+
+    def _discard(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+        try:
+            self.tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+    def abort(self) -> None:
+        self._discard()
+
+
+def check_readable(path: Path, expect_tensors: int | None = None) -> gguf.GGUFReader:
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf-py raises ValueError/struct.error/etc. on a bad file
+        raise OutputError(f"{path}: the written GGUF does not read back ({e})") from None
+    if expect_tensors is not None and len(reader.tensors) != expect_tensors:
+        raise OutputError(f"{path}: reads back {len(reader.tensors)} tensors, expected {expect_tensors}")
+    return reader
+
+
+def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    """GGUF tensor name -> ggml type name, read back from a file."""
+    reader = gguf.GGUFReader(path)
+    return {t.name: t.tensor_type.name for t in reader.tensors}

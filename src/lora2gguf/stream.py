@@ -1,0 +1,183 @@
+"""Execute a plan: one source slab at a time, add the LoRA deltas in float32, round once, write.
+
+Memory is bounded by one slab (plus its LoRA factors); the merged model is never held in memory
+and, unless asked for with `save_merged`, never written to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import gguf
+import numpy as np
+
+from . import lora, numerics
+from .adapter import LoraTerm
+from .errors import NumericError, OutputError
+from .gguf_out import GGUFStream
+from .plan import Plan, Step
+from .safetensors_io import StreamingWriter, TensorSpec, read_raw, to_f32
+
+# progress(done_bytes, total_bytes, what)
+Progress = Callable[[int, int, str], None]
+
+
+def slabs(step: Step) -> Iterator[slice | None]:
+    if not step.slab_rows:
+        yield None
+        return
+    n = step.source.shape[0]
+    for start in range(0, n, step.slab_rows):
+        yield slice(start, min(n, start + step.slab_rows))
+
+
+def encode(x: np.ndarray, qtype: gguf.GGMLQuantizationType, name: str) -> np.ndarray:
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return x.astype(np.float16)
+    if qtype == gguf.GGMLQuantizationType.BF16:
+        return numerics.f32_to_bf16_bits(x, name=name)
+    raise ValueError(f"{name}: cannot encode {qtype.name} while streaming")
+
+
+def _factors(term: LoraTerm) -> tuple[np.ndarray, np.ndarray]:
+    return (to_f32(read_raw(term.a), term.a.dtype, name=term.a.name),
+            to_f32(read_raw(term.b), term.b.dtype, name=term.b.name))
+
+
+def merged_slab(step: Step, sl: slice | None, factors: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Base slab + every LoRA delta, float32, in the source's (Hugging Face) layout."""
+    x = step.source.read(sl)
+    if x.dtype != np.float32 or not x.flags.writeable:
+        x = np.array(x, dtype=np.float32)
+    for term, (a, b) in zip(step.terms, factors):
+        if term.kind == "linear":
+            x += lora.linear_delta(a, b, term.scale, fan_in_fan_out=term.fan_in_fan_out, rows=sl)
+        else:
+            x += lora.expert_delta(a, b, term.scale, term.num_experts, experts=sl)
+    return x
+
+
+def _check_finite(x: np.ndarray, step: Step, sl: slice | None, factors) -> None:
+    if np.isfinite(x).all():
+        return
+    where = "" if sl is None else f" (rows {sl.start}..{sl.stop - 1})"
+    base = step.source.read(sl)
+    if not np.isfinite(base).all():
+        raise NumericError(f"base tensor {step.source.name!r}{where} already holds NaN or Inf: the base checkpoint is damaged")
+    for term, (a, b) in zip(step.terms, factors):
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise NumericError(
+                f"merged tensor {step.source.name!r}{where} has NaN/Inf: the LoRA pair {term.key} (lora_A/lora_B) holds "
+                "NaN or Inf values. The adapter was saved from a diverged training run; use an earlier checkpoint."
+            )
+    keys = ", ".join(t.key for t in step.terms) or "none"
+    raise NumericError(
+        f"merged tensor {step.source.name!r}{where} overflows to NaN/Inf after adding the LoRA pair(s) {keys}; "
+        "check the adapter's scaling (lora_alpha, r, use_rslora)"
+    )
+
+
+@dataclass
+class MergedShards:
+    """--save-merged: the merged model as safetensors shards in BF16 (or the output type's float)."""
+
+    folder: Path
+    writers: dict[str, StreamingWriter] = field(default_factory=dict)
+    shard_of: dict[str, str] = field(default_factory=dict)
+    dtype: str = "BF16"
+
+    @classmethod
+    def create(cls, folder: Path, plan: Plan, max_shard_bytes: int = 5 * 1024**3) -> "MergedShards":
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        dtype = {"f32": "F32", "f16": "F16", "bf16": "BF16"}[plan.outtype]
+        groups: list[list[TensorSpec]] = [[]]
+        size = 0
+        for step in plan.steps:
+            spec = TensorSpec(step.source.name, dtype, tuple(step.source.shape))
+            if groups[-1] and size + spec.nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(spec)
+            size += spec.nbytes
+        self = cls(folder, dtype=dtype)
+        n = len(groups)
+        for i, specs in enumerate(groups, 1):
+            fname = f"model-{i:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+            w = StreamingWriter(folder / fname, specs, {"format": "pt"})
+            self.writers[fname] = w
+            for s in specs:
+                self.shard_of[s.name] = fname
+        return self
+
+    def write(self, step: Step, sl: slice | None, x: np.ndarray) -> None:
+        fname = self.shard_of[step.source.name]
+        itemsize = {"F32": 4, "F16": 2, "BF16": 2}[self.dtype]
+        row = math.prod(step.source.shape[1:]) * itemsize
+        data = {"F32": lambda v: v.astype(np.float32), "F16": lambda v: v.astype(np.float16),
+                "BF16": lambda v: numerics.f32_to_bf16_bits(v)}[self.dtype](x)
+        self.writers[fname].write(step.source.name, data, byte_offset=(sl.start * row) if sl else 0)
+
+    def finish(self, source_folder: Path) -> None:
+        for w in self.writers.values():
+            w.close()
+        if len(self.writers) > 1:
+            index = {"metadata": {"total_size": sum(w.size - w.data_start for w in self.writers.values())},
+                     "weight_map": dict(sorted(self.shard_of.items()))}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for fname in ("config.json", "generation_config.json"):
+            src = Path(source_folder) / fname
+            if src.exists():
+                cfg = json.loads(src.read_text())
+                cfg.pop("quantization_config", None)
+                (self.folder / fname).write_text(json.dumps(cfg, indent=2))
+
+
+@dataclass
+class StreamStats:
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+def execute(plan: Plan, out: GGUFStream, *, merged: MergedShards | None = None,
+            progress: Progress | None = None) -> StreamStats:
+    stats = StreamStats()
+    total = plan.bytes_to_read
+    try:
+        for step in plan.steps:
+            factors = [_factors(t) for t in step.terms]
+            src_rows = step.source.shape[0] if step.source.shape else 1
+            for sl in slabs(step):
+                x = merged_slab(step, sl, factors)
+                _check_finite(x, step, sl, factors)
+                if merged is not None:
+                    merged.write(step, sl, x)
+                pieces = plan.arch.transforms[step.transform](x)
+                for t, piece in zip(step.outputs, pieces):
+                    offset = sl.start * t.row_nbytes if sl is not None else 0
+                    out.write(t.name, encode(piece, t.qtype, t.name), byte_offset=offset)
+                done = (sl.stop - sl.start) if sl is not None else src_rows
+                stats.bytes_read += step.source.stored_bytes * done // max(src_rows, 1)
+                if progress:
+                    progress(stats.bytes_read, total, step.source.name)
+    except BaseException:
+        out.abort()
+        raise
+    stats.bytes_written = out.bytes_written
+    return stats
+
+
+def require_space(folder: Path, needed: int) -> None:
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OutputError(
+            f"{folder}: {needed:,} bytes are needed and only {free:,} are free. Free space or choose another -o folder."
+        )

@@ -1,0 +1,128 @@
+"""A Hugging Face tokenizer folder -> GGUF tokenizer metadata (BPE `gpt2` model).
+
+Tokens and their types are read from tokenizer.json directly (no transformers needed); merges,
+special token ids, add_bos/add_eos and the chat template go through gguf-py's SpecialVocab, the
+same reader llama.cpp's converter uses, so the keys are the ones llama.cpp expects.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+from .errors import FormatError, InputError, UnsupportedError
+
+# pre-tokenizer regex (tokenizer.json, Split pattern) -> llama.cpp's pre-tokenizer name
+PRE_TOKENIZERS: dict[str, str] = {
+    (
+        "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+        "|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+        "|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+    ): "gpt-4o",
+}
+
+
+@dataclass
+class Vocab:
+    tokens: list[str]
+    types: list[int]
+    pre: str
+    added: dict[str, int]  # added token content -> id
+
+    def id_of(self, text: str) -> int | None:
+        return self.added.get(text)
+
+
+def load_tokenizer_json(folder: Path) -> dict:
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise InputError(f"{folder}: no tokenizer.json (lora2gguf needs the fast tokenizer file to write the GGUF vocabulary)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e}); download it again") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise FormatError(f"{path}: no 'model' object; not a Hugging Face tokenizer.json")
+    return data
+
+
+def pre_tokenizer_name(data: dict, path: Path) -> str:
+    def patterns(node):
+        if isinstance(node, dict):
+            if node.get("type") == "Split" and isinstance(node.get("pattern"), dict):
+                yield node["pattern"].get("Regex") or node["pattern"].get("String")
+            for v in node.values():
+                yield from patterns(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from patterns(v)
+
+    found = [p for p in patterns(data.get("pre_tokenizer")) if p]
+    for p in found:
+        if p in PRE_TOKENIZERS:
+            return PRE_TOKENIZERS[p]
+    raise UnsupportedError(
+        f"{path}: the pre-tokenizer (split pattern {found[0][:60] + '...' if found else 'none'}) is not one lora2gguf "
+        "knows; llama.cpp would tokenize text differently from the fine-tune. Supported: "
+        + ", ".join(sorted(set(PRE_TOKENIZERS.values())))
+    )
+
+
+def _looks_special(token: str) -> bool:
+    return (token.startswith("<|") and token.endswith("|>")) or token in ("<s>", "</s>", "<pad>", "<unk>", "<mask>")
+
+
+def read_vocab(folder: Path, vocab_size: int) -> Vocab:
+    folder = Path(folder)
+    data = load_tokenizer_json(folder)
+    path = folder / "tokenizer.json"
+    model = data["model"]
+    if model.get("type") != "BPE":
+        raise UnsupportedError(f"{path}: tokenizer model {model.get('type')!r}; only byte-level BPE is supported yet")
+    pre = pre_tokenizer_name(data, path)
+    reverse: dict[int, str] = {}
+    for tok, i in model.get("vocab", {}).items():
+        reverse[i] = tok
+    added: dict[str, int] = {}
+    special: set[int] = set()
+    for entry in data.get("added_tokens") or []:
+        reverse[entry["id"]] = entry["content"]
+        added[entry["content"]] = entry["id"]
+        if entry.get("special"):
+            special.add(entry["id"])
+    too_big = [i for i in reverse if i >= vocab_size]
+    if too_big:
+        raise InputError(
+            f"{path}: token id {max(too_big)} ({reverse[max(too_big)]!r}) is outside the model's vocab_size {vocab_size}; "
+            "the tokenizer does not belong to this model (or the embeddings were resized: not supported yet)"
+        )
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(vocab_size):
+        tok = reverse.get(i)
+        if tok is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif tok in added:
+            tokens.append(tok)
+            types.append(gguf.TokenType.CONTROL if (i in special or _looks_special(tok)) else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(tok)
+            types.append(gguf.TokenType.NORMAL)
+    return Vocab(tokens, types, pre, added)
+
+
+def write_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> tuple[Vocab, gguf.SpecialVocab]:
+    vocab = read_vocab(folder, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    special = gguf.SpecialVocab(Path(folder), load_merges=True, n_vocab=vocab_size)
+    if not special.merges:
+        raise FormatError(f"{Path(folder) / 'tokenizer.json'}: no BPE merges found")
+    special.add_to_gguf(writer, quiet=True)
+    return vocab, special
