@@ -1,0 +1,666 @@
+"""doctor's checks: functions over what :mod:`lora2gguf.inspect` saw, each returning findings.
+
+The checks do not read files themselves; the few facts about the installed tools (llama.cpp's
+library, transformers) are gathered once by :func:`probe_tools` and passed in.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import gguf
+
+from ..errors import InputError, Lora2GGUFError, UnsupportedError
+from ..inspect import AdapterInfo, BaseInfo, TokenizerInfo
+from . import findings as F
+
+Finding = F.Finding
+
+# --------------------------------------------------------------------------- base weight format
+
+BNB_4BIT_RE = re.compile(r"\.quant_state\.bitsandbytes__(nf4|fp4)$")
+BNB_4BIT_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
+GPTQ_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
+FP8_SCALE_PARTS = (".weight_scale_inv", ".weight_scale", ".input_scale")
+COMPRESSED_PARTS = (".weight_packed", ".weight_shape", ".weight_zero_point", ".weight_global_scale")
+
+
+def _names(tensors: Iterable[str], limit: int = 8) -> str:
+    tensors = list(tensors)
+    shown = ", ".join(tensors[:limit])
+    return shown + (f" and {len(tensors) - limit} more" if len(tensors) > limit else "")
+
+
+def check_base_format(base: BaseInfo) -> list[Finding]:
+    """Is the base real 16/32-bit weights? Names MXFP4, bitsandbytes, FP8, GPTQ/AWQ, compressed-tensors."""
+    out: list[Finding] = []
+    tensors = base.tensors
+    qc = base.quantization_config
+    method = str(qc.get("quant_method") or "").lower()
+    names = sorted(tensors)
+    where = str(base.folder)
+
+    blocks = [n for n in names if n.endswith("_blocks") and n[:-7] + "_scales" in tensors]
+    if blocks or method == "mxfp4":
+        experts_only = all(".experts." in n for n in blocks)
+        out.append(F.make(
+            "BASE_MXFP4",
+            f"{where}: {len(blocks)} MXFP4 tensors (*_blocks + *_scales: {_names(blocks)}); "
+            f"config quantization_config.quant_method = {method or '(not set)'}",
+            "MXFP4 is 4-bit; a LoRA merge needs the weights as numbers. The published BF16 copies of gpt-oss are "
+            "exactly the decoding of these blocks, so decoding them loses nothing",
+            "nothing to do: lora2gguf decodes MXFP4 exactly to BF16 while it streams (same GGUF as from the BF16 "
+            "base). If the adapter leaves the experts untouched, --keep-mxfp4 keeps them in ggml's MXFP4 layout "
+            "(smaller, no re-quantization)",
+            {"format": "mxfp4", "tensors": blocks, "experts_only": experts_only, "quant_method": method or None}))
+
+    bnb4 = [n.split(".quant_state.")[0] for n in names if BNB_4BIT_RE.search(n)]
+    if bnb4 or (method == "bitsandbytes" and qc.get("load_in_4bit")):
+        kinds = sorted({m.group(1) for n in names if (m := BNB_4BIT_RE.search(n))}) or \
+            [str(qc.get("bnb_4bit_quant_type") or "nf4")]
+        nested = any(n.endswith(".nested_absmax") for n in names) or bool(qc.get("bnb_4bit_use_double_quant"))
+        out.append(F.make(
+            "BASE_BNB_4BIT",
+            f"{where}: bitsandbytes 4-bit ({'/'.join(kinds)}{', double-quantized absmax' if nested else ''}) "
+            f"weights: {_names(bnb4)}",
+            "the 16-bit weights are gone; the merge would start from the 4-bit approximation and every GGUF "
+            "inherits its error (the seed run's first bases were NF4 like this)",
+            "use the BF16 base the 4-bit copy was made from (for gpt-oss-20b: unsloth/gpt-oss-20b-BF16 or the "
+            "MXFP4 openai/gpt-oss-20b, which decodes exactly); an adapter trained on the 4-bit copy merges correctly "
+            "into it. Or --accept BASE_BNB_4BIT to let lora2gguf decode the 4-bit weights in numpy (lossy)",
+            {"format": "bitsandbytes-4bit", "quant_types": kinds, "nested": nested, "tensors": bnb4[:200]}))
+
+    scb = [n[: -len(".SCB")] for n in names if n.endswith(".SCB")]
+    if scb or (method == "bitsandbytes" and qc.get("load_in_8bit")):
+        out.append(F.make(
+            "BASE_BNB_8BIT",
+            f"{where}: bitsandbytes LLM.int8 weights (int8 + SCB row scales): {_names(scb)}",
+            "int8 weights with per-row scales are an approximation of the 16-bit weights; a merge inherits the error",
+            "use the BF16 base the 8-bit copy was made from; or --accept BASE_BNB_8BIT to decode int8 x SCB/127",
+            {"format": "bitsandbytes-8bit", "tensors": scb[:200]}))
+
+    fp8 = [n for n in names if tensors[n].dtype in ("F8_E4M3", "F8_E5M2")]
+    fp8_scales = [n for n in names if n.endswith(".weight_scale_inv")]
+    if fp8 or fp8_scales or method in ("fp8", "fbgemm_fp8"):
+        out.append(F.make(
+            "BASE_FP8",
+            f"{where}: FP8 weights ({_names(fp8 or fp8_scales)}); quant_method = {method or '(not set)'}",
+            "FP8 with block scales is not 16-bit; lora2gguf does not decode it yet",
+            "use the model's BF16 release; or dequantize first with the model vendor's script and convert that",
+            {"format": "fp8", "tensors": (fp8 or fp8_scales)[:200]}))
+
+    qweights = [n[: -len(".qweight")] for n in names if n.endswith(".qweight")]
+    if qweights or method in ("gptq", "awq"):
+        is_awq = method == "awq" or (method != "gptq" and not any(n.endswith(".g_idx") for n in names)
+                                     and "awq" in str(qc).lower())
+        code = "BASE_AWQ" if is_awq else "BASE_GPTQ"
+        out.append(F.make(
+            code,
+            f"{where}: {'AWQ' if is_awq else 'GPTQ'} packed int4 weights (qweight/qzeros/scales): {_names(qweights)}; "
+            f"quant_method = {method or '(not set)'}",
+            "packed integer weights with zero points are not 16-bit; lora2gguf does not decode them",
+            "use the unquantized (BF16/FP16) release of the model the adapter was trained on",
+            {"format": "awq" if is_awq else "gptq", "tensors": qweights[:200]}))
+
+    packed = [n for n in names if n.endswith(COMPRESSED_PARTS)]
+    if packed or method == "compressed-tensors":
+        out.append(F.make(
+            "BASE_COMPRESSED_TENSORS",
+            f"{where}: compressed-tensors checkpoint ({_names(packed) or 'quant_method compressed-tensors'})",
+            "compressed-tensors formats (packed ints, FP8, NVFP4) are not 16-bit; lora2gguf does not decode them",
+            "use the unquantized release of the model, or decompress it with the compressed-tensors library first",
+            {"format": "compressed-tensors", "tensors": packed[:200]}))
+
+    known = {"mxfp4", "bitsandbytes", "fp8", "fbgemm_fp8", "gptq", "awq", "compressed-tensors", ""}
+    if method not in known:
+        out.append(F.make(
+            "BASE_QUANTIZED_UNKNOWN",
+            f"{where}/config.json: quantization_config.quant_method = {method!r}",
+            "the weights are stored in a quantized form lora2gguf cannot read as numbers",
+            "use the model's BF16 release",
+            {"format": method}))
+    return out
+
+
+def check_base_errors(base: BaseInfo) -> list[Finding]:
+    return [F.make("BASE_INVALID", str(e), "the base's config and weights are what the GGUF is made of",
+                   "fix or download the file again (compare size and SHA-256 with the hub)",
+                   {"error": type(e).__name__}) for e in base.errors]
+
+
+# --------------------------------------------------------------------------- architecture and tools
+
+
+@dataclass(frozen=True)
+class Tools:
+    """Versions and capabilities of the installed tools, as read from them."""
+
+    llama_cpp_version: str | None
+    llama_lib: str | None
+    llama_arch_names: frozenset[str]  # arch names found as strings in libllama
+    transformers_version: str | None
+    transformers_model_types: frozenset[str] | None  # CONFIG_MAPPING_NAMES keys; None without transformers
+    lora2gguf_version: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"llama_cpp_python": self.llama_cpp_version, "libllama": self.llama_lib,
+                "transformers": self.transformers_version, "lora2gguf": self.lora2gguf_version}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _lib_strings(path: str, mtime: float, candidates: tuple[str, ...]) -> frozenset[str]:
+    """Which candidate names occur as NUL-terminated strings in the shared library."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return frozenset(c for c in candidates if b"\0" + c.encode() + b"\0" in data)
+
+
+def find_libllama() -> Path | None:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        for name in ("libllama.so", "libllama.dylib", "llama.dll"):
+            for sub in ("lib", ""):
+                p = Path(folder, sub, name)
+                if p.is_file():
+                    return p.resolve()
+    return None
+
+
+_MAPPING_RE = re.compile(r'\(\s*"([^"]+)"\s*,\s*"([^"]+)"\s*\)')
+
+
+def transformers_model_types() -> frozenset[str] | None:
+    """The model types of the installed transformers' CONFIG_MAPPING_NAMES.
+
+    Importing transformers' auto classes imports torch (seconds), so unless it is already
+    imported the table is read from its source: ``models/auto/auto_mappings.py`` (5.x) or
+    ``models/auto/configuration_auto.py`` (4.x), where it is a literal list of pairs, plus the
+    model folders (``models/<type>/configuration_<type>.py``) it is generated from.
+    """
+    import sys
+
+    mod = sys.modules.get("transformers.models.auto.configuration_auto")
+    if mod is not None and hasattr(mod, "CONFIG_MAPPING_NAMES"):
+        return frozenset(mod.CONFIG_MAPPING_NAMES)
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0]) / "models"
+    types: set[str] = set()
+    for fname in ("auto/auto_mappings.py", "auto/configuration_auto.py"):
+        try:
+            src = (root / fname).read_text(encoding="utf-8")
+        except OSError:
+            continue
+        start = src.find("CONFIG_MAPPING_NAMES = OrderedDict(")
+        if start >= 0:
+            end = src.find("\n)", start)
+            types.update(k for k, _ in _MAPPING_RE.findall(src[start:end if end > 0 else None]))
+    if root.is_dir():
+        types.update(p.parent.name for p in root.glob("*/configuration_*.py") if p.parent.name != "auto")
+    return frozenset(types) or None
+
+
+def probe_tools(arch_names: Iterable[str] = ()) -> Tools:
+    """Read the installed versions, and which of ``arch_names`` the llama.cpp library knows.
+
+    llama.cpp keeps its architecture names as string constants (LLM_ARCH_NAMES), so a name is
+    known when it occurs NUL-terminated in libllama. transformers is asked through its
+    CONFIG_MAPPING_NAMES table, imported only if transformers is installed.
+    """
+    lib = find_libllama()
+    names = frozenset()
+    if lib is not None:
+        names = _lib_strings(str(lib), lib.stat().st_mtime, tuple(sorted(set(arch_names))))
+    tver = _version("transformers")
+    types = transformers_model_types() if tver is not None else None
+    return Tools(_version("llama_cpp_python") or _version("llama-cpp-python"), str(lib) if lib else None, names,
+                 tver, types, _version("lora2gguf"))
+
+
+def check_architecture(config: Mapping[str, Any], tools: Tools, where: str = "config.json"):
+    """(findings, Architecture | None)."""
+    from ..arch import for_config
+
+    out: list[Finding] = []
+    archs = config.get("architectures") or []
+    model_type = config.get("model_type")
+    try:
+        arch = for_config(config, where=where)
+    except UnsupportedError as e:
+        out.append(F.make("ARCH_UNSUPPORTED", str(e),
+                          "lora2gguf knows each architecture's tensor layout and metadata; without it the GGUF "
+                          "cannot be written", "convert with llama.cpp's convert_hf_to_gguf.py after merging the "
+                          "adapter with PEFT (merge_and_unload), or open an issue for the architecture",
+                          {"architectures": archs, "model_type": model_type}))
+        return out, None
+    name = arch.gguf_arch_name
+    if tools.llama_cpp_version is None or tools.llama_lib is None:
+        out.append(F.make("LLAMACPP_MISSING", "llama_cpp (llama-cpp-python) is not importable or has no libllama",
+                          "lora2gguf quantizes and verifies with llama.cpp's own code through llama-cpp-python",
+                          "pip install llama-cpp-python (or the wheel your platform needs)"))
+    elif name not in tools.llama_arch_names:
+        out.append(F.make("LLAMACPP_ARCH_UNKNOWN",
+                          f"llama-cpp-python {tools.llama_cpp_version} ({tools.llama_lib}) has no architecture "
+                          f"named {name!r}",
+                          "this llama.cpp cannot load, quantize or run the GGUF", "upgrade: pip install -U llama-cpp-python",
+                          {"arch": name, "llama_cpp_python": tools.llama_cpp_version}))
+    tknown = tools.transformers_model_types is not None and model_type in tools.transformers_model_types
+    if not tknown:
+        out.append(F.make("TRANSFORMERS_ARCH_UNKNOWN",
+                          f"transformers {tools.transformers_version or '(not installed)'} does not know model_type "
+                          f"{model_type!r}",
+                          "only the optional reference checks (verify against transformers + PEFT) need it",
+                          "pip install -U 'transformers>=4.55' to run reference checks; conversion does not need it",
+                          {"model_type": model_type, "transformers": tools.transformers_version}))
+    out.append(F.make("VERSIONS",
+                      f"architecture {archs[0] if archs else model_type} -> lora2gguf {arch.name} -> GGUF {name}; "
+                      f"lora2gguf {tools.lora2gguf_version}, llama-cpp-python {tools.llama_cpp_version} "
+                      f"(knows {name}: {name in tools.llama_arch_names}), transformers "
+                      f"{tools.transformers_version} (knows {model_type}: {tknown})", "", "",
+                      {**tools.to_dict(), "arch": arch.name, "gguf_arch": name,
+                       "llama_knows_arch": name in tools.llama_arch_names, "transformers_knows_arch": tknown}))
+    return out, arch
+
+
+def check_remote_code(base: BaseInfo, adapter: AdapterInfo, tokenizers: Iterable[TokenizerInfo | None]) -> list[Finding]:
+    """trust_remote_code / auto_map anywhere: reported, never executed."""
+    hits: list[str] = []
+    sources = [(base.folder / "config.json", base.config), (adapter.folder / "adapter_config.json", adapter.config)]
+    sources += [(t.folder / "tokenizer_config.json", t.config) for t in tokenizers if t is not None]
+    for path, cfg in sources:
+        for key in ("auto_map", "trust_remote_code"):
+            if cfg.get(key):
+                hits.append(f"{path}: {key} = {cfg[key]!r}")
+    if base.python_files:
+        hits.append(f"{base.folder}: Python files {', '.join(base.python_files)}")
+    if not hits:
+        return []
+    return [F.make("REMOTE_CODE", "\n".join(hits),
+                   "lora2gguf never imports or runs code from a model folder; it converts with its own knowledge of "
+                   "the architecture, so behaviour that lives only in that custom code is not in the GGUF",
+                   "nothing to do if the architecture is supported natively; read the custom code to see what it "
+                   "changes, and remove auto_map if it is not needed", {"entries": hits})]
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+EMBED_RE = re.compile(r"(embed_tokens|lm_head|wte|embed_out)")
+
+
+def resized_embeddings(adapter: AdapterInfo, base_vocab: int | None) -> bool:
+    """Does the adapter save full embedding / lm_head tensors (modules_to_save, trainable tokens)?"""
+    for name, info in (adapter.checkpoint.tensors.items() if adapter.checkpoint else ()):
+        if EMBED_RE.search(name) and ".lora_" not in name and len(info.shape) == 2:
+            if base_vocab is None or info.shape[0] != base_vocab or "modules_to_save" in name:
+                return True
+    return bool(adapter.config.get("trainable_token_indices"))
+
+
+def _norm_name(name: str) -> str:
+    """'unsloth/gpt-oss-20b-unsloth-bnb-4bit' -> 'gpt-oss-20b': the model, without publisher and format."""
+    s = str(name).rstrip("/").split("/")[-1].lower()
+    for suffix in ("-unsloth-bnb-4bit", "-bnb-4bit", "-bnb-8bit", "-4bit", "-8bit", "-bf16", "-fp16", "-fp8",
+                   "-mxfp4", "-gptq", "-awq", "-unsloth"):
+        while s.endswith(suffix):
+            s = s[: -len(suffix)]
+    return s
+
+
+def check_adapter(adapter: AdapterInfo, base: BaseInfo, arch) -> list[Finding]:
+    from ..adapter import check_config, load_adapter, CONFIG_NAME
+
+    out: list[Finding] = []
+    ad_dir = adapter.folder
+    for e in adapter.errors:
+        code = "ADAPTER_UNSUPPORTED_FEATURE" if isinstance(e, UnsupportedError) else "ADAPTER_INVALID"
+        out.append(F.make(code, str(e), "the adapter is what makes the GGUF your fine-tune",
+                          "save the adapter with PEFT's save_pretrained (safe_serialization=True)",
+                          {"error": type(e).__name__}))
+    if not adapter.config or adapter.checkpoint is None:
+        return out
+    cfg = adapter.config
+    try:
+        check_config(cfg, ad_dir / CONFIG_NAME)
+    except UnsupportedError as e:
+        out.append(F.make("ADAPTER_UNSUPPORTED_FEATURE", str(e),
+                          "lora2gguf merges plain LoRA (linear layers and GPT-OSS expert parameters); other parts "
+                          "would be silently missing from the GGUF", "merge with PEFT (merge_and_unload) and convert "
+                          "the merged model, or retrain without the feature", {"error": "UnsupportedError"}))
+        return out
+    except InputError as e:
+        out.append(F.make("ADAPTER_INVALID", str(e), "the merge needs rank and alpha",
+                          "fix adapter_config.json or save the adapter again"))
+        return out
+
+    # which base does the adapter name?
+    named = cfg.get("base_model_name_or_path")
+    base_names = [str(base.config.get("_name_or_path") or ""), base.folder.name]
+    base_names = [n for n in base_names if n]
+    if named and not any(_norm_name(named) == _norm_name(n) for n in base_names):
+        out.append(F.make("ADAPTER_BASE_NAME",
+                          f"adapter_config.json base_model_name_or_path = {named!r}; the base is "
+                          f"{' / '.join(repr(n) for n in base_names)}",
+                          "an adapter is a difference to one particular model; on another one it changes the wrong "
+                          "weights even when all shapes fit",
+                          f"pass the base the adapter was trained on ({named}, or its BF16 / MXFP4 release)",
+                          {"adapter_base": named, "base": base_names}))
+
+    terms = None
+    if arch is not None and base.logical_shapes:
+        try:
+            terms = load_adapter(ad_dir, base.logical_shapes, arch)
+        except UnsupportedError as e:
+            out.append(F.make("ADAPTER_UNSUPPORTED_FEATURE", str(e),
+                              "these adapter tensors would be missing from the GGUF",
+                              "merge with PEFT (merge_and_unload) and convert the merged model",
+                              {"error": "UnsupportedError"}))
+        except InputError as e:
+            out.append(F.make("ADAPTER_BASE_MISMATCH", str(e),
+                              "a LoRA pair can only be added to the base tensor it was trained on, with the same shape",
+                              f"use the base the adapter was trained on"
+                              f"{f' ({named})' if named else ''}: same model size, layer count and expert count",
+                              {"error": type(e).__name__, "adapter_base": named}))
+
+    # numbers: all-zero and non-finite
+    stats = adapter.stats
+    nonfinite = {n: s.nonfinite for n, s in stats.items() if s.nonfinite}
+    if nonfinite:
+        out.append(F.make("ADAPTER_NONFINITE",
+                          f"{ad_dir}: {len(nonfinite)} adapter tensors hold NaN/Inf: "
+                          + ", ".join(f"{n} ({c} values)" for n, c in list(nonfinite.items())[:8]),
+                          "a NaN in lora_A or lora_B spreads through the merge into every row it touches; the GGUF "
+                          "would produce garbage", "retrain (or resume) from a checkpoint before the loss diverged; "
+                          "check the learning rate and use bf16 rather than fp16 training",
+                          {"tensors": nonfinite}))
+    pairs: dict[str, dict[str, bool]] = {}
+    for n, s in stats.items():
+        for which in ("A", "B"):
+            tag = f".lora_{which}."
+            if tag in n:
+                pairs.setdefault(n.split(tag)[0], {})[which] = s.all_zero
+    zero_pairs = sorted(k for k, v in pairs.items() if any(v.values()))
+    if pairs and len(zero_pairs) == len(pairs):
+        out.append(F.make("ADAPTER_ZERO",
+                          f"{ad_dir}: all {len(pairs)} LoRA pairs have an all-zero lora_A or lora_B "
+                          f"(e.g. {zero_pairs[0]})",
+                          "PEFT starts lora_B at zero; an adapter that is still all zero was never trained or was "
+                          "saved before training, so the GGUF would be the base model unchanged",
+                          "save the adapter after training (trainer.save_model / model.save_pretrained at the end); "
+                          "check that the checkpoint folder is the last one",
+                          {"pairs": len(pairs), "zero_pairs": zero_pairs[:50]}))
+    elif zero_pairs:
+        out.append(F.make("ADAPTER_PARTLY_ZERO",
+                          f"{ad_dir}: {len(zero_pairs)} of {len(pairs)} LoRA pairs are all zero: {_names(zero_pairs, 5)}",
+                          "those modules received no training; usually a frozen or unused target module",
+                          "nothing to do if intended; otherwise check target_modules and the training data",
+                          {"pairs": len(pairs), "zero_pairs": zero_pairs[:50]}))
+
+    # summary
+    rs = bool(cfg.get("use_rslora"))
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    scale = (alpha / math.sqrt(r) if rs else alpha / r) if isinstance(r, int) and r > 0 and isinstance(alpha, (int, float)) else None
+    n_terms = sum(len(v) for v in terms.terms.values()) if terms is not None else None
+    kinds = sorted({t.kind for ts in terms.terms.values() for t in ts}) if terms is not None else []
+    out.append(F.make(
+        "ADAPTER_SUMMARY",
+        f"PEFT {cfg.get('peft_type')} (saved by peft {cfg.get('peft_version') or 'version not recorded'}), "
+        f"r={r}, lora_alpha={alpha}, {'rsLoRA ' if rs else ''}scale={scale if scale is None else round(scale, 6)}, "
+        f"target_modules={cfg.get('target_modules')}, target_parameters={cfg.get('target_parameters')}, "
+        f"rank_pattern={cfg.get('rank_pattern') or {}}, alpha_pattern={cfg.get('alpha_pattern') or {}}; "
+        f"{n_terms if n_terms is not None else '?'} LoRA pairs matched to base tensors ({', '.join(kinds) or '-'})",
+        "", "",
+        {"peft_type": cfg.get("peft_type"), "peft_version": cfg.get("peft_version"), "r": r, "lora_alpha": alpha,
+         "use_rslora": rs, "scale": scale, "target_modules": cfg.get("target_modules"),
+         "target_parameters": cfg.get("target_parameters"), "pairs_matched": n_terms, "kinds": kinds,
+         "base_model_name_or_path": named,
+         "touches_experts": any(k == "experts" for k in kinds)}))
+    return out
+
+
+# --------------------------------------------------------------------------- chat format
+
+
+def check_chat(tok: TokenizerInfo | None, arch, generation_config: Mapping[str, Any] | None = None) -> list[Finding]:
+    """Chat template and end-of-generation tokens of the tokenizer the GGUF gets."""
+    if tok is None or arch is None:
+        return []
+    out: list[Finding] = []
+    where = f"{tok.folder}"
+    tpl = tok.chat_template
+    harmony = arch.chat_format == "harmony"
+    if tpl is None:
+        out.append(F.make("CHAT_TEMPLATE_MISSING",
+                          f"{where}: no chat_template.jinja, chat_template.json or tokenizer_config.json chat_template",
+                          "without a template in the GGUF, llama.cpp and Ollama fall back to a generic format the "
+                          "model was never trained on" + (" (GPT-OSS needs Harmony)" if harmony else ""),
+                          "save the tokenizer with its template: tokenizer.save_pretrained(ADAPTER_DIR), or copy "
+                          "chat_template.jinja from the base model"))
+    else:
+        if harmony:
+            missing = [m for m in ("<|channel|>", "<|message|>") if m not in tpl]
+            if missing:
+                out.append(F.make("CHAT_TEMPLATE_NOT_HARMONY",
+                                  f"{where}/{tok.chat_template_source}: the template never writes {', '.join(missing)}",
+                                  "GPT-OSS is trained on the Harmony format (<|start|>role<|channel|>…<|message|>…); "
+                                  "another format makes it ramble or never stop",
+                                  "use the Harmony template of the base model (chat_template.jinja of openai/gpt-oss-20b)",
+                                  {"missing": missing, "source": tok.chat_template_source}))
+        eogs = arch.eog_tokens
+        if eogs and not any(t in tpl for t in eogs):
+            out.append(F.make("CHAT_TEMPLATE_NO_EOG",
+                              f"{where}/{tok.chat_template_source}: the template writes none of {', '.join(eogs)}",
+                              "a model trained without turn-end tokens never emits one, so llama.cpp generates until "
+                              "the context is full", "use the base model's chat template",
+                              {"eog_tokens": list(eogs)}))
+    eos = tok.special("eos_token")
+    eos_id = tok.token_id(eos)
+    if arch.eos_token:
+        missing = [t for t in arch.eog_tokens if tok.token_id(t) is None]
+        if missing:
+            out.append(F.make("EOG_TOKEN_MISSING",
+                              f"{where}: {', '.join(missing)} not in the vocabulary",
+                              "llama.cpp stops generating at end-of-generation tokens found in the vocabulary; without "
+                              "them a GPT-OSS model never stops", "use the base model's tokenizer.json",
+                              {"missing": missing}))
+        if eos is None or eos_id is None or not tok.is_special(eos):
+            out.append(F.make("EOS_NOT_EOG",
+                              f"{where}: eos_token is {eos!r}"
+                              + (" which is not in the vocabulary" if eos is not None and eos_id is None else "")
+                              + (" which is not a special token" if eos_id is not None and not tok.is_special(eos) else ""),
+                              "the GGUF's tokenizer.ggml.eos_token_id tells llama.cpp where an answer ends; a missing or "
+                              "ordinary-text EOS lets generation run on forever",
+                              f"set eos_token to {arch.eos_token!r} in tokenizer_config.json "
+                              f"(tokenizer.eos_token = {arch.eos_token!r}; tokenizer.save_pretrained(DIR))",
+                              {"eos_token": eos, "eos_id": eos_id, "expected": arch.eos_token}))
+        elif eos != arch.eos_token:
+            sev_note = "" if eos in arch.eog_tokens else " (not one of Harmony's end tokens)"
+            out.append(F.make("EOS_NOT_RETURN",
+                              f"{where}: eos_token is {eos!r} (id {eos_id}){sev_note}; Harmony ends a final answer with "
+                              f"{arch.eos_token!r} (id {tok.token_id(arch.eos_token)})",
+                              "llama.cpp still stops at <|return|> / <|call|> (it recognises them by text), but "
+                              "runtimes that only check EOS would run past the end of an answer",
+                              f"set eos_token to {arch.eos_token!r} in tokenizer_config.json",
+                              {"eos_token": eos, "eos_id": eos_id, "expected": arch.eos_token}))
+    return out
+
+
+# --------------------------------------------------------------------------- resources
+
+
+# Rough throughputs for the time estimate (bytes per second); labelled as assumptions in the output.
+READ_BPS = 300e6
+MERGE_BPS = 150e6
+QUANTIZE_BPS = 60e6
+
+
+@dataclass
+class OutputEstimate:
+    name: str
+    ggml_type: str
+    bytes: int
+    bytes_read: int
+    seconds: float
+    intermediate: bool = False
+
+
+@dataclass
+class Resources:
+    outputs: list[OutputEstimate]
+    bytes_needed: int
+    free_bytes: int | None
+    free_where: str | None
+    peak_memory_bytes: int
+    seconds: float
+    unknown_types: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "outputs": [o.__dict__ for o in self.outputs], "bytes_needed": self.bytes_needed,
+            "free_bytes": self.free_bytes, "free_where": self.free_where,
+            "peak_memory_bytes": self.peak_memory_bytes, "seconds": round(self.seconds, 1),
+            "assumptions": {"read_bytes_per_s": READ_BPS, "merge_bytes_per_s": MERGE_BPS,
+                            "quantize_bytes_per_s": QUANTIZE_BPS},
+        }
+
+
+def ggml_type_for(output: str) -> gguf.GGMLQuantizationType | None:
+    """The main ggml tensor type of a llama.cpp output type name ('BF16', 'Q4_K_M' -> Q4_K, 'MXFP4_MOE' -> MXFP4)."""
+    name = output.upper()
+    if name in gguf.GGMLQuantizationType.__members__ and name in ("F32", "F16", "BF16"):
+        return gguf.GGMLQuantizationType[name]
+    if "MOSTLY_" + name not in gguf.LlamaFileType.__members__ and name not in ("F32",):
+        return None
+    for cand in (name, re.sub(r"_(S|M|L|XS|XXS|MOE)$", "", name)):
+        if cand in gguf.GGMLQuantizationType.__members__:
+            return gguf.GGMLQuantizationType[cand]
+    return None
+
+
+def _gguf_bytes(shapes: Mapping[str, tuple[int, ...]], qtype: gguf.GGMLQuantizationType,
+                f32_names: set[str]) -> int:
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    bf_block, bf_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.BF16]
+    total = 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        if len(shape) <= 1 or name in f32_names:
+            total += 4 * n
+            continue
+        ne0 = shape[1] if len(shape) == 3 else shape[-1]  # GGUF row length (HF experts are (E, in, out))
+        if ne0 % block == 0:
+            total += n // block * type_size
+        else:  # llama.cpp falls back to a type whose block fits; count 16 bits
+            total += n // bf_block * bf_size
+    return total
+
+
+def estimate_resources(base: BaseInfo, adapter: AdapterInfo, arch, outputs: Iterable[str], *,
+                       free_bytes: int | None, free_where: str | None) -> Resources:
+    shapes = base.logical_shapes
+    f32_names: set[str] = set()
+    if arch is not None:
+        n_blocks = int(base.config.get("num_hidden_layers") or 0)
+        tmap = gguf.get_tensor_name_map(arch.gguf_arch, n_blocks)
+        for name in shapes:
+            hit = tmap.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
+            if hit is not None and hit[0] in arch.f32_tensors:
+                f32_names.add(name)
+    base_bytes = sum(p.stat().st_size for p in base.checkpoint.files) if base.checkpoint else 0
+    ad_bytes = adapter.checkpoint.total_bytes if adapter.checkpoint else 0
+    outs: list[OutputEstimate] = []
+    unknown = []
+    wanted = [o.upper() for o in outputs]
+    first16 = next((o for o in wanted if o in ("BF16", "F16", "F32")), None)
+    if first16 is None and any(o not in ("BF16", "F16", "F32") for o in wanted):
+        first16 = "BF16"
+        intermediate = True
+    else:
+        intermediate = False
+    full = None
+    for o in ([first16] if intermediate else []) + wanted:
+        qt = ggml_type_for(o)
+        if qt is None:
+            unknown.append(o)
+            continue
+        size = _gguf_bytes(shapes, qt, f32_names)
+        if o in ("BF16", "F16", "F32") and full is None:
+            full = size
+            read = base_bytes + ad_bytes
+            secs = read / READ_BPS + size / MERGE_BPS
+        else:
+            read = full or 0
+            secs = read / QUANTIZE_BPS
+        outs.append(OutputEstimate(o, qt.name, size, read, secs, intermediate and o == first16 and not outs))
+    largest = max((math.prod(s) for s in shapes.values()), default=0)
+    # the streaming merge holds the largest tensor as float32 (source, then merged) plus its 16-bit copy
+    peak = largest * (4 + 4 + 2) + ad_bytes * 2
+    return Resources(outs, sum(o.bytes for o in outs), free_bytes, free_where, peak,
+                     sum(o.seconds for o in outs), unknown)
+
+
+def free_space(out_dir: Path | None) -> tuple[int | None, str | None]:
+    """Free bytes on the filesystem of out_dir (or its nearest existing parent)."""
+    import shutil
+
+    if out_dir is None:
+        return None, None
+    p = Path(out_dir).absolute()
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free, str(p)
+    except OSError:
+        return None, str(p)
+
+
+def _gb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_resources(res: Resources) -> list[Finding]:
+    out: list[Finding] = []
+    for o in res.unknown_types:
+        out.append(F.make("OUTPUT_TYPE_UNKNOWN", f"output type {o!r}",
+                          "outputs are llama.cpp file types (BF16, F16, F32, Q8_0, Q6_K, Q5_K_M, Q4_K_M, MXFP4_MOE, ...)",
+                          f"choose from: {', '.join(sorted(m[7:] for m in gguf.LlamaFileType.__members__ if m.startswith('MOSTLY_')))}",
+                          {"type": o}))
+    lines = [f"{o.name}{' (intermediate)' if o.intermediate else ''}: write ~{_gb(o.bytes)}, read {_gb(o.bytes_read)}, "
+             f"~{o.seconds / 60:.1f} min" for o in res.outputs]
+    lines.append(f"peak memory ~{_gb(res.peak_memory_bytes)}; free on {res.free_where or '(no output folder given)'}: "
+                 f"{_gb(res.free_bytes)}")
+    out.append(F.make("RESOURCES", "\n".join(lines), "", "", res.to_dict()))
+    if res.free_bytes is not None:
+        if res.free_bytes < res.bytes_needed:
+            out.append(F.make("DISK_SPACE",
+                              f"{res.free_where}: {_gb(res.free_bytes)} free, the outputs need ~{_gb(res.bytes_needed)} "
+                              f"({', '.join(f'{o.name} {_gb(o.bytes)}' for o in res.outputs)})",
+                              "a conversion that fills the disk fails after minutes of work",
+                              f"free {_gb(res.bytes_needed - res.free_bytes)} or more on that filesystem, choose another "
+                              "output folder, or ask for fewer outputs",
+                              {"free_bytes": res.free_bytes, "bytes_needed": res.bytes_needed}))
+        elif res.free_bytes < res.bytes_needed * 1.1:
+            out.append(F.make("DISK_SPACE_LOW",
+                              f"{res.free_where}: {_gb(res.free_bytes)} free for ~{_gb(res.bytes_needed)} of outputs",
+                              "the sizes are estimates; with under 10% margin the disk may still fill",
+                              "free some space or choose another output folder",
+                              {"free_bytes": res.free_bytes, "bytes_needed": res.bytes_needed}))
+    return out

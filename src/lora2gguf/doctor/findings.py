@@ -1,0 +1,92 @@
+"""Findings: what doctor found, why it matters for the GGUF, and how to fix it.
+
+Every finding has a stable code from :data:`CODES`; the code fixes its severity and title, so
+scripts (``--json``) and ``build --accept CODE`` can rely on them across versions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+BLOCKER = "blocker"
+WARNING = "warning"
+INFO = "info"
+SEVERITIES = (BLOCKER, WARNING, INFO)
+
+# code -> (severity, title). Append new codes; never rename or reuse one.
+CODES: dict[str, tuple[str, str]] = {
+    # tokenizer
+    "TOKENIZER_MISMATCH": (BLOCKER, "The adapter's tokenizer gives different token ids than the base's"),
+    "TOKENIZER_RESIZED": (WARNING, "The adapter's tokenizer adds tokens and the adapter carries resized embeddings"),
+    "TOKENIZER_DIFFERS": (WARNING, "The adapter's tokenizer differs from the base's in special-token or text-processing settings"),
+    "TEMPLATE_DIFFERS": (WARNING, "The adapter's chat template differs from the base's"),
+    "TOKENIZER_FROM_BASE": (INFO, "The adapter folder has no tokenizer; the base's is used"),
+    "TOKENIZER_MISSING": (BLOCKER, "No tokenizer found in the base or the adapter folder"),
+    "TOKENIZER_INVALID": (BLOCKER, "A tokenizer file cannot be read"),
+    "TOKENIZER_TOO_LARGE": (BLOCKER, "The tokenizer has token ids beyond the model's embedding rows"),
+    "TOKENIZER_SAME": (INFO, "The adapter's and the base's tokenizer files are identical"),
+    # base weights
+    "BASE_MXFP4": (INFO, "The base stores its MoE experts as MXFP4"),
+    "BASE_BNB_4BIT": (BLOCKER, "The base is a bitsandbytes 4-bit checkpoint"),
+    "BASE_BNB_8BIT": (BLOCKER, "The base is a bitsandbytes 8-bit (LLM.int8) checkpoint"),
+    "BASE_FP8": (BLOCKER, "The base is an FP8 checkpoint"),
+    "BASE_GPTQ": (BLOCKER, "The base is a GPTQ checkpoint"),
+    "BASE_AWQ": (BLOCKER, "The base is an AWQ checkpoint"),
+    "BASE_COMPRESSED_TENSORS": (BLOCKER, "The base is a compressed-tensors checkpoint"),
+    "BASE_QUANTIZED_UNKNOWN": (BLOCKER, "The base declares a quantization lora2gguf does not know"),
+    "BASE_INVALID": (BLOCKER, "The base model folder cannot be read"),
+    # architecture and tools
+    "ARCH_UNSUPPORTED": (BLOCKER, "lora2gguf does not convert this architecture"),
+    "LLAMACPP_MISSING": (BLOCKER, "llama-cpp-python is not installed"),
+    "LLAMACPP_ARCH_UNKNOWN": (BLOCKER, "The installed llama.cpp does not know this architecture"),
+    "TRANSFORMERS_ARCH_UNKNOWN": (INFO, "The installed transformers does not know this architecture (reference checks only)"),
+    "VERSIONS": (INFO, "Architecture and tool versions"),
+    "REMOTE_CODE": (WARNING, "A config asks for custom Python code (trust_remote_code / auto_map)"),
+    # adapter
+    "ADAPTER_INVALID": (BLOCKER, "The adapter folder cannot be read"),
+    "ADAPTER_UNSUPPORTED_FEATURE": (BLOCKER, "The adapter uses a feature lora2gguf does not merge"),
+    "ADAPTER_BASE_MISMATCH": (BLOCKER, "The adapter's tensors do not fit the base model"),
+    "ADAPTER_BASE_NAME": (WARNING, "The adapter names a different base model"),
+    "ADAPTER_ZERO": (BLOCKER, "The adapter's weights are all zero: merging changes nothing"),
+    "ADAPTER_PARTLY_ZERO": (WARNING, "Some LoRA pairs of the adapter are all zero"),
+    "ADAPTER_NONFINITE": (BLOCKER, "The adapter's weights contain NaN or Inf"),
+    "ADAPTER_SUMMARY": (INFO, "Adapter summary"),
+    # chat format
+    "CHAT_TEMPLATE_MISSING": (BLOCKER, "No chat template"),
+    "CHAT_TEMPLATE_NOT_HARMONY": (BLOCKER, "The chat template is not the Harmony format GPT-OSS needs"),
+    "CHAT_TEMPLATE_NO_EOG": (BLOCKER, "The chat template never ends a turn with an end-of-generation token"),
+    "EOS_NOT_EOG": (BLOCKER, "The EOS token is not an end-of-generation token of the chat format"),
+    "EOS_NOT_RETURN": (WARNING, "The EOS token is not <|return|>"),
+    "EOG_TOKEN_MISSING": (BLOCKER, "An end-of-generation token of the chat format is missing from the vocabulary"),
+    # resources
+    "DISK_SPACE": (BLOCKER, "Not enough free disk space for the outputs"),
+    "DISK_SPACE_LOW": (WARNING, "Free disk space is only just enough"),
+    "RESOURCES": (INFO, "Bytes to read and write, memory and time"),
+    "OUTPUT_TYPE_UNKNOWN": (BLOCKER, "A requested output type is not a llama.cpp file type"),
+}
+
+
+@dataclass
+class Finding:
+    code: str
+    severity: str
+    title: str
+    what: str
+    why: str
+    fix: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "severity": self.severity, "title": self.title, "what": self.what,
+                "why": self.why, "fix": self.fix, "data": self.data}
+
+
+def make(code: str, what: str, why: str = "", fix: str = "", data: dict[str, Any] | None = None) -> Finding:
+    """A finding with the severity and title that :data:`CODES` fixes for ``code``."""
+    severity, title = CODES[code]
+    return Finding(code, severity, title, what, why, fix, dict(data or {}))
+
+
+def sort_key(f: Finding) -> tuple[int, str]:
+    return SEVERITIES.index(f.severity), f.code
