@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -341,3 +343,36 @@ def test_fixture_dirs_are_usable_copies(tmp_path, tiny_base):
     # the documented way for a test to modify a fixture: copy it
     c = shutil.copytree(tiny_base, tmp_path / "copy")
     assert (c / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.slow
+def test_reference_converter_and_llama_cpp_accept_the_fixture(tmp_path, reference_llama_cpp):
+    """The fixture is a real GPT-OSS checkpoint: llama.cpp's own converter turns it into a GGUF
+    (detecting the gpt-4o pre-tokenizer), llama.cpp tokenizes like transformers and computes the
+    same next tokens. rope_truncate=True because llama.cpp always truncates the YaRN range."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import gguf
+
+    from lora2gguf import o200k
+
+    base = synth.make_base(tmp_path / "b", synth.gpt_oss_config(**synth.TINY, rope_truncate=True))
+    out = tmp_path / "b.gguf"
+    r = subprocess.run([sys.executable, str(reference_llama_cpp / "convert_hf_to_gguf.py"), str(base),
+                        "--outfile", str(out), "--outtype", "f32"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reader = gguf.GGUFReader(str(out))
+    pre = reader.get_field(gguf.Keys.Tokenizer.PRE)
+    assert pre.contents() == "gpt-4o"
+    llm = llama_cpp.Llama(str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    try:
+        text = o200k.render_chat([{"role": "user", "content": "Hello Ünïcödé 🚀, 3.14159!"}],
+                                 add_generation_prompt=True)
+        tok = transformers.AutoTokenizer.from_pretrained(str(base))
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text, add_special_tokens=False)
+        llm.eval(IDS.tolist())
+        got = np.array(llm.scores[: len(IDS)], dtype=np.float32)
+    finally:
+        llm.close()
+    ref = synth.peft_logits(base, None, IDS)
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    assert np.abs(got - ref).max() < 0.05  # logits spread about 6; measured about 0.015

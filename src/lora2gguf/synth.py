@@ -105,6 +105,7 @@ def gpt_oss_config(
     rope_theta: float = 150000.0,
     rope_factor: float = 32.0,
     original_max_position_embeddings: int = 4096,
+    rope_truncate: bool = False,
     layer_types: Sequence[str] | None = None,
     rms_norm_eps: float = 1e-05,
     swiglu_limit: float = 7.0,
@@ -114,7 +115,12 @@ def gpt_oss_config(
     """A config.json dict exactly as transformers 5.x saves ``GptOssConfig`` (``rope_parameters``
     with yarn; ``dtype``). ``extra`` keys are added (or override) at the top level. A vocabulary
     smaller than gpt-oss's (for quick tests) gets ``eos_token_id``/``pad_token_id`` None, since
-    transformers rejects ids outside the vocabulary."""
+    transformers rejects ids outside the vocabulary.
+
+    ``rope_truncate`` is YaRN's ``truncate`` (gpt-oss ships False). llama.cpp always rounds the
+    YaRN correction range (the ``truncate=True`` behaviour), so with the default False
+    transformers' and llama.cpp's logits differ slightly at positions > 0 (about 0.1 on TINY in
+    f32); pass True when a test compares the two tightly."""
     if layer_types is None:
         layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_hidden_layers)]
     if len(layer_types) != num_hidden_layers:
@@ -149,7 +155,7 @@ def gpt_oss_config(
             "original_max_position_embeddings": original_max_position_embeddings,
             "rope_theta": float(rope_theta),
             "rope_type": "yarn",
-            "truncate": False,
+            "truncate": rope_truncate,
         },
         "router_aux_loss_coef": 0.9,
         "sliding_window": sliding_window,
