@@ -11,8 +11,10 @@ safetensors files, so memory stays bounded by a chunk (not a tensor, not a shard
 REAL_WIDTH bases. Every tensor has its own seeded random stream (seed, tensor name), so its values
 do not depend on sharding or on the other tensors.
 
-``init="peaked"`` scales (documented so that tests can reason about them; ``H`` hidden size,
-``I`` intermediate size, ``A = n_heads * head_dim``):
+Values are drawn from a symmetric triangular distribution (the sum of two uniforms, bounded at
+about 2.45 standard deviations; much faster to draw than normals) with these means and standard
+deviations, written N(mean, std) below. ``init="peaked"`` (documented so that tests can reason
+about the scales; ``H`` hidden size, ``I`` intermediate size, ``A = n_heads * head_dim``):
 
 =====================================  ==================================
 embed_tokens                            N(0, 1)
@@ -311,11 +313,16 @@ def tensor_values(name: str, shape: Sequence[int], config: dict[str, Any], *, se
     mean, std = _init_params(name, config, init)
     rng = _rng(seed, name)
     n = int(np.prod(shape, dtype=np.int64))
+    scale = np.float32(std * math.sqrt(6.0))
     done = 0
     while done < n:
         k = min(_CHUNK, n - done)
-        x = rng.standard_normal(k, dtype=np.float32)
-        x *= np.float32(std)
+        # triangular on [-1, 1] (sum of two uniforms), std 1/sqrt(6): 3-5x faster than
+        # numpy's normal generator, which matters for the REAL_WIDTH bases
+        x = rng.random(k, dtype=np.float32)
+        x += rng.random(k, dtype=np.float32)
+        x -= np.float32(1.0)
+        x *= scale
         x += np.float32(mean)
         yield x
         done += k
