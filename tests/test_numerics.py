@@ -235,6 +235,23 @@ def test_mxfp4_hf_to_ggml_decodes_with_gguf_py():
     np.testing.assert_array_equal(ref, N.decode_mxfp4(blocks, scales))
 
 
+def test_mxfp4_hf_to_ggml_word_path_equals_byte_path(monkeypatch):
+    rng = np.random.default_rng(8)
+    blocks, scales = _random_mx(rng, (70_000,), 1)  # more than one chunk
+    fast = N.mxfp4_hf_to_ggml(blocks, scales)
+    monkeypatch.setattr(N.sys, "byteorder", "big")  # forces the plain per-byte path
+    slow = N.mxfp4_hf_to_ggml(blocks, scales)
+    assert fast.tobytes() == slow.tobytes()
+
+
+def test_transpose_last2_tiled():
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((2, 600, 1100)).astype(np.float32)  # several tiles, ragged edges
+    t = N.transpose_last2(a)
+    assert t.shape == (2, 1100, 600) and t.flags.c_contiguous
+    np.testing.assert_array_equal(t, np.swapaxes(a, 1, 2))
+
+
 _REF_REPACK = r"""
 import sys, numpy as np, torch
 sys.path.insert(0, sys.argv[1])
@@ -552,3 +569,4 @@ def test_bnb4_fixture_loads_in_transformers_if_bitsandbytes_installed(tiny_base,
         ref = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state).float().numpy()
         mine = N.decode_bnb_4bit_state(q, f"model.layers.1.self_attn.{proj}")
         np.testing.assert_array_equal(mine.view(np.uint32), ref.view(np.uint32))
+
