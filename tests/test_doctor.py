@@ -574,11 +574,13 @@ def test_size_estimates_follow_the_shapes(tiny_base, np_adapter):
     n_router = cfg["num_hidden_layers"] * cfg["num_local_experts"] * cfg["hidden_size"]  # kept F32
     one_d = sum(int(np.prod(s)) for s in shapes.values() if len(s) == 1)
     two_d = sum(int(np.prod(s)) for s in shapes.values() if len(s) > 1)
-    assert est["BF16"].bytes == 2 * (two_d - n_router) + 4 * (one_d + n_router)
+    meta = est["BF16"].bytes - (2 * (two_d - n_router) + 4 * (one_d + n_router))
+    assert 10e6 < meta < 16e6  # the o200k vocabulary and merges in the GGUF header
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0]
-    assert est["Q8_0"].bytes == (two_d - n_router) // block * size + 4 * (one_d + n_router)
-    assert est["Q4_K_M"].ggml_type == "Q4_K"  # widths of 64 are not k-quant blocks: 16 bits
-    assert est["Q4_K_M"].bytes == est["BF16"].bytes
+    assert est["Q8_0"].bytes == (two_d - n_router) // block * size + 4 * (one_d + n_router) + meta
+    # widths of 64 do not fit Q4_K's 256-blocks: llama.cpp falls back to Q5_0 (and Q6_K's to Q8_0)
+    assert est["Q4_K_M"].ggml_type == "Q4_K"
+    assert est["Q8_0"].bytes > est["Q4_K_M"].bytes > (two_d - n_router) // 32 * 22 + meta
     assert est["Q8_0"].bytes_read == est["BF16"].bytes
     assert report.resources.peak_memory_bytes >= 4 * max(int(np.prod(s)) for s in shapes.values())
 

@@ -127,7 +127,7 @@ def run(base_dir: str | Path, adapter_dir: str | Path, *, out_dir: str | Path | 
     if base.checkpoint is not None:
         fb, where = (free_bytes, str(out_dir) if out_dir else "(given)") if free_bytes is not None \
             else checks.free_space(Path(out_dir) if out_dir else None)
-        res = checks.estimate_resources(base, ad, arch, outputs, free_bytes=fb, free_where=where)
+        res = checks.estimate_resources(base, ad, arch, outputs, free_bytes=fb, free_where=where, tokenizer=chosen)
         found += checks.check_resources(res)
 
     # one finding per code and text; sorted by severity then code

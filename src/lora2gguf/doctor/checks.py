@@ -555,10 +555,43 @@ def ggml_type_for(output: str) -> gguf.GGMLQuantizationType | None:
     return None
 
 
-def _gguf_bytes(shapes: Mapping[str, tuple[int, ...]], qtype: gguf.GGMLQuantizationType,
-                f32_names: set[str]) -> int:
+# llama.cpp's quantizer (llama-quant.cpp) replaces a k-quant whose 256-wide block does not divide
+# a tensor's rows by these types (gpt-oss-20b's 2880-wide rows hit this for every tensor).
+_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ4_XS": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL",
+             "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL",
+             "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def _tensor_bytes(n: int, ne0: int, qtype: gguf.GGMLQuantizationType) -> int:
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    bf_block, bf_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.BF16]
+    if ne0 % block:
+        fb = _FALLBACK.get(qtype.name)
+        qtype = gguf.GGMLQuantizationType[fb] if fb else gguf.GGMLQuantizationType.F16
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        if ne0 % block:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.F16]
+    return n // block * type_size
+
+
+# Q4_K_M and Q5_K_M give the output matrix, and attn_v / ffn_down in the "more bits" layers, Q6_K
+# (llama.cpp's llama-quant.cpp); the other mixes are sized by their main type (a lower bound).
+_MORE_BITS_MIXES = ("Q4_K_M", "Q5_K_M")
+_MORE_BITS_TENSORS = {gguf.MODEL_TENSOR.ATTN_V, gguf.MODEL_TENSOR.FFN_DOWN, gguf.MODEL_TENSOR.FFN_DOWN_EXP}
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _gguf_bytes(shapes: Mapping[str, tuple[int, ...]], qtype: gguf.GGMLQuantizationType,
+                f32_names: set[str], mix: str | None = None, types: Mapping[str, Any] | None = None,
+                n_layers: int = 0) -> int:
+    """Tensor-data bytes of the GGUF: 1-D tensors and the architecture's F32 tensors stay F32, the
+    rest gets ``qtype`` (or llama.cpp's fallback where the row length does not fit its block)."""
+    from ..arch import block_id
+
+    types = types or {}
+    q6 = gguf.GGMLQuantizationType.Q6_K
     total = 0
     for name, shape in shapes.items():
         n = math.prod(shape)
@@ -566,24 +599,51 @@ def _gguf_bytes(shapes: Mapping[str, tuple[int, ...]], qtype: gguf.GGMLQuantizat
             total += 4 * n
             continue
         ne0 = shape[1] if len(shape) == 3 else shape[-1]  # GGUF row length (HF experts are (E, in, out))
-        if ne0 % block == 0:
-            total += n // block * type_size
-        else:  # llama.cpp falls back to a type whose block fits; count 16 bits
-            total += n // bf_block * bf_size
+        t = qtype
+        if mix in _MORE_BITS_MIXES:
+            kind = types.get(name)
+            bid = block_id(name)
+            if kind == gguf.MODEL_TENSOR.OUTPUT or (kind in _MORE_BITS_TENSORS and bid is not None
+                                                    and _use_more_bits(bid, n_layers)):
+                t = q6
+        total += _tensor_bytes(n, ne0, t)
     return total
 
 
+def metadata_bytes(tok: TokenizerInfo | None, n_tensors: int, n_gguf_tensors: int | None = None) -> int:
+    """Approximate bytes of a GGUF's header: the tokenizer arrays (each token and merge a
+    length-prefixed string, one int32 type per token), the chat template, tensor infos and
+    alignment padding, plus 64 KiB for the other keys."""
+    total = 64 * 1024
+    if tok is not None and tok.model is not None:
+        toks = tok.model.id_to_token
+        total += sum(8 + len(t.encode("utf-8")) + 4 for t in toks.values())
+        total += sum(8 + len(m.encode("utf-8")) for m in tok.model.merges)
+    if tok is not None and tok.chat_template:
+        total += len(tok.chat_template.encode("utf-8"))
+    n = n_gguf_tensors or n_tensors
+    return total + n * (96 + 32)
+
+
 def estimate_resources(base: BaseInfo, adapter: AdapterInfo, arch, outputs: Iterable[str], *,
-                       free_bytes: int | None, free_where: str | None) -> Resources:
+                       free_bytes: int | None, free_where: str | None,
+                       tokenizer: TokenizerInfo | None = None) -> Resources:
     shapes = base.logical_shapes
     f32_names: set[str] = set()
+    types: dict[str, Any] = {}
+    n_blocks = int(base.config.get("num_hidden_layers") or 0) if isinstance(base.config.get("num_hidden_layers"), int) else 0
     if arch is not None:
-        n_blocks = int(base.config.get("num_hidden_layers") or 0)
         tmap = gguf.get_tensor_name_map(arch.gguf_arch, n_blocks)
         for name in shapes:
-            hit = tmap.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
-            if hit is not None and hit[0] in arch.f32_tensors:
-                f32_names.add(name)
+            hf = name
+            hit = arch.rule_for(name)
+            if hit is not None:  # a fused / renamed HF tensor: its first GGUF output names its kind
+                hf = hit[0] + hit[1].outputs[0]
+            t = tmap.get_type_and_name(hf, try_suffixes=(".weight", ".bias"))
+            if t is not None:
+                types[name] = t[0]
+                if t[0] in arch.f32_tensors:
+                    f32_names.add(name)
     base_bytes = sum(p.stat().st_size for p in base.checkpoint.files) if base.checkpoint else 0
     ad_bytes = adapter.checkpoint.total_bytes if adapter.checkpoint else 0
     outs: list[OutputEstimate] = []
@@ -596,12 +656,13 @@ def estimate_resources(base: BaseInfo, adapter: AdapterInfo, arch, outputs: Iter
     else:
         intermediate = False
     full = None
+    meta = metadata_bytes(tokenizer, len(shapes), len(shapes) + sum(len(s) == 3 for s in shapes.values()))
     for o in ([first16] if intermediate else []) + wanted:
         qt = ggml_type_for(o)
         if qt is None:
             unknown.append(o)
             continue
-        size = _gguf_bytes(shapes, qt, f32_names)
+        size = _gguf_bytes(shapes, qt, f32_names, o, types, n_blocks) + meta
         if o in ("BF16", "F16", "F32") and full is None:
             full = size
             read = base_bytes + ad_bytes
