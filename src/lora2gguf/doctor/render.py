@@ -24,9 +24,11 @@ def render_text(report, *, colour: bool = False, accepted: Iterable[str] = (), w
     bold = (lambda s: f"{BOLD}{s}{RESET}") if colour else (lambda s: s)
     code_w = max((len(f.code) for f in report.findings), default=10) + 2
     body_w = max(width - code_w - 2, 40)
-    lines = [bold(f"lora2gguf doctor: {report.base_dir}  +  {report.adapter_dir}")]
+    lines = [bold(f"lora2gguf doctor")]
     tc = report.tokenizer_choice
-    lines.append(f"tokenizer for the GGUF: {tc.source} ({tc.dir}) - {tc.reason}")
+    for label, text in (("base", report.base_dir), ("adapter", report.adapter_dir),
+                        ("tokenizer", f"{tc.source} ({tc.dir}): {tc.reason}")):
+        lines.extend(_wrap(f"{label + ':':{code_w}s}{text}", width, 0, hang=code_w))
     for sev in SEVERITIES:
         group = [f for f in report.findings if f.severity == sev]
         if not group:
@@ -36,8 +38,9 @@ def render_text(report, *, colour: bool = False, accepted: Iterable[str] = (), w
         lines.append("-" * min(width, 100))
         for f in group:
             tag = f.code + (" (accepted)" if f.code in accepted else "")
-            head = f"{c(tag.ljust(code_w), sev)}{bold(f.title)}"
-            lines.append(head)
+            title = _wrap(f.title, body_w, 0)
+            lines.append(f"{c(tag.ljust(code_w), sev)}{bold(title[0])}")
+            lines.extend(" " * code_w + bold(t.strip()) for t in title[1:])
             if sev == INFO and not verbose:
                 first = f.what.splitlines()[0] if f.what else ""
                 lines.extend(_wrap(first, body_w, code_w))
@@ -56,10 +59,11 @@ def render_text(report, *, colour: bool = False, accepted: Iterable[str] = (), w
     return "\n".join(lines) + "\n"
 
 
-def _wrap(text: str, width: int, indent: int, keep_indent: bool = False) -> list[str]:
+def _wrap(text: str, width: int, indent: int, keep_indent: bool = False, hang: int = 2) -> list[str]:
+    """``text`` in lines of at most ``indent + width`` characters; continuation lines hang by ``hang``."""
     pad = " " * indent
     if len(text) <= width:
         return [pad + text]
     sub = " " * (len(text) - len(text.lstrip(" "))) if keep_indent else ""
-    return textwrap.wrap(text, width, initial_indent=pad, subsequent_indent=pad + sub + "  ",
+    return textwrap.wrap(text, width + indent, initial_indent=pad, subsequent_indent=pad + sub + " " * hang,
                          break_long_words=True, break_on_hyphens=False) or [pad]

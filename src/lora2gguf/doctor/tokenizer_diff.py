@@ -158,12 +158,16 @@ class Decision:
 
 
 def _file_table(d: TokenizerDiff) -> str:
+    """Per-file MD5 and SHA-256 (full, to compare with what the hub shows)."""
     rows = []
     for n, f in d.files.items():
         b, a = f["base"], f["adapter"]
-        rows.append(f"  {n}: base md5 {b['md5'] if b else '-'} sha256 {b['sha256'][:16] + '…' if b else '-'} | "
-                    f"adapter md5 {a['md5'] if a else '-'} sha256 {a['sha256'][:16] + '…' if a else '-'}"
-                    f"{'' if f['same'] else '  (differs)'}")
+        if f["same"]:
+            rows.append(f"  {n}: identical, md5 {b['md5']} sha256 {b['sha256']}")
+            continue
+        rows.append(f"  {n}: differs")
+        for side, h in (("base", b), ("adapter", a)):
+            rows.append(f"    {side:8s} md5 {h['md5']} sha256 {h['sha256']}" if h else f"    {side:8s} (no such file)")
     return "\n".join(rows)
 
 
