@@ -308,6 +308,14 @@ def test_mxfp4_base_is_named_and_the_adapter_still_matches(mxfp4_pair, tiny_adap
     assert "ADAPTER_BASE_MISMATCH" not in codes(report) and blockers(report) == set()
     # the logical shapes are exactly the BF16 checkpoint's
     assert report.inspection.base.logical_shapes == {n: t.shape for n, t in Checkpoint.open(bf).tensors.items()}
+    assert f.data["keep_mxfp4_possible"] is False  # tiny_adapter changes the experts
+
+
+def test_mxfp4_with_attention_only_adapter_can_keep_mxfp4(mxfp4_pair, tmp_path):
+    mx, _ = mxfp4_pair
+    ad = adapter_from(mx, tmp_path / "adapter", target_parameters=())
+    f = one(doctor.run(mx, ad, free_bytes=10**12), "BASE_MXFP4")
+    assert f.data["keep_mxfp4_possible"] is True and "--keep-mxfp4 applies" in f.fix
 
 
 @pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
@@ -515,6 +523,16 @@ def test_nan_adapter_is_a_blocker(np_adapter, tiny_base, tmp_path):
     f = one(doctor.run(tiny_base, ad, free_bytes=10**12), "ADAPTER_NONFINITE")
     assert f.data["tensors"] == {k1: 3, k2: 1}
     assert k1 in f.what
+
+
+def test_adapter_with_a_lonely_lora_a_is_invalid(np_adapter, tiny_base, tmp_path):
+    ad = tmp_path / "adapter"
+    shutil.copytree(np_adapter, ad)
+    tensors = load_tensors(ad / "adapter_model.safetensors")
+    del tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"]
+    save_tensors(ad / "adapter_model.safetensors", tensors)
+    f = one(doctor.run(tiny_base, ad, free_bytes=10**12), "ADAPTER_INVALID")
+    assert "k_proj has lora_A but no lora_B" in f.what
 
 
 def test_unsupported_adapter_feature_is_a_blocker(np_adapter, tiny_base, tmp_path):

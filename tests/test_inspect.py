@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from lora2gguf import doctor, inspect as ins, o200k, synth
-from lora2gguf.safetensors_io import Checkpoint, TensorInfo
+from lora2gguf.safetensors_io import Checkpoint
 
 #: gpt-oss-20b: 24 layers of the real widths; in BF16 about 41.8 GB
 GPT_OSS_20B = dict(synth.REAL_WIDTH, num_hidden_layers=24)

@@ -103,7 +103,6 @@ def run(base_dir: str | Path, adapter_dir: str | Path, *, out_dir: str | Path | 
 
     arch = None
     if base.config:
-        from ..arch import for_config  # noqa: F401  (registers the built-in architectures)
         from ..arch import known
         names = [a.gguf_arch_name for a in known().values()]
         tools = tools or checks.probe_tools(names)
@@ -129,6 +128,15 @@ def run(base_dir: str | Path, adapter_dir: str | Path, *, out_dir: str | Path | 
             else checks.free_space(Path(out_dir) if out_dir else None)
         res = checks.estimate_resources(base, ad, arch, outputs, free_bytes=fb, free_where=where, tokenizer=chosen)
         found += checks.check_resources(res)
+
+    # MXFP4 experts can stay MXFP4 when the adapter leaves them alone
+    summary = next((f for f in found if f.code == "ADAPTER_SUMMARY"), None)
+    for f in found:
+        if f.code == "BASE_MXFP4" and summary is not None:
+            keep = not summary.data.get("touches_experts") and f.data.get("experts_only", False)
+            f.data["keep_mxfp4_possible"] = keep
+            f.fix += (" The adapter does not touch the experts: --keep-mxfp4 applies." if keep else
+                      " The adapter changes the experts, so they are decoded and merged (--keep-mxfp4 does not apply).")
 
     # one finding per code and text; sorted by severity then code
     seen, unique = set(), []

@@ -10,7 +10,6 @@ import functools
 import importlib.metadata
 import importlib.util
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any, Iterable, Mapping
 
 import gguf
 
-from ..errors import InputError, Lora2GGUFError, UnsupportedError
+from ..errors import FormatError, InputError, UnsupportedError
 from ..inspect import AdapterInfo, BaseInfo, TokenizerInfo
 from . import findings as F
 
@@ -373,6 +372,9 @@ def check_adapter(adapter: AdapterInfo, base: BaseInfo, arch) -> list[Finding]:
                               "these adapter tensors would be missing from the GGUF",
                               "merge with PEFT (merge_and_unload) and convert the merged model",
                               {"error": "UnsupportedError"}))
+        except FormatError as e:
+            out.append(F.make("ADAPTER_INVALID", str(e), "the merge needs every LoRA pair complete and 2-D",
+                              "save the adapter again with PEFT's save_pretrained", {"error": "FormatError"}))
         except InputError as e:
             out.append(F.make("ADAPTER_BASE_MISMATCH", str(e),
                               "a LoRA pair can only be added to the base tensor it was trained on, with the same shape",
