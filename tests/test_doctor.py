@@ -206,6 +206,16 @@ def test_special_token_settings_are_a_warning(tiny_base, tmp_path):
     assert blockers(report) == set() and report.exit_code == 1
 
 
+def test_tokenizer_resaved_by_a_trainer_is_equivalent(tiny_base, tmp_path):
+    pytest.importorskip("transformers")
+    ad = adapter_from(tiny_base, tmp_path / "adapter", tokenizer="resaved")  # tokenizer.save_pretrained, as TRL does
+    report = doctor.run(tiny_base, ad, free_bytes=10**12)
+    f = one(report, "TOKENIZER_EQUIVALENT")
+    assert f.severity == F.INFO and not f.data["diff"]["settings"] and not f.data["diff"]["specials"]
+    assert not ({"TOKENIZER_DIFFERS", "TOKENIZER_MISMATCH", "TEMPLATE_DIFFERS"} & report.codes)
+    assert report.exit_code == 0 and report.tokenizer_choice.source == "adapter"
+
+
 def test_adapter_without_tokenizer_uses_the_base(tiny_base, tmp_path):
     ad = variant_adapter(tiny_base, tmp_path, None)
     for p in ad.iterdir():

@@ -26,6 +26,7 @@ CODES: dict[str, tuple[str, str]] = {
     "TOKENIZER_INVALID": (BLOCKER, "A tokenizer file cannot be read"),
     "TOKENIZER_TOO_LARGE": (BLOCKER, "The tokenizer has token ids beyond the model's embedding rows"),
     "TOKENIZER_SAME": (INFO, "The adapter's and the base's tokenizer files are identical"),
+    "TOKENIZER_EQUIVALENT": (INFO, "The adapter's tokenizer files differ from the base's but mean the same"),
     # base weights
     "BASE_MXFP4": (INFO, "The base stores its MoE experts as MXFP4"),
     "BASE_BNB_4BIT": (BLOCKER, "The base is a bitsandbytes 4-bit checkpoint"),

@@ -20,9 +20,11 @@ from ..inspect import TokenizerInfo
 from . import findings as F
 
 ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
-# tokenizer_config.json keys that change how text becomes ids (beyond the named tokens)
-SETTING_KEYS = ("add_bos_token", "add_eos_token", "add_prefix_space", "clean_up_tokenization_spaces",
-                "legacy", "model_max_length", "padding_side", "tokenizer_class")
+# tokenizer_config.json keys that change the ids a GGUF runtime feeds the model (beyond the named tokens)
+SETTING_KEYS = ("add_bos_token", "add_eos_token", "add_prefix_space", "legacy")
+# keys shown when they differ, without a warning: they do not reach the GGUF
+# (a trainer's tokenizer.save_pretrained often changes them)
+OTHER_KEYS = ("clean_up_tokenization_spaces", "model_max_length", "padding_side", "tokenizer_class")
 SAMPLES = 10
 DIFF_LINES = 40
 
@@ -37,6 +39,7 @@ class TokenizerDiff:
     added_tokens: list[dict[str, Any]]  # tokens whose id or special flag differ, or that exist on one side only
     specials: dict[str, dict[str, Any]]  # role -> {"base", "adapter", "base_id", "adapter_id"} (differing only)
     settings: dict[str, dict[str, Any]]  # tokenizer_config key -> {"base", "adapter"} (differing only)
+    other_settings: dict[str, dict[str, Any]]  # differing keys that do not reach the GGUF
     template_same: bool
     template_diff: str  # short unified diff, "" when equal
     normalizer_same: bool
@@ -66,6 +69,7 @@ class TokenizerDiff:
             "files": self.files, "vocab_size": {"base": self.vocab_size[0], "adapter": self.vocab_size[1]},
             "changed_ids": self.changed_ids, "n_changed_ids": self.n_changed_ids, "merges": self.merges,
             "added_tokens": self.added_tokens, "specials": self.specials, "settings": self.settings,
+            "other_settings": self.other_settings,
             "chat_template": {"same": self.template_same, "diff": self.template_diff},
             "normalizer_same": self.normalizer_same, "pre_tokenizer_same": self.pre_tokenizer_same,
             "decoder_same": self.decoder_same,
@@ -130,10 +134,12 @@ def diff(base: TokenizerInfo, adapter: TokenizerInfo) -> TokenizerDiff:
             specials[role] = {"base": sb, "adapter": sa, "base_id": ib_, "adapter_id": ia_}
     settings = {k: {"base": base.config.get(k), "adapter": adapter.config.get(k)}
                 for k in SETTING_KEYS if base.config.get(k) != adapter.config.get(k)}
+    other = {k: {"base": base.config.get(k), "adapter": adapter.config.get(k)}
+             for k in OTHER_KEYS if base.config.get(k) != adapter.config.get(k)}
     same = lambda attr: (mb is None or ma is None) or _canon(getattr(mb, attr)) == _canon(getattr(ma, attr))  # noqa: E731
     return TokenizerDiff(
         files=files, vocab_size=vocab_size, changed_ids=changed, n_changed_ids=n_changed, merges=merges,
-        added_tokens=added[:50], specials=specials, settings=settings,
+        added_tokens=added[:50], specials=specials, settings=settings, other_settings=other,
         template_same=base.chat_template == adapter.chat_template,
         template_diff=template_diff(base.chat_template, adapter.chat_template),
         normalizer_same=same("normalizer"), pre_tokenizer_same=same("pre_tokenizer"), decoder_same=same("decoder"),
@@ -247,6 +253,8 @@ def decide(base: TokenizerInfo | None, adapter: TokenizerInfo | None, *, model_v
     for attr in ("normalizer", "pre_tokenizer", "decoder"):
         if not getattr(d, f"{attr}_same"):
             summary.append(f"{attr} differs")
+    for k, s in d.other_settings.items():
+        summary.append(f"{k}: base {s['base']!r}, adapter {s['adapter']!r} (does not reach the GGUF)")
     what = "\n".join(["tokenizer files:", files] + (["differences:"] + [f"  {s}" for s in summary] if summary else []))
 
     if d.ids_differ:
@@ -282,6 +290,10 @@ def decide(base: TokenizerInfo | None, adapter: TokenizerInfo | None, *, model_v
                               "model and where it stops",
                               "nothing if the adapter's tokenizer is the one used in training (the default choice); "
                               "otherwise --tokenizer base", data))
+        if d.template_same and not d.settings_differ and not d.processing_differs:
+            out.append(F.make("TOKENIZER_EQUIVALENT", what,
+                              "the files differ (a trainer re-saved them), but tokens, ids, special tokens, text "
+                              "processing and chat template agree", "", data))
         reason = ("the token ids agree; the adapter's tokenizer carries the template and special-token settings "
                   "the fine-tune was trained with" if side == "adapter"
                   else "token ids agree; --tokenizer base asked for the base's")
