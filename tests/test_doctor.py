@@ -610,7 +610,9 @@ def test_size_estimates_follow_the_shapes(tiny_base, np_adapter):
     assert est["Q4_K_M"].ggml_type == "Q4_K"
     assert est["Q8_0"].bytes > est["Q4_K_M"].bytes > (two_d - n_router) // 32 * 22 + meta
     assert est["Q8_0"].bytes_read == est["BF16"].bytes
-    assert report.resources.peak_memory_bytes >= 4 * max(int(np.prod(s)) for s in shapes.values())
+    # tiny tensors fit one slab: the working set is 4 float32 copies of the largest plus LoRA factors
+    largest = max(int(np.prod(s)) for s in shapes.values())
+    assert 16 * largest <= report.resources.peak_memory_bytes <= 16 * largest + 4 * 2**20
 
 
 def test_quantized_only_outputs_count_the_bf16_intermediate(tiny_base, np_adapter):

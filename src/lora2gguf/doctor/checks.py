@@ -673,11 +673,34 @@ def estimate_resources(base: BaseInfo, adapter: AdapterInfo, arch, outputs: Iter
             read = full or 0
             secs = read / QUANTIZE_BPS
         outs.append(OutputEstimate(o, qt.name, size, read, secs, intermediate and o == first16 and not outs))
-    largest = max((math.prod(s) for s in shapes.values()), default=0)
-    # the streaming merge holds the largest tensor as float32 (source, then merged) plus its 16-bit copy
-    peak = largest * (4 + 4 + 2) + ad_bytes * 2
+    peak = working_set_bytes(shapes, adapter)
     return Resources(outs, sum(o.bytes for o in outs), free_bytes, free_where, peak,
                      sum(o.seconds for o in outs), unknown)
+
+
+def working_set_bytes(shapes: Mapping[str, tuple[int, ...]], adapter: AdapterInfo | None = None) -> int:
+    """Expected peak memory of the streaming merge: the build reads one slab of a tensor's
+    leading axis at a time (the plan's slab size, 64 MiB of float32 rows), holds it as float32
+    source, merged result and transformed output (x4 for headroom), plus that tensor's LoRA
+    factors in float32."""
+    try:
+        from ..plan import DEFAULT_SLAB_BYTES as slab_bytes
+    except ImportError:
+        slab_bytes = 64 * 1024 * 1024
+    factors: dict[str, int] = {}
+    if adapter is not None and adapter.checkpoint is not None:
+        for name, info in adapter.checkpoint.tensors.items():
+            module = name.split(".lora_")[0]
+            factors[module] = factors.get(module, 0) + info.numel * 4
+    biggest_factors = max(factors.values(), default=0)
+    peak = 0
+    for shape in shapes.values():
+        if not shape:
+            continue
+        row = math.prod(shape[1:]) * 4
+        rows = max(1, min(shape[0], slab_bytes // max(row, 1))) if len(shape) > 1 else 1
+        peak = max(peak, rows * row * 4 if len(shape) > 1 else shape[0] * 4 * 4)
+    return peak + biggest_factors
 
 
 def free_space(out_dir: Path | None) -> tuple[int | None, str | None]:
