@@ -51,30 +51,6 @@ def default_name(adapter_dir: Path) -> str:
 
 
 @dataclass
-class TokenizerChoice:
-    dir: Path
-    source: str  # "adapter" or "base"
-    reason: str
-
-
-def choose_tokenizer(base_dir: Path, adapter_dir: Path, tokenizer: str = "auto") -> TokenizerChoice:
-    """By default the adapter's tokenizer, since the fine-tune was trained with it; doctor checks
-    that its token ids agree with the base's."""
-    has_adapter_tok = (Path(adapter_dir) / "tokenizer.json").is_file()
-    if tokenizer == "base" or (tokenizer == "auto" and not has_adapter_tok):
-        return TokenizerChoice(Path(base_dir), "base",
-                               "asked for" if tokenizer == "base" else "the adapter folder has no tokenizer.json")
-    if tokenizer in ("adapter", "auto"):
-        if not has_adapter_tok:
-            raise InputError(f"{adapter_dir}: --tokenizer adapter, but the adapter folder has no tokenizer.json")
-        return TokenizerChoice(Path(adapter_dir), "adapter", "the fine-tune was trained with the adapter's tokenizer")
-    path = Path(tokenizer)
-    if not (path / "tokenizer.json").is_file():
-        raise InputError(f"--tokenizer {tokenizer}: no tokenizer.json there (use auto, adapter, base or a folder)")
-    return TokenizerChoice(path, "folder", "asked for")
-
-
-@dataclass
 class OutputFile:
     file: str
     type: str
@@ -105,14 +81,11 @@ class BuildResult:
         return self.out_dir / "run.json"
 
 
-def _run_doctor(base_dir: Path, adapter_dir: Path, out_dir: Path, outputs: Sequence[str], accept: Sequence[str]):
-    try:
-        from . import doctor as doctor_pkg
-    except ImportError:
-        return None
-    if not hasattr(doctor_pkg, "run"):
-        return None
-    report = doctor_pkg.run(base_dir, adapter_dir, out_dir=out_dir, outputs=tuple(outputs))
+def _run_doctor(base_dir: Path, adapter_dir: Path, out_dir: Path, outputs: Sequence[str], accept: Sequence[str],
+                tokenizer: str):
+    from . import doctor as doctor_pkg
+
+    report = doctor_pkg.run(base_dir, adapter_dir, out_dir=out_dir, outputs=tuple(outputs), tokenizer=tokenizer)
     blocking = report.blocking(set(accept))
     if blocking:
         lines = "\n".join(f"  [{f.code}] {f.title}\n      fix: {f.fix}" for f in blocking)
@@ -120,6 +93,8 @@ def _run_doctor(base_dir: Path, adapter_dir: Path, out_dir: Path, outputs: Seque
             "doctor found blocking problems; nothing was written:\n" + lines
             + "\nFix them, or accept one you understand with --accept CODE (run `lora2gguf doctor` for details)."
         )
+    if report.tokenizer_choice.dir is None:
+        raise InputError(f"no tokenizer.json in {adapter_dir} or {base_dir}: {report.tokenizer_choice.reason}")
     return report
 
 
@@ -140,11 +115,9 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
 
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = _run_doctor(base_dir, adapter_dir, out_dir, [outtype.upper(), *quant_list], accept)
+    report = _run_doctor(base_dir, adapter_dir, out_dir, [outtype.upper(), *quant_list], accept, tokenizer)
     stages["doctor"] = {"seconds": round(time.perf_counter() - t0, 3)}
-    choice = getattr(report, "tokenizer_choice", None) or choose_tokenizer(base_dir, adapter_dir, tokenizer)
-    if tokenizer != "auto":
-        choice = choose_tokenizer(base_dir, adapter_dir, tokenizer)
+    choice = report.tokenizer_choice
 
     t0 = time.perf_counter()
     ckpt = Checkpoint.open(base_dir)
@@ -208,7 +181,7 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
         "architecture": arch.name,
         "outtype": outtype,
         "tokenizer": {"source": choice.source, "dir": str(Path(choice.dir).resolve()), "reason": choice.reason},
-        "findings": [f.to_json() | {"accepted": f.code in set(accept)} for f in getattr(report, "findings", [])],
+        "findings": [f.to_dict() | {"accepted": f.code in set(accept)} for f in report.findings],
         "adapter": {
             "r": adapter.config.get("r"), "lora_alpha": adapter.config.get("lora_alpha"),
             "use_rslora": adapter.use_rslora, "pairs": len(adapter.all_terms),

@@ -71,6 +71,12 @@ def pre_tokenizer_name(data: dict, path: Path) -> str:
     )
 
 
+def _bytelevel_post_processor(data: dict) -> bool:
+    proc = data.get("post_processor") or {}
+    procs = proc.get("processors", []) if proc.get("type") == "Sequence" else [proc]
+    return any(isinstance(p, dict) and p.get("type") == "ByteLevel" for p in procs)
+
+
 def _looks_special(token: str) -> bool:
     return (token.startswith("<|") and token.endswith("|>")) or token in ("<s>", "</s>", "<pad>", "<unk>", "<mask>")
 
@@ -116,7 +122,7 @@ def read_vocab(folder: Path, vocab_size: int) -> Vocab:
 
 
 def write_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> tuple[Vocab, gguf.SpecialVocab]:
-    vocab = read_vocab(folder, vocab_size)
+    vocab = read_vocab(folder, vocab_size)  # reads and checks tokenizer.json
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
@@ -124,5 +130,9 @@ def write_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> tuple
     special = gguf.SpecialVocab(Path(folder), load_merges=True, n_vocab=vocab_size)
     if not special.merges:
         raise FormatError(f"{Path(folder) / 'tokenizer.json'}: no BPE merges found")
+    if _bytelevel_post_processor(load_tokenizer_json(folder)):
+        # a ByteLevel post-processor adds no BOS/EOS: say so, or llama.cpp applies its own default
+        special.add_special_token.setdefault("bos", False)
+        special.add_special_token.setdefault("eos", False)
     special.add_to_gguf(writer, quiet=True)
     return vocab, special
