@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 from . import __version__, arch as arch_registry
 from .adapter import load_adapter
-from .errors import BlockedError, FormatError, InputError
+from .errors import BlockedError, FormatError, InputError, UnsupportedError
 from .gguf_out import GGUFStream, sha256_file, tensor_types
 from .hparams import write_hparams
 from .plan import FILE_TYPES, make_plan
@@ -101,8 +101,15 @@ def _run_doctor(base_dir: Path, adapter_dir: Path, out_dir: Path, outputs: Seque
 def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, name: str | None = None,
           outtype: str = "bf16", quants: Sequence[str] | str = (), accept: Sequence[str] = (),
           save_merged: str | Path | None = None, tokenizer: str = "auto", verify: bool = False,
+          keep_mxfp4: bool = False,
           nthread: int = 0, progress: ProgressFn | None = None, command: Sequence[str] | None = None,
           verify_options: dict[str, Any] | None = None) -> BuildResult:
+    """Merge `adapter_dir` into `base_dir` while writing OUT_DIR/NAME-<OUTTYPE>.gguf, quantize it
+    to each of `quants` with llama.cpp, record everything in OUT_DIR/run.json, and verify when
+    asked. Raises a Lora2GGUFError subclass with an actionable message on bad input."""
+    if keep_mxfp4:
+        raise UnsupportedError("--keep-mxfp4 is not available in this version yet; build without it "
+                               "(the MXFP4 experts are then decoded exactly to the output type)")
     t_start = time.perf_counter()
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
     outtype = outtype.lower()

@@ -1,0 +1,204 @@
+"""The command line: a thin layer over lora2gguf.api. It draws progress, prints the summary, and
+turns library errors into one clear line and an exit code (no traceback for a user mistake)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import Lora2GGUFError
+
+
+class ProgressBar:
+    """One line per stage, redrawn in place on a terminal: bar, percent, rate and ETA."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.stage = None
+        self.t0 = 0.0
+        self.last = 0.0
+
+    def __call__(self, stage: str, done: int, total: int, detail: str = "") -> None:
+        now = time.monotonic()
+        if stage != self.stage:
+            self.close()
+            self.stage, self.t0, self.last = stage, now, 0.0
+        finished = total and done >= total
+        if not finished and now - self.last < (0.1 if self.tty else 5.0):
+            return
+        self.last = now
+        frac = min(1.0, done / total) if total else 0.0
+        elapsed = now - self.t0
+        eta = (elapsed / frac - elapsed) if frac > 0 else 0.0
+        width = 28
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        if total > 1 << 20:
+            amount = f"{done / 2**20:,.0f}/{total / 2**20:,.0f} MiB {done / 2**20 / max(elapsed, 1e-9):,.0f} MiB/s"
+        else:
+            amount = f"{done}/{total}"
+        line = f"{stage:>9} [{bar}] {frac * 100:5.1f}% {amount} ETA {eta:4.0f}s {detail[-40:]}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.stage is not None and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.stage = None
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def print_build_summary(result, out=sys.stdout) -> None:
+    rec = result.record
+    out.write(f"\nlora2gguf {__version__}: wrote {len(result.outputs)} file(s) to {result.out_dir}\n")
+    main_size = result.outputs[0].bytes if result.outputs else 0
+    for o in result.outputs:
+        rel = "" if o is result.outputs[0] else f"  ({(1 - o.bytes / main_size) * 100:.0f}% smaller)"
+        types = ", ".join(f"{n} {t}" for t, n in o.tensor_types.items())
+        out.write(f"  {o.file:<40} {_human(o.bytes):>10}  {o.seconds:6.1f} s  [{types}]{rel}\n")
+        if o.note:
+            out.write(f"    note: {o.note}\n")
+    for note in result.notes:
+        out.write(f"  note: {note}\n")
+    tok = rec.get("tokenizer", {})
+    out.write(f"  tokenizer: the {tok.get('source')}'s ({tok.get('reason')})\n")
+    tech = rec.get("technical", {})
+    out.write(f"  EOS {tech.get('eos_token')} (id {tech.get('eos_token_id')}); end-of-generation tokens "
+              f"{tech.get('eog_tokens')}\n")
+    st = rec.get("stages", {})
+    build = st.get("build", {})
+    out.write(f"  build {build.get('seconds', 0):.1f} s, read {_human(build.get('bytes_read', 0))}, "
+              f"peak RSS {_human(build.get('peak_rss_bytes', 0))}; total {st.get('total', {}).get('seconds', 0):.1f} s\n")
+    out.write(f"  record: {result.run_json}\n")
+    if result.verify is not None:
+        report = getattr(result.verify, "report_path", None) or (result.out_dir / "REPORT.md")
+        out.write(f"  report: {report}\n")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .api import build
+
+    bar = ProgressBar()
+    try:
+        result = build(
+            args.base, args.adapter, args.out, name=args.name, outtype=args.outtype, quants=args.quant or "",
+            accept=[a.upper() for a in args.accept], save_merged=args.save_merged, tokenizer=args.tokenizer,
+            verify=not args.no_verify, nthread=args.threads, progress=bar, command=["lora2gguf", *sys.argv[1:]],
+            keep_mxfp4=args.keep_mxfp4,
+        )
+    finally:
+        bar.close()
+    print_build_summary(result)
+    failed = getattr(result.verify, "required_failed", None)
+    return 3 if failed else 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .api import verify
+
+    bar = ProgressBar()
+    kwargs = {}
+    if args.text:
+        kwargs["text"] = Path(args.text).read_text(encoding="utf-8")
+    if args.suite:
+        kwargs["suite"] = args.suite
+    try:
+        result = verify(args.out, progress=bar, **kwargs)
+    finally:
+        bar.close()
+    summary = getattr(result, "summary", None)
+    if callable(summary):
+        sys.stdout.write(summary() + "\n")
+    return 3 if getattr(result, "required_failed", False) else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    bar = ProgressBar()
+    try:
+        result = run_demo(args.workdir, config=args.config, progress=bar)
+    finally:
+        bar.close()
+    text = getattr(result, "table", None)
+    sys.stdout.write((text() if callable(text) else str(text or result)) + "\n")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora2gguf", description="A LoRA fine-tune in, trustworthy GGUF files out.")
+    p.add_argument("--version", action="version", version=f"lora2gguf {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    from .doctor import cli as doctor_cli
+
+    doctor_cli.add_parser(sub)
+
+    b = sub.add_parser("build", help="merge the adapter while writing the GGUF, quantize, verify",
+                       description="Merge a PEFT LoRA adapter into its base tensor by tensor while writing a GGUF, "
+                                   "then quantize with llama.cpp and verify the files.")
+    b.add_argument("base", help="base model folder (Hugging Face layout)")
+    b.add_argument("adapter", help="PEFT adapter folder")
+    b.add_argument("-o", "--out", required=True, help="output folder")
+    b.add_argument("--name", help="file name stem (default: the adapter folder's name)")
+    b.add_argument("--outtype", choices=("bf16", "f16", "f32"), default="bf16",
+                   help="type of the unquantized GGUF (bf16 to ship; f32 to prove exactness)")
+    b.add_argument("--quant", help="llama.cpp types, comma-separated, e.g. Q4_K_M,MXFP4_MOE,Q8_0")
+    b.add_argument("--accept", action="append", default=[], metavar="CODE",
+                   help="proceed despite the doctor finding CODE (repeatable; never a blanket force)")
+    b.add_argument("--save-merged", metavar="DIR", help="also write the merged model as safetensors shards")
+    b.add_argument("--tokenizer", default="auto", help="auto (the adapter's if it has one), adapter, base")
+    b.add_argument("--keep-mxfp4", action="store_true",
+                   help="MXFP4 base and experts untouched by the adapter: keep the experts MXFP4 in the GGUF")
+    b.add_argument("--no-verify", action="store_true", help="skip verify at the end")
+    b.add_argument("--threads", type=int, default=0, help="threads for llama.cpp (default: all cores)")
+    b.set_defaults(func=cmd_build)
+
+    v = sub.add_parser("verify", help="run the GGUFs of an output folder in llama.cpp and write the report")
+    v.add_argument("out", help="output folder of a build (holds run.json)")
+    v.add_argument("--text", help="evaluation text file (default: built in)")
+    v.add_argument("--suite", help="prompt suite YAML (default: built in)")
+    v.set_defaults(func=cmd_verify)
+
+    d = sub.add_parser("demo", help="the seed report's story on a built-in model trained on this CPU")
+    d.add_argument("--workdir", default=None, help="where to write the demo's outputs (default: a cache folder)")
+    d.add_argument("--config", choices=("full", "small"), default="full")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except Lora2GGUFError as e:
+        if args.debug:
+            raise
+        colour = sys.stderr.isatty() and "NO_COLOR" not in os.environ
+        label = "\033[31merror:\033[0m" if colour else "error:"
+        sys.stderr.write(f"{label} {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; finished files are intact, unfinished ones were removed. Rerun to resume.\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
