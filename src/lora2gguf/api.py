@@ -13,7 +13,7 @@ import datetime as _dt
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,6 +24,7 @@ from .gguf_out import GGUFStream, sha256_file, tensor_types
 from .hparams import write_hparams
 from .plan import FILE_TYPES, make_plan
 from .quantize import parse_quants, quantize, type_counts
+from .runstate import RunLock, RunState, input_fingerprint, remove_partials, stage_key
 from .safetensors_io import Checkpoint
 from .sources import logical_tensors
 from .stream import MergedShards, execute, require_space
@@ -88,7 +89,7 @@ def _run_doctor(base_dir: Path, adapter_dir: Path, out_dir: Path, outputs: Seque
     report = doctor_pkg.run(base_dir, adapter_dir, out_dir=out_dir, outputs=tuple(outputs), tokenizer=tokenizer)
     blocking = report.blocking(set(accept))
     if blocking:
-        lines = "\n".join(f"  [{f.code}] {f.title}\n      fix: {f.fix}" for f in blocking)
+        lines = "\n".join(f"  [{f.code}] {f.title}\n      {_indent(f.what)}\n      fix: {f.fix}" for f in blocking)
         raise BlockedError(
             "doctor found blocking problems; nothing was written:\n" + lines
             + "\nFix them, or accept one you understand with --accept CODE (run `lora2gguf doctor` for details)."
@@ -98,12 +99,18 @@ def _run_doctor(base_dir: Path, adapter_dir: Path, out_dir: Path, outputs: Seque
     return report
 
 
+def _indent(text: str, max_lines: int = 6) -> str:
+    lines = str(text).splitlines() or [""]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines] + [f"... ({len(lines) - max_lines} more lines: run `lora2gguf doctor`)"]
+    return "\n      ".join(lines)
+
+
 def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, name: str | None = None,
           outtype: str = "bf16", quants: Sequence[str] | str = (), accept: Sequence[str] = (),
           save_merged: str | Path | None = None, tokenizer: str = "auto", verify: bool = False,
-          keep_mxfp4: bool = False,
           nthread: int = 0, progress: ProgressFn | None = None, command: Sequence[str] | None = None,
-          verify_options: dict[str, Any] | None = None) -> BuildResult:
+          verify_options: dict[str, Any] | None = None, keep_mxfp4: bool = False) -> BuildResult:
     """Merge `adapter_dir` into `base_dir` while writing OUT_DIR/NAME-<OUTTYPE>.gguf, quantize it
     to each of `quants` with llama.cpp, record everything in OUT_DIR/run.json, and verify when
     asked. Raises a Lora2GGUFError subclass with an actionable message on bad input."""
@@ -120,8 +127,24 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
     config = read_json(base_dir / "config.json", "the base model's config")
     arch = arch_registry.for_config(config, where=str(base_dir / "config.json"))
 
-    t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(out_dir):
+        return _build_locked(base_dir, adapter_dir, out_dir, config=config, arch=arch, name=name, outtype=outtype,
+                             quant_list=quant_list, accept=accept, save_merged=save_merged, tokenizer=tokenizer,
+                             verify=verify, nthread=nthread, progress=progress, command=command,
+                             verify_options=verify_options, stages=stages, t_start=t_start, keep_mxfp4=keep_mxfp4)
+
+
+def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, arch, name, outtype, quant_list,
+                  accept, save_merged, tokenizer, verify, nthread, progress, command, verify_options, stages,
+                  t_start, keep_mxfp4=False) -> BuildResult:
+    """The build with OUT_DIR locked: stages whose key (input fingerprints, options, version) and
+    outputs (SHA-256) match the manifest (runstate) are skipped; the others run."""
+    removed = remove_partials(out_dir)
+    state = RunState.load(out_dir)
+    resumed: list[str] = []
+
+    t0 = time.perf_counter()
     report = _run_doctor(base_dir, adapter_dir, out_dir, [outtype.upper(), *quant_list], accept, tokenizer)
     stages["doctor"] = {"seconds": round(time.perf_counter() - t0, 3)}
     choice = report.tokenizer_choice
@@ -134,43 +157,76 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
     vocab_size = int(config.get("vocab_size", 0))
 
     main_file = out_dir / f"{name}-{outtype.upper()}.gguf"
-    require_space(out_dir, plan.gguf_tensor_bytes + 64 * 1024 * 1024)
-
     info: dict[str, Any] = {}
 
     def add_metadata(w) -> None:
         w.add_type("model")
         w.add_name(name)
-        w.add_file_type(int(FILE_TYPES[outtype]))
+        w.add_file_type(int(plan.file_type))
         w.add_quantization_version(2)
         write_hparams(w, arch, config, str(base_dir / "config.json"))
         vocab, special = write_vocab(w, choice.dir, vocab_size)
         info["vocab"], info["special"] = vocab, special
 
-    stream = GGUFStream(main_file, arch.gguf_arch_name, add_metadata, plan.outputs)
-    merged = MergedShards.create(Path(save_merged), plan) if save_merged else None
+    build_key = stage_key(
+        input_fingerprint(base_dir, adapter_dir),
+        {"outtype": outtype, "name": name, "tokenizer": choice.source,
+         "save_merged": str(Path(save_merged).resolve()) if save_merged else None, "gguf": _dist_version("gguf"),
+         "keep_mxfp4": keep_mxfp4})
+    prev = state.done("build", build_key)
+    if prev is not None:
+        import gguf
 
-    def on_progress(done: int, total: int, what: str) -> None:
+        add_metadata(gguf.GGUFWriter(None, arch.gguf_arch_name))  # vocab facts for the record; writes nothing
+        stages["build"] = dict(prev.info.get("stats") or {}) | {"resumed": True}
+        outputs = [OutputFile(**prev.info["output"])]
+        resumed.append("build")
         if progress:
-            progress("build", done, total, what)
+            progress("build", 1, 1, "unchanged since the last run: skipped")
+    else:
+        require_space(out_dir, plan.gguf_tensor_bytes + 64 * 1024 * 1024)
+        stream = GGUFStream(main_file, arch.gguf_arch_name, add_metadata, plan.outputs)
+        merged = MergedShards.create(Path(save_merged), plan) if save_merged else None
 
-    stats = execute(plan, stream, merged=merged, progress=on_progress)
-    stream.finish()
-    if merged is not None:
-        merged.finish(base_dir)
-    build_seconds = time.perf_counter() - t0
-    stages["build"] = {"seconds": round(build_seconds, 3), "bytes_read": stats.bytes_read,
-                       "bytes_written": stats.bytes_written, "peak_rss_bytes": _peak_rss()}
-    outputs = [_describe(main_file, outtype.upper(), build_seconds, None, None)]
+        def on_progress(done: int, total: int, what: str) -> None:
+            if progress:
+                progress("build", done, total, what)
+
+        stats = execute(plan, stream, merged=merged, progress=on_progress)
+        stream.finish()
+        merged_files: list[Path] = []
+        if merged is not None:
+            merged.finish(base_dir)
+            merged_files = sorted(p for p in Path(save_merged).iterdir() if p.is_file())
+        build_seconds = time.perf_counter() - t0
+        stages["build"] = {"seconds": round(build_seconds, 3), "bytes_read": stats.bytes_read,
+                           "bytes_written": stats.bytes_written, "peak_rss_bytes": _peak_rss()}
+        out = _describe(main_file, outtype.upper(), build_seconds, None, None)
+        outputs = [out]
+        state.record("build", build_key, {main_file: out.sha256, **{p: None for p in merged_files}},
+                     {"output": asdict(out), "stats": stages["build"]})
 
     t_q = time.perf_counter()
+    main_sha = outputs[0].sha256
     for q in quant_list:
         t0 = time.perf_counter()
         dst = out_dir / f"{name}-{q}.gguf"
+        stage = f"quantize:{q}"
+        q_key = stage_key({"source_sha256": main_sha}, {"type": q, "file": dst.name,
+                                                         "llama_cpp": _dist_version("llama_cpp_python")})
+        prev = state.done(stage, q_key)
+        if prev is not None:
+            outputs.append(OutputFile(**prev.info["output"]))
+            resumed.append(stage)
+            if progress:
+                progress("quantize", 1, 1, f"{q}: unchanged since the last run: skipped")
+            continue
         if progress:
             progress("quantize", 0, 1, q)
         res = quantize(main_file, dst, q, nthread=nthread)
-        outputs.append(_describe(dst, q, time.perf_counter() - t0, main_file.name, res.note))
+        out = _describe(dst, q, time.perf_counter() - t0, main_file.name, res.note)
+        outputs.append(out)
+        state.record(stage, q_key, {dst: out.sha256}, {"output": asdict(out)})
         if progress:
             progress("quantize", 1, 1, q)
     if quant_list:
@@ -198,6 +254,8 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
         "base_storage": dict(type_counts({n: s.storage for n, s in sources.items()})),
         "outputs": [o.to_json() for o in outputs],
         "stages": stages,
+        "resumed": resumed,
+        "removed_partials": [p.name for p in removed],
         "technical": {
             "architecture": arch.gguf_arch_name,
             "context_length": config.get("max_position_embeddings"),
@@ -217,10 +275,19 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
     }
     stages["total"] = {"seconds": round(time.perf_counter() - t_start, 3)}
     write_record(out_dir, record)
-    result = BuildResult(out_dir, outputs, record)
+    result = BuildResult(out_dir, outputs, record, notes=list(plan.notes))
     if verify:
         result.verify = globals()["verify"](out_dir, progress=progress, **(verify_options or {}))
     return result
+
+
+def _dist_version(dist: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:  # not installed, or no metadata
+        return None
 
 
 def _describe(path: Path, type_name: str, seconds: float, source: str | None, note: str | None) -> OutputFile:
