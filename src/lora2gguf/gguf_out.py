@@ -84,7 +84,8 @@ class GGUFStream:
         except OSError as e:
             self._discard()
             raise OutputError(
-                f"{self.path}: write failed ({e.strerror}); the file needs {self.size:,} bytes. "
+                f"{self.path}: write failed ({e.strerror}); the file needs {self.size:,} bytes and "
+                f"{_free_bytes(self.path.parent):,} are free (after removing the unfinished file). "
                 "Nothing was left behind; free space (or choose another -o folder) and run again."
             ) from None
         self.bytes_written += buf.nbytes
@@ -100,7 +101,8 @@ class GGUFStream:
             os.replace(self.tmp, self.path)
         except OSError as e:
             self._discard()
-            raise OutputError(f"{self.path}: could not finish the file ({e.strerror})") from None
+            raise OutputError(f"{self.path}: could not finish the file ({e.strerror}); it needs {self.size:,} bytes "
+                              f"and {_free_bytes(self.path.parent):,} are free. The unfinished file was removed.") from None
         return self.path
 
     def _discard(self) -> None:
@@ -117,6 +119,15 @@ class GGUFStream:
 
     def abort(self) -> None:
         self._discard()
+
+
+def _free_bytes(folder: Path) -> int:
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return -1
 
 
 def check_readable(path: Path, expect_tensors: int | None = None) -> gguf.GGUFReader:

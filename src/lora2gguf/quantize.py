@@ -88,7 +88,14 @@ def quantize(src: Path, dst: Path, ftype: str, *, nthread: int = 0) -> QuantResu
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0 or not tmp.exists():
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"llama.cpp failed to quantize {src} to {ftype} (return code {rc}); is the disk full?")
+        import shutil
+
+        free = shutil.disk_usage(Path(dst).parent).free
+        raise OutputError(
+            f"llama.cpp failed to quantize {src} to {dst} ({ftype}, return code {rc}). The file needs up to "
+            f"{Path(src).stat().st_size:,} bytes (at most the source's size) and {free:,} are free in {Path(dst).parent}; "
+            "the unfinished file was removed and earlier files are untouched. Free space and run again."
+        )
     reader = check_readable(tmp)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
