@@ -72,7 +72,7 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise InputError(f"{folder}: no {CONFIG_NAME}; is this a PEFT adapter folder (saved with save_pretrained)?")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise FormatError(f"{path}: expected a JSON object")

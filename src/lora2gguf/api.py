@@ -39,7 +39,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise InputError(f"{path}: missing ({what})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object")

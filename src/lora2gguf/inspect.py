@@ -69,7 +69,7 @@ def _read_json(path: Path, counter: list[int]) -> Any:
     counter[0] += len(raw)
     try:
         return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{path}: not valid JSON ({e}); download the file again") from None
 
 
@@ -121,7 +121,7 @@ def _parse_tokenizer_json_uncached(path: str) -> TokenizerModel:
         raw = f.read()
     try:
         tj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{path}: not valid JSON ({e}); download the tokenizer again") from None
     if not isinstance(tj, dict):
         raise FormatError(f"{path}: expected a JSON object")

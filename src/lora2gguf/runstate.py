@@ -277,7 +277,7 @@ class RunState:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return self
-        except (OSError, UnicodeDecodeError, ValueError) as e:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             log.warning("%s is unreadable (%s); every stage will be redone", self.path, e)
             return self
         if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("stages"), dict):

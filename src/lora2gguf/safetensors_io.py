@@ -123,7 +123,7 @@ def parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int
         raise InputError(f"{path}: permission denied") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise _bad(path, f"the header is not valid UTF-8 JSON ({e})") from None
     if not isinstance(header, dict):
         raise _bad(path, "the header is not a JSON object")
@@ -285,7 +285,7 @@ class Checkpoint:
 def _index_files(index_path: Path, folder: Path) -> dict[Path, set[str]]:
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{index_path}: not valid JSON ({e}); download it again") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:

@@ -42,7 +42,7 @@ def load_tokenizer_json(folder: Path) -> dict:
         raise InputError(f"{folder}: no tokenizer.json (lora2gguf needs the fast tokenizer file to write the GGUF vocabulary)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{path}: not valid JSON ({e}); download it again") from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise FormatError(f"{path}: no 'model' object; not a Hugging Face tokenizer.json")
