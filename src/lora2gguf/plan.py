@@ -27,6 +27,14 @@ FILE_TYPES: dict[str, gguf.LlamaFileType] = {
 }
 DEFAULT_SLAB_BYTES = 64 * 1024 * 1024
 
+# --keep-mxfp4: MXFP4 is stored output-major, (E, out, in) rows, which is GGUF's orientation, so
+# the transform a decoded expert tensor needs (transpose, or split + transpose) becomes a plain
+# row operation on the repacked ggml blocks (E, rows, G*17).
+PACKED_TRANSFORMS = {
+    "transpose": lambda x: (x,),
+    "transpose_split_interleaved": lambda x: (np.ascontiguousarray(x[:, 0::2]), np.ascontiguousarray(x[:, 1::2])),
+}
+
 
 @dataclass(frozen=True)
 class OutTensor:
@@ -52,6 +60,7 @@ class Step:
     transform: str
     outputs: tuple[OutTensor, ...]
     slab_rows: int  # rows of the leading axis per slab (0: the whole tensor at once)
+    packed: bool = False  # --keep-mxfp4: ggml MXFP4 blocks repacked from the source, never decoded
 
 
 @dataclass
@@ -62,6 +71,16 @@ class Plan:
     steps: list[Step]
     adapter: Adapter | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def kept_mxfp4(self) -> list[str]:
+        """Source tensors written as MXFP4 without decoding (--keep-mxfp4)."""
+        return [s.source.name for s in self.steps if s.packed]
+
+    @property
+    def file_type(self) -> gguf.LlamaFileType:
+        """general.file_type: as llama.cpp's converter says it for an MXFP4 base whose experts stay MXFP4."""
+        return gguf.LlamaFileType.MOSTLY_MXFP4_MOE if self.kept_mxfp4 else FILE_TYPES[self.outtype]
 
     @property
     def outputs(self) -> list[OutTensor]:
@@ -80,7 +99,8 @@ class Plan:
         peak = 0
         for s in self.steps:
             rows = s.slab_rows or (s.source.shape[0] if s.source.shape else 1)
-            peak = max(peak, rows * s.source.row_bytes_f32() * (3 + s.source.slab_cost))
+            row = _packed_row_bytes(s.source) * 3 if s.packed else s.source.row_bytes_f32() * (3 + s.source.slab_cost)
+            peak = max(peak, rows * row)
         return peak
 
 
@@ -109,13 +129,41 @@ def output_qtype(arch: Architecture, name: str, kind: gguf.MODEL_TENSOR, ndim: i
     return OUTTYPES[outtype]
 
 
+def _packed_row_bytes(src: Source) -> int:
+    """Bytes of one leading-axis index (one expert) of an MXFP4 source repacked as ggml blocks."""
+    rows = src.shape[0] if src.shape else 1
+    return sum(t.nbytes for t in src.stored) // max(rows, 1)
+
+
+def _check_keep_mxfp4(sources: Mapping[str, Source], terms: Mapping[str, tuple[LoraTerm, ...]]) -> list[str]:
+    """The MXFP4 sources --keep-mxfp4 keeps; refuses when there are none or the adapter changes one."""
+    kept = sorted(n for n, s in sources.items() if s.storage == "MXFP4")
+    if not kept:
+        raise InputError("--keep-mxfp4: the base has no MXFP4 tensors (no *_blocks/*_scales pairs); "
+                         "run without --keep-mxfp4")
+    touched = [n for n in kept if terms.get(n)]
+    if touched:
+        more = f" and {len(touched) - 1} more" if len(touched) > 1 else ""
+        raise InputError(
+            f"--keep-mxfp4: the adapter changes the MXFP4 expert tensor {touched[0]!r}{more} "
+            "(target_parameters on mlp.experts), so the experts must be decoded and merged; they cannot stay "
+            "MXFP4 without losing the fine-tune. Run without --keep-mxfp4 (the experts are decoded exactly and "
+            "merged in BF16), and add --quant MXFP4_MOE for a file with MXFP4 experts."
+        )
+    for n in kept:
+        if sources[n].read_packed is None:
+            raise UnsupportedError(f"--keep-mxfp4: {n!r} cannot be repacked without decoding")
+    return kept
+
+
 def make_plan(arch: Architecture, config: Mapping, sources: Mapping[str, Source], adapter: Adapter | None,
-              outtype: str = "bf16", slab_bytes: int = DEFAULT_SLAB_BYTES) -> Plan:
+              outtype: str = "bf16", slab_bytes: int = DEFAULT_SLAB_BYTES, keep_mxfp4: bool = False) -> Plan:
     if outtype not in OUTTYPES:
         raise InputError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     n_layers = int(config.get("num_hidden_layers", 0))
     name_map = gguf.get_tensor_name_map(arch.gguf_arch, n_layers)
     terms = dict(adapter.terms) if adapter else {}
+    keep = set(_check_keep_mxfp4(sources, terms)) if keep_mxfp4 else set()
     steps: list[Step] = []
     seen: dict[str, str] = {}
     for name in sorted(sources, key=lambda n: (block_id(n) if block_id(n) is not None else -1, n)):
@@ -135,13 +183,26 @@ def make_plan(arch: Architecture, config: Mapping, sources: Mapping[str, Source]
             seen[gname] = name
             shape = (src.shape[0],) + probe[i].shape[1:] if src.shape else ()
             outs.append(OutTensor(gname, tuple(shape), output_qtype(arch, gname, kind, len(shape), outtype)))
-        if len(src.shape) <= 1:
+        packed = name in keep
+        if packed:
+            if transform not in PACKED_TRANSFORMS:
+                raise UnsupportedError(f"--keep-mxfp4: no repacked layout for {name!r} (transform {transform!r})")
+            outs = [OutTensor(o.name, o.shape, gguf.GGMLQuantizationType.MXFP4) for o in outs]
+            row = _packed_row_bytes(src) * 3  # raw blocks+scales, the repacked copy, the split pieces
+            slab_rows = max(1, min(src.shape[0], slab_bytes // max(row, 1)))
+        elif len(src.shape) <= 1:
             slab_rows = 0
         else:
             row = src.row_bytes_f32() * (1 + src.slab_cost)
             slab_rows = max(1, min(src.shape[0], slab_bytes // max(row, 1)))
-        steps.append(Step(src, tuple(terms.pop(name, ())), transform, tuple(outs), slab_rows))
+        steps.append(Step(src, tuple(terms.pop(name, ())), transform, tuple(outs), slab_rows, packed))
     if terms:
         target = next(iter(terms))
         raise InputError(f"the adapter changes {target!r}, which the base checkpoint does not hold")
-    return Plan(arch, config, outtype, steps, adapter)
+    plan = Plan(arch, config, outtype, steps, adapter)
+    if keep:
+        n_out = sum(len(s.outputs) for s in steps if s.packed)
+        plan.notes.append(
+            f"--keep-mxfp4: the MoE experts ({n_out} tensors) are written as MXFP4, repacked from the base "
+            "without decoding (the adapter does not change them); general.file_type is MOSTLY_MXFP4_MOE")
+    return plan

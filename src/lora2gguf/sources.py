@@ -35,6 +35,9 @@ class Source:
     read: Reader  # slab of the leading axis (None: all) -> float32
     stored: tuple[TensorInfo, ...]  # the stored tensors behind it
     slab_cost: int = 1  # extra float32 copies decoding needs (memory planning)
+    # MXFP4 only: a slab of the stored tensor repacked, without decoding, as ggml MXFP4 blocks
+    # (E, rows, G*17) in the stored (output-major) row order; see numerics.mxfp4_hf_to_ggml
+    read_packed: Reader | None = None
 
     @property
     def stored_bytes(self) -> int:
@@ -68,7 +71,10 @@ def _mxfp4(name: str, blocks: TensorInfo, scales: TensorInfo) -> Source:
     def read(sl: slice | None) -> np.ndarray:
         return numerics.decode_mxfp4_expert(read_raw(blocks, rows=sl), read_raw(scales, rows=sl), name=name)
 
-    return Source(name, shape, "MXFP4", read, (blocks, scales), slab_cost=2)
+    def read_packed(sl: slice | None) -> np.ndarray:
+        return numerics.mxfp4_hf_to_ggml(read_raw(blocks, rows=sl), read_raw(scales, rows=sl), name=name)
+
+    return Source(name, shape, "MXFP4", read, (blocks, scales), slab_cost=2, read_packed=read_packed)
 
 
 def _bnb4(name: str, ckpt: Checkpoint, keys: list[str]) -> Source:

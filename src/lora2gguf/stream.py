@@ -17,9 +17,9 @@ import numpy as np
 
 from . import lora, numerics
 from .adapter import LoraTerm
-from .errors import NumericError, OutputError
+from .errors import InputError, NumericError, OutputError
 from .gguf_out import GGUFStream
-from .plan import Plan, Step
+from .plan import PACKED_TRANSFORMS, Plan, Step
 from .safetensors_io import StreamingWriter, TensorSpec, read_raw, to_f32
 
 # progress(done_bytes, total_bytes, what)
@@ -149,19 +149,29 @@ def execute(plan: Plan, out: GGUFStream, *, merged: MergedShards | None = None,
             progress: Progress | None = None) -> StreamStats:
     stats = StreamStats()
     total = plan.bytes_to_read
+    if merged is not None and plan.kept_mxfp4:
+        out.abort()
+        raise InputError("--save-merged with --keep-mxfp4: the merged safetensors need the experts decoded; "
+                         "run --save-merged without --keep-mxfp4")
     try:
         for step in plan.steps:
             factors = [_factors(t) for t in step.terms]
             src_rows = step.source.shape[0] if step.source.shape else 1
             for sl in slabs(step):
-                x = merged_slab(step, sl, factors)
-                _check_finite(x, step, sl, factors)
-                if merged is not None:
-                    merged.write(step, sl, x)
-                pieces = plan.arch.transforms[step.transform](x)
+                if step.packed:  # --keep-mxfp4: ggml MXFP4 blocks, bits moved, nothing decoded
+                    pieces = PACKED_TRANSFORMS[step.transform](step.source.read_packed(sl))
+                else:
+                    x = merged_slab(step, sl, factors)
+                    _check_finite(x, step, sl, factors)
+                    if merged is not None:
+                        merged.write(step, sl, x)
+                    pieces = [encode(p, t.qtype, t.name)
+                              for t, p in zip(step.outputs, plan.arch.transforms[step.transform](x))]
+                    del x
                 for t, piece in zip(step.outputs, pieces):
                     offset = sl.start * t.row_nbytes if sl is not None else 0
-                    out.write(t.name, encode(piece, t.qtype, t.name), byte_offset=offset)
+                    out.write(t.name, piece, byte_offset=offset)
+                del pieces
                 done = (sl.stop - sl.start) if sl is not None else src_rows
                 stats.bytes_read += step.source.stored_bytes * done // max(src_rows, 1)
                 if progress:
