@@ -5,6 +5,7 @@ yet stops here with an error that names it."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -92,7 +93,7 @@ def check_config(config: Mapping[str, Any], path: Path) -> None:
             )
     for key, kind in (("r", int), ("lora_alpha", (int, float))):
         value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
             raise InputError(f"{path}: field {key!r} is {value!r}, expected a positive number")
     for key in ("rank_pattern", "alpha_pattern"):
         value = config.get(key) or {}
