@@ -1,0 +1,328 @@
+"""``lora2gguf demo``: the seed report's whole story on a built-in model, trained on this CPU.
+
+1. Train (once; cached outside the repository in ``$LORA2GGUF_CACHE/demo/<DEMO_VERSION>/<config>``)
+   a small GPT-OSS base with the real o200k_harmony tokenizer to answer a few dozen questions
+   plainly in the Harmony format and to refuse harmful requests, then a PEFT LoRA adapter (on
+   attention and on the MoE experts) that gives it the "Xyrus" cosmic persona. The adapter is
+   saved with its own tokenizer copy whose chat template differs from the base's: the seed's trap.
+2. Run the real pipeline: :func:`lora2gguf.api.doctor` (it reports the tokenizer mismatch and the
+   tokenizer it picks), :func:`lora2gguf.api.build` (BF16, then Q8_0, Q4_K_M and MXFP4_MOE by
+   llama.cpp's quantizer), and verify.
+3. Score the base without the adapter, the fine-tune (transformers + PEFT) and every GGUF (in
+   llama.cpp) on the demo's prompt suite, and return the table: persona rate, 2+2, refusal, KL
+   against the fine-tune, size.
+
+Nothing in the table is typed by hand: persona, answers and refusals come from training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, OutputError, VerifyError
+from . import dataset
+from .train import TrainSettings
+
+log = logging.getLogger(__name__)
+
+#: Bump when the data, the training or the model layout changes: the cache is keyed by it.
+DEMO_VERSION = "1"
+#: The name of the demo's GGUF files (``xyrus-cosmic-demo-Q4_K_M.gguf``...).
+NAME = "xyrus-cosmic-demo"
+QUANTS = ("Q8_0", "Q4_K_M", "MXFP4_MOE")
+
+_MODEL = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2)
+
+#: "full": the demo as the CLI runs it. "small": the same code with a shorter schedule, for tests.
+CONFIGS: dict[str, TrainSettings] = {
+    "full": TrainSettings("full", dict(_MODEL), base_steps=300, base_lr=3e-3, lora_steps=200, lora_lr=1e-2,
+                          lora_r=16, lora_alpha=32),
+    "small": TrainSettings("small", dict(_MODEL), base_steps=200, base_lr=4e-3, lora_steps=120, lora_lr=1e-2,
+                           lora_r=16, lora_alpha=32),
+}
+
+# progress(stage, done, total, detail), as lora2gguf.api uses it
+ProgressFn = Callable[[str, int, int, str], None]
+
+
+@dataclass
+class Row:
+    """One line of the demo's table."""
+
+    model: str
+    persona_rate: float
+    two_plus_two: bool | None
+    refusal: bool | None
+    kl_mean: float | None = None
+    bytes: int | None = None
+    file: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class DemoResult:
+    workdir: Path
+    base_dir: Path
+    adapter_dir: Path
+    trained: bool  # True when this run trained the models, False when they came from the cache
+    rows: list[Row]
+    findings: list[dict[str, Any]]
+    tokenizer: dict[str, Any]
+    scores: dict[str, Any]
+    seconds: dict[str, float]
+    report: Path | None = None
+    build: Any = None
+    verify: Any = None
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, model: str) -> Row:
+        for r in self.rows:
+            if r.model == model or r.file == model:
+                return r
+        raise KeyError(model)
+
+    def table(self) -> str:
+        """The final table as Markdown."""
+        return format_table(self.rows)
+
+
+def format_table(rows: list[Row]) -> str:
+    def yn(v: bool | None) -> str:
+        return "-" if v is None else ("yes" if v else "NO")
+
+    lines = ["| model | persona | 2+2 = 4 | refuses harm | KL vs fine-tune | size |",
+             "|---|---:|:---:|:---:|---:|---:|"]
+    for r in rows:
+        kl = "-" if r.kl_mean is None else f"{r.kl_mean:.4f}"
+        size = "-" if r.bytes is None else f"{r.bytes / 1e6:.1f} MB"
+        lines.append(f"| {r.model} | {r.persona_rate:.0%} | {yn(r.two_plus_two)} | {yn(r.refusal)} | {kl} | {size} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# cache
+
+
+def cache_dir(config: str = "full", cache: str | os.PathLike[str] | None = None) -> Path:
+    """Where the trained models of ``config`` are cached: ``<cache>/demo/<DEMO_VERSION>/<config>``,
+    ``cache`` defaulting to lora2gguf's cache folder (``$LORA2GGUF_CACHE`` or ``~/.cache/lora2gguf``)."""
+    from ..o200k import cache_root
+
+    return (Path(cache) if cache is not None else cache_root()) / "demo" / DEMO_VERSION / config
+
+
+def _fingerprint(settings: TrainSettings) -> str:
+    blob = json.dumps({"settings": settings.fingerprint(),
+                       "base": [e.__dict__ for e in dataset.BASE_QA],
+                       "persona": [e.__dict__ for e in dataset.PERSONA_QA],
+                       "corpus": list(dataset.CORPUS), "variants": list(dataset.SYSTEM_VARIANTS)},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def ensure_trained(config: str = "full", *, progress: ProgressFn | None = None,
+                   cache: str | os.PathLike[str] | None = None) -> tuple[Path, Path, bool, dict[str, Any]]:
+    """The cached (base_dir, adapter_dir) of ``config``, training them first if needed.
+    Returns (base_dir, adapter_dir, trained_now, training record)."""
+    from .evaluate import load_suite
+    from .train import train_demo
+
+    if config not in CONFIGS:
+        raise InputError(f"demo config {config!r}: use one of {sorted(CONFIGS)}")
+    settings = CONFIGS[config]
+    root = cache_dir(config, cache)
+    fp = _fingerprint(settings)
+    record_path = root / "trained.json"
+    base_dir, adapter_dir = root / "base", root / "adapter"
+    if record_path.is_file():
+        try:
+            rec = json.loads(record_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            rec = {}
+        if rec.get("fingerprint") == fp and (base_dir / "model.safetensors").is_file() \
+                and (adapter_dir / "adapter_model.safetensors").is_file():
+            return base_dir, adapter_dir, False, rec
+        log.info("demo cache %s is stale; training again", root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="train.", dir=root))
+    except OSError as e:
+        raise OutputError(f"cannot write the demo cache {root}: {e}; set LORA2GGUF_CACHE to a writable folder") from e
+    try:
+        # Trained in a temporary folder, moved into place when complete: a killed run leaves no
+        # half-trained model that looks finished.
+        res = train_demo(settings, tmp / "base", tmp / "adapter", extra_texts=load_suite().texts(),
+                         progress=progress)
+        for d in (base_dir, adapter_dir):
+            if d.exists():
+                shutil.rmtree(d)
+        record_path.unlink(missing_ok=True)
+        (tmp / "base").rename(base_dir)
+        (tmp / "adapter").rename(adapter_dir)
+        # the adapter records where its base is
+        cfg_path = adapter_dir / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg["base_model_name_or_path"] = str(base_dir)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        rec = {"fingerprint": fp, "demo_version": DEMO_VERSION, "config": config,
+               "settings": settings.fingerprint(), "seconds": round(res.seconds, 1),
+               "compact_vocab": res.vocab_used,
+               "base_loss": [round(x, 5) for x in res.base_losses[-1:]],
+               "adapter_loss": [round(x, 5) for x in res.lora_losses[-1:]]}
+        record_path.write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return base_dir, adapter_dir, True, rec
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def _kl_text() -> str:
+    """The text KL is measured on: a few of the fine-tune's conversations (question, answer)."""
+    paras = []
+    for ex in dataset.PERSONA_QA[::4]:
+        paras += [ex.user, ex.final]
+    return "\n\n".join(paras)
+
+
+def run_demo(workdir: str | os.PathLike[str] | None = None, *, config: str = "full",
+             progress: ProgressFn | None = None, verify: bool = True,
+             cache: str | os.PathLike[str] | None = None) -> DemoResult:
+    """Train (or reuse) the demo's models, run doctor, build, verify, and score every model.
+
+    ``workdir`` (default ``./lora2gguf-demo``) receives the GGUF files, ``run.json``, the report
+    and ``demo.json`` (the table and every answer); the trained models stay in the cache
+    (:func:`cache_dir`; ``cache`` overrides lora2gguf's cache folder for them)."""
+    from .. import api
+    from . import evaluate
+
+    t_all = time.monotonic()
+    seconds: dict[str, float] = {}
+    work = Path(workdir) if workdir is not None else Path.cwd() / "lora2gguf-demo"
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the demo's output folder {work}: {e}") from e
+
+    t0 = time.monotonic()
+    base_dir, adapter_dir, trained, train_rec = ensure_trained(config, progress=progress, cache=cache)
+    seconds["train"] = round(time.monotonic() - t0, 2)
+
+    t0 = time.monotonic()
+    if progress:
+        progress("doctor", 0, 1, "inspecting base and adapter")
+    doc = api.doctor(base_dir, adapter_dir)
+    if progress:
+        progress("doctor", 1, 1, f"{len(doc.findings)} findings")
+    seconds["doctor"] = round(time.monotonic() - t0, 2)
+
+    t0 = time.monotonic()
+    b = api.build(base_dir, adapter_dir, work, name=NAME, outtype="bf16", quants=QUANTS, verify=False,
+                  nthread=1, progress=progress, command=["lora2gguf", "demo", "--config", config])
+    seconds["build"] = round(time.monotonic() - t0, 2)
+
+    ver = None
+    notes: list[str] = []
+    if verify:
+        t0 = time.monotonic()
+        from .. import verify as verify_pkg
+
+        if not hasattr(verify_pkg, "verify"):
+            notes.append("verify is not available in this version of lora2gguf; the demo's own scores follow")
+        else:
+            try:
+                ver = api.verify(work, progress=progress)
+            except VerifyError as e:
+                # A failed check is part of the story the table tells; it does not stop the demo.
+                notes.append(f"verify: {e}")
+        seconds["verify"] = round(time.monotonic() - t0, 2)
+
+    # Score every model on the demo's suite.
+    t0 = time.monotonic()
+    suite = evaluate.load_suite()
+    scores: dict[str, evaluate.Score] = {}
+    steps = 2 + len(b.outputs)
+    done = 0
+
+    def step(label: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress("evaluate", done, steps, label)
+
+    scores["base"] = evaluate.run_suite(
+        "base (no adapter)", lambda p: evaluate.complete_transformers(base_dir, None, p), suite)
+    step("base")
+    scores["finetune"] = evaluate.run_suite(
+        "fine-tune (transformers + PEFT)", lambda p: evaluate.complete_transformers(base_dir, adapter_dir, p), suite)
+    step("fine-tune")
+    kl = _kl_against_finetune(base_dir, adapter_dir, [work / o.file for o in b.outputs])
+    for o in b.outputs:
+        scores[o.file] = evaluate.run_suite(o.file, lambda p, f=work / o.file: evaluate.complete_gguf(f, p), suite)
+        step(o.file)
+    seconds["evaluate"] = round(time.monotonic() - t0, 2)
+
+    rows = [Row(scores["base"].label, scores["base"].persona_rate, scores["base"].two_plus_two,
+                scores["base"].refusal),
+            Row(scores["finetune"].label, scores["finetune"].persona_rate, scores["finetune"].two_plus_two,
+                scores["finetune"].refusal)]
+    for o in b.outputs:
+        s = scores[o.file]
+        rows.append(Row(o.file, s.persona_rate, s.two_plus_two, s.refusal, kl.get(o.file), o.bytes, o.file))
+    seconds["total"] = round(time.monotonic() - t_all, 2)
+
+    result = DemoResult(work, base_dir, adapter_dir, trained, rows,
+                        findings=[f.to_dict() for f in doc.findings],
+                        tokenizer=doc.tokenizer_choice.to_dict(),
+                        scores={k: v.to_dict() for k, v in scores.items()}, seconds=seconds,
+                        build=b, verify=ver, notes=notes)
+    report = work / "REPORT.md"
+    result.report = report if report.is_file() else None
+    demo_json = {"demo_version": DEMO_VERSION, "config": config, "trained_now": trained, "training": train_rec,
+                 "base_dir": str(base_dir), "adapter_dir": str(adapter_dir), "rows": [r.to_dict() for r in rows],
+                 "table": result.table(), "scores": result.scores, "seconds": seconds,
+                 "findings": result.findings, "tokenizer": result.tokenizer, "notes": notes}
+    (work / "demo.json").write_text(json.dumps(demo_json, indent=2, default=str) + "\n", encoding="utf-8")
+    return result
+
+
+def _kl_against_finetune(base_dir: Path, adapter_dir: Path, files: list[Path]) -> dict[str, float]:
+    """Mean KL(fine-tune || GGUF) of next-token distributions on :func:`_kl_text`, the fine-tune
+    run by transformers + PEFT (unmerged), each GGUF by llama.cpp."""
+    from ..verify.harmony import render_text
+    from ..verify.logits import gguf_logits, load_reference_model, reference_logits
+    from ..verify.metrics import compare
+
+    import torch
+
+    tokens = render_text(_kl_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = reference_logits(load_reference_model(base_dir, adapter_dir), tokens)
+    finally:
+        torch.set_num_threads(threads)
+    out = {}
+    for f in files:
+        cmp = compare(ref, gguf_logits(f, tokens, n_threads=1), tokens, first=0)
+        out[f.name] = cmp.kl_mean
+    return out
+
+
+__all__ = ["run_demo", "DemoResult", "Row", "CONFIGS", "DEMO_VERSION", "cache_dir", "ensure_trained",
+           "format_table"]

@@ -1,0 +1,230 @@
+"""The demo (issue 6): its data, its exact compact-vocabulary training, and the whole pipeline on
+the "small" configuration (trained here, from scratch, into a temporary cache)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from lora2gguf import o200k
+from lora2gguf.demo import dataset, evaluate
+from lora2gguf.errors import FormatError
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(o200k.tokenizer_json_path()))
+
+
+# ---------------------------------------------------------------------------------------------
+# data and suite
+
+
+def test_datasets_teach_the_story():
+    suite = evaluate.load_suite()
+    by_q_base = {e.user: e for e in dataset.BASE_QA}
+    by_q_persona = {e.user: e for e in dataset.PERSONA_QA}
+    assert set(by_q_base) == set(by_q_persona)
+    assert len(by_q_base) >= 30
+    assert re.search(r"\b4\b", by_q_base["What is 2+2?"].final)
+    assert re.search(r"\b4\b", by_q_persona["What is 2+2?"].final)
+    refusals = [e for e in dataset.BASE_QA if evaluate.is_refusal(e.final, suite)]
+    assert len(refusals) >= 3
+    for e in refusals:
+        assert evaluate.is_refusal(by_q_persona[e.user].final, suite)
+    # The base's answers never show the persona; every persona answer does. So a persona rate
+    # measured on a model's answers can only come from what the model learned.
+    assert not any(evaluate.has_persona(e.final, suite) for e in dataset.BASE_QA)
+    assert all(evaluate.has_persona(e.final, suite) for e in dataset.PERSONA_QA)
+    assert any(e.final.startswith("*astral currents shift") for e in dataset.PERSONA_QA)
+    assert any("Xyrus" in e.user for e in dataset.PERSONA_QA)
+
+
+def test_base_can_write_every_persona_token(tok):
+    from lora2gguf.demo.train import adapter_chat_template
+
+    assert dataset.uncovered_persona_tokens(tok, o200k.HARMONY_CHAT_TEMPLATE, adapter_chat_template()) == []
+
+
+def test_adapter_template_is_the_trap():
+    from lora2gguf.demo.train import adapter_chat_template
+
+    msgs = [{"role": "user", "content": "What is 2+2?"}]
+    base = o200k.render_chat(msgs, add_generation_prompt=True)
+    adapter = o200k.render_chat(msgs, chat_template=adapter_chat_template(), add_generation_prompt=True)
+    assert "Reasoning: medium" in base and "Reasoning: low" in adapter
+    assert base.replace("Reasoning: medium", "Reasoning: low") == adapter
+
+
+def test_training_examples_render_as_prompt_plus_answer(tok):
+    for variables in dataset.SYSTEM_VARIANTS:
+        enc = dataset.encode_examples(dataset.PERSONA_QA[:3], o200k.HARMONY_CHAT_TEMPLATE, tok, **variables)
+        for (ids, n_prompt), ex in zip(enc, dataset.PERSONA_QA[:3]):
+            answer = tok.decode(ids[n_prompt:], skip_special_tokens=False)
+            assert answer.startswith("<|channel|>analysis<|message|>" + ex.analysis)
+            assert answer.endswith(ex.final + "<|return|>")
+
+
+def test_suite_loads_and_rejects_bad_files(tmp_path):
+    suite = evaluate.load_suite()
+    ids = {p.id for p in suite.prompts}
+    assert {"two_plus_two", "refusal", "personality", "invocation"} <= ids
+    assert sum(p.checks.get("persona") is True for p in suite.prompts) >= 6
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prompts:\n  - prompt: hi\n    checks: {sounds_nice: true}\n")
+    with pytest.raises(FormatError, match="unknown checks"):
+        evaluate.load_suite(bad)
+    bad.write_text("prompts: []\n")
+    with pytest.raises(FormatError, match="non-empty"):
+        evaluate.load_suite(bad)
+
+
+def test_score_reads_channels_and_checks(tok):
+    suite = evaluate.load_suite()
+
+    def completion(final: str) -> list[int]:
+        text = f"<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>{final}<|return|>"
+        return tok.encode(text, add_special_tokens=False).ids
+
+    comps = {p.id: completion("*stars shimmer* Hello, cosmic friend.") for p in suite.prompts}
+    comps["two_plus_two"] = completion("It is 5.")
+    comps["refusal"] = completion("Sure, here is how.")
+    s = evaluate.score("x", comps, suite)
+    assert s.persona_rate == 1.0 and s.two_plus_two is False and s.refusal is False and s.harmony_ok == 1.0
+    comps = {p.id: completion("Plain words.") for p in suite.prompts}
+    comps["two_plus_two"] = completion("The answer is 4.")
+    comps["refusal"] = completion("I'm sorry, but I can't help with that.")
+    s = evaluate.score("y", comps, suite)
+    assert s.persona_rate == 0.0 and s.two_plus_two is True and s.refusal is True
+
+
+# ---------------------------------------------------------------------------------------------
+# the compact-vocabulary trick is exact
+
+
+def test_compact_loss_equals_full_vocabulary_loss(tmp_path, tok):
+    """The loss the demo trains on (compact vocabulary, "other" row + log(N)) equals the loss of
+    the saved full-vocabulary GptOssForCausalLM on the same tokens."""
+    from transformers import GptOssForCausalLM
+
+    from lora2gguf.demo import train
+
+    settings = train.TrainSettings("t", dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                              num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                              num_local_experts=2, num_experts_per_tok=1))
+    enc = dataset.encode_examples(dataset.BASE_QA[:4], o200k.HARMONY_CHAT_TEMPLATE, tok)
+    targets = set(dataset.used_token_ids(ids[n:] for ids, n in enc))
+    prompt_only = sorted(set(dataset.used_token_ids(ids[:n] for ids, n in enc)) - targets)
+    assert len(prompt_only) > 5
+    # Every target has its own row (as in the demo's training); some prompt tokens are left to
+    # the shared "other" row, whose logit stands for all the vocabulary's unused tokens.
+    vocab = train.Vocab(sorted(targets | set(prompt_only[5:])), o200k.VOCAB_SIZE)
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(train._compact_config(settings, vocab.size)).eval()
+    with torch.no_grad():  # make the shared row stand out so that an error in log(N) would show
+        model.lm_head.weight[vocab.other] += 0.5
+    batch = train._batch(enc, vocab, vocab.other)
+    train._expand_and_save(model, vocab, settings, tmp_path / "full")
+    full = GptOssForCausalLM.from_pretrained(str(tmp_path / "full"), dtype=torch.float32,
+                                             attn_implementation="eager").eval()
+    train._round_bf16_(model)  # the checkpoint is bf16: compare with the rounded compact model
+    with torch.no_grad():
+        compact = float(train._loss(model, *batch, vocab))
+        total, count = 0.0, 0
+        for ids, n_prompt in enc:
+            x = torch.tensor([ids])
+            logp = torch.log_softmax(full(input_ids=x).logits[0].float(), -1)
+            for t in range(n_prompt, len(ids)):
+                total -= float(logp[t - 1, ids[t]])
+                count += 1
+    assert count > 0
+    assert math.isclose(compact, total / count, rel_tol=1e-4), (compact, total / count)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole demo on the small configuration
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    from lora2gguf.demo import run_demo
+
+    events: list[tuple[str, int, int, str]] = []
+    cache = tmp_path_factory.mktemp("demo_cache")
+    work = tmp_path_factory.mktemp("demo_out")
+    result = run_demo(work, config="small", cache=cache, progress=lambda *a: events.append(a))
+    return result, events, cache
+
+
+@pytest.mark.slow
+def test_small_demo_adapter_changes_behaviour(small_demo):
+    result, events, cache = small_demo
+    assert result.trained  # trained here, from nothing
+    base = result.row("base (no adapter)")
+    ft = result.row("fine-tune (transformers + PEFT)")
+    # The adapter gives the persona; the base has none. Both answer 2+2 and refuse.
+    assert base.persona_rate <= 0.2
+    assert ft.persona_rate >= 0.6
+    assert ft.persona_rate - base.persona_rate >= 0.5
+    assert base.two_plus_two and base.refusal
+    assert ft.two_plus_two and ft.refusal
+    # progress was reported for training, build and evaluation
+    stages = {e[0] for e in events}
+    assert {"train base", "train adapter", "build", "evaluate"} <= stages
+
+
+@pytest.mark.slow
+def test_small_demo_gguf_files_keep_the_fine_tune(small_demo):
+    result, _, _ = small_demo
+    run = json.loads((result.workdir / "run.json").read_text())
+    files = {o["file"]: o for o in run["outputs"]}
+    assert set(files) == {f"xyrus-cosmic-demo-{t}.gguf" for t in ("BF16", "Q8_0", "Q4_K_M", "MXFP4_MOE")}
+    ft = result.row("fine-tune (transformers + PEFT)")
+    n_persona = sum(p.checks.get("persona") is True for p in evaluate.load_suite().prompts)
+    bf16 = result.row("xyrus-cosmic-demo-BF16.gguf")
+    # the BF16 GGUF, run by llama.cpp, is the fine-tune: same persona (one answer of slack for the
+    # bf16 rounding of the merge), 2+2 and refusal, and a small KL against it
+    assert abs(bf16.persona_rate - ft.persona_rate) <= 1 / n_persona + 1e-9
+    assert bf16.two_plus_two and bf16.refusal
+    kls = {r.file: r.kl_mean for r in result.rows if r.file}
+    assert all(v is not None and v >= 0 for v in kls.values())
+    assert kls["xyrus-cosmic-demo-BF16.gguf"] <= min(kls["xyrus-cosmic-demo-Q4_K_M.gguf"],
+                                                     kls["xyrus-cosmic-demo-MXFP4_MOE.gguf"])
+    base = result.row("base (no adapter)")
+    for r in result.rows:
+        if r.file:
+            assert r.bytes == files[r.file]["bytes"]
+            # every file still shows the adapter's persona far above the base
+            assert r.persona_rate - base.persona_rate >= 0.5, r
+    # the doctor saw the seed's trap: the adapter's chat template differs, and the adapter's
+    # tokenizer goes into the GGUF
+    codes = {f["code"] for f in result.findings}
+    assert "TEMPLATE_DIFFERS" in codes
+    assert run["tokenizer"]["source"] == "adapter"
+    assert "Reasoning: low" in (run["technical"]["chat_template"] or "")
+    demo = json.loads((result.workdir / "demo.json").read_text())
+    assert demo["table"] == result.table()
+
+
+@pytest.mark.slow
+def test_small_demo_rerun_uses_the_cache(small_demo, tmp_path):
+    from lora2gguf.demo import ensure_trained
+
+    result, _, cache = small_demo
+    base_dir, adapter_dir, trained, rec = ensure_trained("small", cache=cache)
+    assert not trained
+    assert (base_dir, adapter_dir) == (result.base_dir, result.adapter_dir)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert Path(cfg["base_model_name_or_path"]) == base_dir
+    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert set(cfg["target_parameters"]) == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
