@@ -16,8 +16,8 @@ from .errors import Lora2GGUFError
 class ProgressBar:
     """One line per stage, redrawn in place on a terminal: bar, percent, rate and ETA."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr  # the stderr of now, not of import time
         self.tty = stream.isatty()
         self.stage = None
         self.t0 = 0.0
