@@ -18,7 +18,7 @@ class ProgressBar:
 
     def __init__(self, stream=None):
         self.stream = stream if stream is not None else sys.stderr  # the stderr of now, not of import time
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
         self.stage = None
         self.t0 = 0.0
         self.last = 0.0
