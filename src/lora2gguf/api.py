@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 from . import __version__, arch as arch_registry
 from .adapter import load_adapter
-from .errors import BlockedError, FormatError, InputError, UnsupportedError
+from .errors import BlockedError, FormatError, InputError
 from .gguf_out import GGUFStream, sha256_file, tensor_types
 from .hparams import write_hparams
 from .plan import FILE_TYPES, make_plan
@@ -114,9 +114,6 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
     """Merge `adapter_dir` into `base_dir` while writing OUT_DIR/NAME-<OUTTYPE>.gguf, quantize it
     to each of `quants` with llama.cpp, record everything in OUT_DIR/run.json, and verify when
     asked. Raises a Lora2GGUFError subclass with an actionable message on bad input."""
-    if keep_mxfp4:
-        raise UnsupportedError("--keep-mxfp4 is not available in this version yet; build without it "
-                               "(the MXFP4 experts are then decoded exactly to the output type)")
     t_start = time.perf_counter()
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
     outtype = outtype.lower()
@@ -153,7 +150,7 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
     ckpt = Checkpoint.open(base_dir)
     sources = logical_tensors(ckpt)
     adapter = load_adapter(adapter_dir, {n: s.shape for n, s in sources.items()}, arch)
-    plan = make_plan(arch, config, sources, adapter, outtype)
+    plan = make_plan(arch, config, sources, adapter, outtype, keep_mxfp4=keep_mxfp4)
     vocab_size = int(config.get("vocab_size", 0))
 
     main_file = out_dir / f"{name}-{outtype.upper()}.gguf"
@@ -252,6 +249,8 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
                                for t in adapter.all_terms}),
         },
         "base_storage": dict(type_counts({n: s.storage for n, s in sources.items()})),
+        "keep_mxfp4": {"requested": keep_mxfp4, "tensors": plan.kept_mxfp4},
+        "notes": list(plan.notes),
         "outputs": [o.to_json() for o in outputs],
         "stages": stages,
         "resumed": resumed,
