@@ -204,3 +204,32 @@ def test_legacy_rope_config_gives_same_metadata(tmp_path, tiny_base, tiny_adapte
     _, new_kv = read_gguf(res.out_dir / "tiny-BF16.gguf")
     _, old_kv = read_gguf(built[0].out_dir / "tiny-BF16.gguf")
     assert {k: v for k, v in new_kv.items() if k != "general.name"} == {k: v for k, v in old_kv.items() if k != "general.name"}
+
+
+def test_k_quants_on_256_multiple_widths(tmp_path, k256_base):
+    """With widths that are multiples of 256, Q4_K_M really makes K-quant tensors (and no fallback
+    note); llama.cpp loads and generates from it."""
+    adapter = synth.make_adapter(k256_base, tmp_path / "adapter", r=8, lora_alpha=16, use_rslora=True)
+    res = build(k256_base, adapter, tmp_path / "out", name="k", quants=["Q4_K_M"])
+    q = res.outputs[1]
+    assert q.file == "k-Q4_K_M.gguf" and q.note is None
+    assert q.tensor_types.get("Q4_K", 0) > 0 and q.tensor_types.get("Q6_K", 0) > 0, q.tensor_types
+    assert q.bytes < 0.5 * res.outputs[0].bytes
+    from llama_cpp import Llama
+
+    llm = Llama(str(tmp_path / "out" / "k-Q4_K_M.gguf"), n_ctx=64, verbose=False, n_threads=2)
+    out = llm.create_completion("What is 2+2?", max_tokens=3, temperature=0.0)
+    assert out["usage"]["completion_tokens"] >= 1
+
+
+def test_narrow_rows_fallback_is_reported(built):
+    """TINY rows are 64 wide: llama.cpp cannot use K-quants and falls back silently; build says so."""
+    from lora2gguf.quantize import fallback_note
+
+    result = built[0]
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(result.out_dir / "tiny-Q8_0.gguf").tensors}
+    shapes = {t.name: [int(d) for d in t.shape] for t in gguf.GGUFReader(result.out_dir / "tiny-Q8_0.gguf").tensors}
+    assert fallback_note("Q8_0", types, shapes) is None
+    fake_k = {n: ("Q5_0" if t == "Q8_0" else t) for n, t in types.items()}
+    note = fallback_note("Q4_K_M", fake_k, shapes)
+    assert note and "not a multiple of 256" in note and "MXFP4_MOE" in note and "Q5_0" in note
