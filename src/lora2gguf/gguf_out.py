@@ -60,6 +60,9 @@ class GGUFStream:
         except OSError as e:
             self._discard()
             raise OutputError(f"{self.tmp}: cannot write ({e.strerror})") from None
+        except BaseException:  # a bad metadata value (or an interrupt): leave no partial file behind
+            self._discard()
+            raise
         self.offsets: dict[str, int] = {}
         off = 0
         for t in tensors:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import gguf
@@ -44,23 +45,51 @@ def rope_parameters(config: Mapping, where: str = "config.json") -> dict[str, An
     return params
 
 
+def _value_kind(method: str) -> str:
+    """'int' or 'float': what gguf-py's writer method takes (from its signature)."""
+    import inspect
+
+    params = list(inspect.signature(getattr(gguf.GGUFWriter, method)).parameters.values())
+    ann = params[1].annotation if len(params) > 1 else None
+    return ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
+
+
+def _put(writer: gguf.GGUFWriter, method: str, value: Any, where: str, key: str) -> None:
+    """Call a GGUFWriter add_* method after checking the value fits its GGUF type (uint32 for
+    counts and lengths, float32 for the rest): a bad config value is an InputError naming the
+    field, not a struct.error from deep inside the writer."""
+    kind = _value_kind(method)
+    if kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32
+        want = "a non-negative integer"
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        want = "a finite number"
+    else:
+        ok, want = True, ""
+    if not ok:
+        raise InputError(f"{where}: field {key!r} is {value!r}, expected {want}. Fix the config or download it again.")
+    getattr(writer, method)(value)
+
+
 def write_hparams(writer: gguf.GGUFWriter, arch: Architecture, config: Mapping, where: str = "config.json") -> dict:
     """Write the architecture's hyperparameters; returns them as {gguf key method: value}."""
     written: dict[str, Any] = {}
     for method, keys, required in arch.hparams:
         value = find(config, keys, where, required)
         if value is not None:
-            getattr(writer, method)(value)
+            _put(writer, method, value, where, next(k for k in keys if config.get(k) is not None))
             written[method] = value
     rope = rope_parameters(config, where)
     rope_type = rope.get("rope_type")
     factor = rope.get("factor")
     if rope_type == "yarn" and factor is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(factor)
+        _put(writer, "add_rope_scaling_factor", factor, where, "rope factor")
         if "original_max_position_embeddings" not in rope:
             raise InputError(f"{where}: YaRN rope scaling without 'original_max_position_embeddings'")
-        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        _put(writer, "add_rope_scaling_orig_ctx_len", rope["original_max_position_embeddings"], where,
+             "original_max_position_embeddings")
         for key, method in (
             ("extrapolation_factor", "add_rope_scaling_yarn_ext_factor"),
             ("attention_factor", "add_rope_scaling_yarn_attn_factor"),
@@ -68,11 +97,11 @@ def write_hparams(writer: gguf.GGUFWriter, arch: Architecture, config: Mapping, 
             ("beta_slow", "add_rope_scaling_yarn_beta_slow"),
         ):
             if rope.get(key) is not None:
-                getattr(writer, method)(rope[key])
+                _put(writer, method, rope[key], where, key)
     elif rope_type == "linear" and factor is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(factor)
+        _put(writer, "add_rope_scaling_factor", factor, where, "rope factor")
     if rope.get("rope_theta") is not None:
-        writer.add_rope_freq_base(rope["rope_theta"])
+        _put(writer, "add_rope_freq_base", rope["rope_theta"], where, "rope_theta")
     written["rope"] = rope
     return written
