@@ -73,13 +73,15 @@ def _check_finite(x: np.ndarray, step: Step, sl: slice | None, factors) -> None:
     for term, (a, b) in zip(step.terms, factors):
         if not (np.isfinite(a).all() and np.isfinite(b).all()):
             raise NumericError(
-                f"merged tensor {step.source.name!r}{where} has NaN/Inf: the LoRA pair {term.key} (lora_A/lora_B) holds "
-                "NaN or Inf values. The adapter was saved from a diverged training run; use an earlier checkpoint."
+                f"merged tensor {step.source.name!r}{where} has NaN/Inf: the LoRA pair {term.key} (lora_A/lora_B) in "
+                f"{term.a.path} holds NaN or Inf values ({term.a.name} / {term.b.name}). The adapter was saved from a "
+                "diverged training run; use an earlier checkpoint."
             )
     keys = ", ".join(t.key for t in step.terms) or "none"
+    files = ", ".join(sorted({str(t.a.path) for t in step.terms})) or "the adapter"
     raise NumericError(
-        f"merged tensor {step.source.name!r}{where} overflows to NaN/Inf after adding the LoRA pair(s) {keys}; "
-        "check the adapter's scaling (lora_alpha, r, use_rslora)"
+        f"merged tensor {step.source.name!r}{where} overflows to NaN/Inf after adding the LoRA pair(s) {keys} "
+        f"from {files}; check the adapter's scaling (lora_alpha, r, use_rslora)"
     )
 
 
