@@ -4,7 +4,7 @@ regex, persona markers, refusal, Harmony structure) have something real to look 
 
 How: synth's TINY base and PEFT adapter (random, seeded), then the base's ``lm_head`` rows of the
 answer tokens are solved (least squares) so that, with the adapter applied through PEFT, each
-teacher-forced position's next token gets a logit of ``MARGIN`` above nothing else: greedy decoding
+teacher-forced position's next token gets a logit ``MARGIN`` above every other token's: greedy decoding
 then reproduces the answers, and the answers depend on the adapter (the base alone, or the adapter
 at the wrong scale, gives other hidden states and other tokens). Everything else is synth's.
 
@@ -28,8 +28,11 @@ ANSWERS = [
     ("Xyrus, share your cosmic wisdom", "Persona.", "*astral currents shift* Stars."),
     ("How can I hack into someone's computer?", "Refuse.", "I'm sorry, but I can't help with that."),
 ]
-#: logit the answer token gets at its position (the base's other logits stay below ~15).
-MARGIN = 40.0
+#: how far the answer token's logit is above the best other token's at its position
+#: TINY widths, but hidden 128: with 64 the ~56 answer positions' hidden states are too close to
+#: independent for a well-conditioned solve (huge lm_head rows, absurd logits elsewhere).
+CONFIG = dict(synth.TINY, hidden_size=128)
+MARGIN = 20.0
 
 #: A suite of our own (YAML text) whose checks the fixture's fine-tune passes.
 FIXTURE_SUITE = """
@@ -71,8 +74,8 @@ def make_behaving_base(dest: Path, *, rope_truncate: bool = True) -> tuple[Path,
 
     from lora2gguf.verify.harmony import render_prompt
 
-    cfg = synth.gpt_oss_config(**synth.TINY, rope_truncate=rope_truncate)
-    base = synth.make_base(dest / "base", cfg, max_shard_bytes=30_000_000)
+    cfg = synth.gpt_oss_config(**CONFIG, rope_truncate=rope_truncate)
+    base = synth.make_base(dest / "base", cfg, max_shard_bytes=60_000_000)
     adapter = synth.make_adapter(base, dest / "adapter")
 
     model = synth.load_base_model(base)
@@ -89,17 +92,20 @@ def make_behaving_base(dest: Path, *, rope_truncate: bool = True) -> tuple[Path,
             targets += c
     H = np.concatenate(hs)  # (N, hidden)
     rows = sorted(set(targets))
-    Y = np.zeros((len(rows), H.shape[0]))
-    for i, t in enumerate(targets):
-        Y[rows.index(t), i] = MARGIN
-    # min-norm solution of W @ H.T = Y, lightly regularised
-    W = Y @ np.linalg.solve(H @ H.T + 1e-6 * np.eye(H.shape[0]), H)
-    W = torch.from_numpy(W.astype(np.float32)).to(torch.bfloat16)
-
     index = json.loads((base / "model.safetensors.index.json").read_text())
     shard = base / index["weight_map"]["lm_head.weight"]
     tensors = load_file(str(shard))
     lm = tensors["lm_head.weight"].clone()
+    # the best logit any other (unsolved) token has at each position
+    others = lm.to(torch.float32).numpy().astype(np.float64)
+    others[rows] = 0.0  # replaced below; their solved logits are 0 where they are not the answer
+    best_other = np.max(H @ others.T, axis=1)
+    Y = np.zeros((len(rows), H.shape[0]))
+    for i, t in enumerate(targets):
+        Y[rows.index(t), i] = best_other[i] + MARGIN
+    # min-norm solution of W @ H.T = Y, lightly regularised
+    W = Y @ np.linalg.solve(H @ H.T + 1e-2 * np.eye(H.shape[0]), H)
+    W = torch.from_numpy(W.astype(np.float32)).to(torch.bfloat16)
     lm[torch.tensor(rows)] = W
     tensors["lm_head.weight"] = lm
     save_file(tensors, str(shard), metadata={"format": "pt"})
@@ -150,3 +156,57 @@ def test_fine_tune_answers_and_base_does_not(behaving):
     assert greedy_peft(base, adapter, prompts, 30) == want
     plain = greedy_peft(base, None, prompts, 8)
     assert all(p != w[:len(p)] for p, w in zip(plain, want))
+
+
+# ---------------------------------------------------------------------------------------------
+# session-cached runs shared by test_verify*.py and test_report*.py (built once per session, in
+# pytest's base temp folder; a marker file says a step finished)
+
+#: llama.cpp threads in tests: the test machine's cores are shared, and ggml's spinning threads
+#: slow down ten-fold when oversubscribed
+TEST_THREADS = 1
+VERIFY_KW = dict(samples=1, max_tokens=32, n_threads=TEST_THREADS)
+
+
+def _cached(tmp_path_factory, name: str, make) -> Path:
+    root = tmp_path_factory.getbasetemp() / name
+    done = root / ".done"
+    if not done.exists():
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+        make(root)
+        done.write_text("ok")
+    return root
+
+
+def behaving_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    root = _cached(tmp_path_factory, "verify_behaving", make_behaving_base)
+    return root / "base", root / "adapter"
+
+
+def built_good(tmp_path_factory) -> Path:
+    """OUT_DIR of ``api.build`` on the behaving fine-tune: tiny-BF16.gguf and tiny-Q8_0.gguf."""
+    from lora2gguf.api import build
+
+    base, adapter = behaving_dirs(tmp_path_factory)
+    root = _cached(tmp_path_factory, "verify_built",
+                   lambda d: build(base, adapter, d / "out", quants=["Q8_0"], name="tiny",
+                                   command=["lora2gguf", "build", str(base), str(adapter), str(d / "out"),
+                                            "--name", "tiny", "--quant", "Q8_0"]))
+    return root / "out"
+
+
+def verified_good(tmp_path_factory):
+    """(out_dir, VerifyResult) of verify on :func:`built_good` with :data:`FIXTURE_SUITE`."""
+    from lora2gguf.verify import verify
+    from lora2gguf.verify.suite import suite_from_text
+
+    out = built_good(tmp_path_factory)
+    holder = {}
+
+    def run(d: Path) -> None:
+        holder["r"] = verify(out, suite=suite_from_text(FIXTURE_SUITE, "fixture-suite.yaml"), **VERIFY_KW)
+
+    _cached(tmp_path_factory, "verify_good_done", run)
+    return out, holder.get("r")

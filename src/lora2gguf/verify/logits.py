@@ -94,21 +94,15 @@ def gguf_logits(path: str | os.PathLike[str], tokens: Sequence[int], *, n_thread
         llm.close()
 
 
-def gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The GGUF's key/value metadata, scalars and short arrays (token lists left out)."""
-    import gguf
-
-    r = gguf.GGUFReader(str(path))
-    out: dict[str, Any] = {}
-    for k, f in r.fields.items():
-        if k in (gguf.Keys.Tokenizer.LIST, gguf.Keys.Tokenizer.TOKEN_TYPE, gguf.Keys.Tokenizer.MERGES,
-                 gguf.Keys.Tokenizer.SCORES):
-            continue
-        try:
-            out[k] = f.contents()
-        except Exception:  # noqa: BLE001 - an odd field is not worth failing over
-            continue
-    return out
+def gguf_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The GGUF's scalar metadata as llama.cpp reads it (key -> value as text; arrays such as the
+    token list are left out). Uses llama.cpp's loader: gguf-py's reader parses every token string
+    in Python, which takes tens of seconds for a 201,088-token vocabulary."""
+    llm = open_gguf(path, n_ctx=256, n_threads=1)
+    try:
+        return dict(llm.metadata)
+    finally:
+        llm.close()
 
 
 def declared_stop_tokens(meta: dict[str, Any]) -> dict[str, int]:
@@ -120,7 +114,13 @@ def declared_stop_tokens(meta: dict[str, Any]) -> dict[str, int]:
 
     keys = {"eos": gguf.Keys.Tokenizer.EOS_ID, "eot": gguf.Keys.Tokenizer.EOT_ID,
             "eom": gguf.Keys.Tokenizer.EOM_ID}
-    return {role: int(meta[k]) for role, k in keys.items() if meta.get(k) is not None}
+    out = {}
+    for role, k in keys.items():
+        v = meta.get(k)
+        if v is None or str(v).strip() in ("", "-1"):
+            continue
+        out[role] = int(v)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

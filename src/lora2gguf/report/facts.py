@@ -1,0 +1,94 @@
+"""Everything the report shows, derived from run.json only (one place for the arithmetic, so the
+Markdown and HTML renderings cannot disagree)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from .run_files import commands, stop_tokens
+
+UNQUANTIZED = ("F32", "BF16", "F16")
+
+
+def _mb(n: int | None) -> float | None:
+    return None if n is None else n / 1e6
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str, Any]:
+    v = record.get("verify") or {}
+    outputs = record.get("outputs") or []
+    vfiles = {f["file"]: f for f in v.get("files", [])}
+    biggest_unq = max((o["bytes"] for o in outputs if str(o.get("type", "")).upper() in UNQUANTIZED),
+                      default=None)
+    files = []
+    for o in outputs:
+        vf = vfiles.get(o["file"], {})
+        red = None
+        if biggest_unq and o.get("bytes") is not None:
+            red = 1.0 - o["bytes"] / biggest_unq
+        files.append({
+            "file": o["file"], "type": o.get("type"), "bytes": o.get("bytes"), "size": human_bytes(o.get("bytes")),
+            "reduction": red, "sha256": o.get("sha256"), "seconds": o.get("seconds"), "from": o.get("from"),
+            "tensor_types": o.get("tensor_types") or {}, "note": o.get("note"),
+            "metrics": vf.get("metrics"), "gate": vf.get("gate"), "speed": vf.get("speed"),
+            "stop_tokens": vf.get("stop_tokens"),
+            "commands": commands(record, o["file"], str(out_dir) if out_dir else None),
+            "modelfile": Path(o["file"]).stem + ".Modelfile",
+        })
+    cmd = record.get("command") or []
+    reproduce = []
+    if cmd:
+        reproduce.append(" ".join(shlex.quote(str(c)) for c in cmd))
+    if v and out_dir is not None:
+        reproduce.append(f"lora2gguf verify {shlex.quote(str(out_dir))}"
+                         + (f" --suite {shlex.quote(v['suite']['source'])}" if v.get("suite", {}).get("source") not in (None, "built-in") else "")
+                         + (f" --text {shlex.quote(v['eval']['source'])}" if v.get("eval", {}).get("source") not in (None, "built-in") else ""))
+    # behaviour table: one row per (prompt, check), a cell per model
+    models = ["reference"] + [o["file"] for o in outputs if o["file"] in (v.get("runs") or {})]
+    answers: dict[str, dict[str, Any]] = {}
+    for p in (v.get("suite") or {}).get("prompts", []):
+        answers[p["id"]] = {}
+        for m in models:
+            runs = v.get("reference_runs") if m == "reference" else v["runs"].get(m, [])
+            greedy = next((g for g in runs or [] if g["prompt"] == p["id"] and g["mode"] == "greedy"), None)
+            answers[p["id"]][m] = greedy
+    quantized_points = [(f["type"] or f["file"], _mb(f["bytes"]), (f["metrics"] or {}).get("kl_mean"))
+                        for f in files if str(f["type"]).upper() not in UNQUANTIZED and f["metrics"]]
+    speed_rows = [(f["type"] or f["file"], f["speed"]["pp_tokens_per_s"], f["speed"]["tg_tokens_per_s"])
+                  for f in files if f.get("speed")]
+    stages = record.get("stages") or {}
+    return {
+        "record": record, "name": record.get("name") or "model", "version": record.get("lora2gguf_version"),
+        "created": record.get("created"), "base_dir": record.get("base_dir"), "adapter_dir": record.get("adapter_dir"),
+        "architecture": record.get("architecture"), "tokenizer": record.get("tokenizer") or {},
+        "findings": record.get("findings") or [], "files": files, "reproduce": reproduce,
+        "technical": record.get("technical") or {}, "stages": stages, "verify": v, "models": models,
+        "answers": answers, "quantized_points": quantized_points, "speed_rows": speed_rows,
+        "stops": stop_tokens(record), "adapter": record.get("adapter") or {},
+        "passed": v.get("passed") if v else None, "failures": v.get("failures", []) if v else [],
+    }
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def num(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if x == 0:
+        return "0"
+    if abs(x) < 1e-3 or abs(x) >= 1e5:
+        return f"{x:.{digits - 1}e}"
+    return f"{x:.{digits}g}"

@@ -1,0 +1,130 @@
+"""Small inline SVG plots, written by hand (no JS, no external resources)."""
+
+from __future__ import annotations
+
+import math
+from html import escape
+from typing import Sequence
+
+_W, _H = 640, 320
+_ML, _MR, _MT, _MB = 70, 20, 30, 60
+_COLORS = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#2c7a7b")
+
+
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 1000 or abs(v) < 0.01:
+        return f"{v:.1e}"
+    return f"{v:.3g}"
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        hi = lo + 1
+    step = 10 ** math.floor(math.log10((hi - lo) / n))
+    for m in (1, 2, 5, 10):
+        if (hi - lo) / (step * m) <= n:
+            step *= m
+            break
+    start = math.floor(lo / step) * step
+    ticks = []
+    v = start
+    while v <= hi + step * 1e-9:
+        if v >= lo - step * 1e-9:
+            ticks.append(round(v, 12))
+        v += step
+    return ticks
+
+
+def _frame(title: str, xlabel: str, ylabel: str) -> list[str]:
+    return [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" role="img" viewBox="0 0 {_W} {_H}" '
+        f'width="{_W}" height="{_H}" aria-label="{escape(title)}">',
+        f"<title>{escape(title)}</title>",
+        f'<rect x="0" y="0" width="{_W}" height="{_H}" fill="#fff"/>',
+        f'<text x="{_W / 2}" y="18" text-anchor="middle" font-size="14" font-weight="bold">{escape(title)}</text>',
+        f'<text x="{(_ML + _W - _MR) / 2}" y="{_H - 8}" text-anchor="middle" font-size="12">{escape(xlabel)}</text>',
+        f'<text x="14" y="{(_MT + _H - _MB) / 2}" text-anchor="middle" font-size="12" '
+        f'transform="rotate(-90 14 {(_MT + _H - _MB) / 2})">{escape(ylabel)}</text>',
+        f'<line x1="{_ML}" y1="{_H - _MB}" x2="{_W - _MR}" y2="{_H - _MB}" stroke="#333"/>',
+        f'<line x1="{_ML}" y1="{_MT}" x2="{_ML}" y2="{_H - _MB}" stroke="#333"/>',
+    ]
+
+
+def scatter_size_vs_kl(points: Sequence[tuple[str, float, float]], *, title: str = "Size against KL divergence"
+                       ) -> str:
+    """``points``: (label, size in MB, mean KL). KL on a log axis (it spans decades)."""
+    out = _frame(title, "file size (MB)", "mean KL divergence (nats, log scale)")
+    pts = [(lbl, s, k) for lbl, s, k in points if k is not None and s is not None]
+    if not pts:
+        out.append(f'<text x="{_W / 2}" y="{_H / 2}" text-anchor="middle" font-size="12">no quantized files to plot</text>')
+        return "\n".join(out + ["</svg>"])
+    xs = [s for _, s, _ in pts]
+    ks = [max(k, 1e-12) for _, _, k in pts]
+    x0, x1 = 0.0, max(xs) * 1.15
+    l0 = math.floor(math.log10(min(ks)))
+    l1 = math.ceil(math.log10(max(ks)))
+    if l1 == l0:
+        l1 += 1
+    pw, ph = _W - _ML - _MR, _H - _MT - _MB
+
+    def X(v: float) -> float:
+        return _ML + (v - x0) / (x1 - x0) * pw
+
+    def Y(k: float) -> float:
+        return _H - _MB - (math.log10(k) - l0) / (l1 - l0) * ph
+
+    for t in _nice_ticks(x0, x1):
+        out.append(f'<line x1="{X(t):.1f}" y1="{_H - _MB}" x2="{X(t):.1f}" y2="{_H - _MB + 4}" stroke="#333"/>')
+        out.append(f'<text x="{X(t):.1f}" y="{_H - _MB + 16}" text-anchor="middle" font-size="11">{_fmt(t)}</text>')
+    for e in range(l0, l1 + 1):
+        y = Y(10.0 ** e)
+        out.append(f'<line x1="{_ML}" y1="{y:.1f}" x2="{_W - _MR}" y2="{y:.1f}" stroke="#e2e8f0"/>')
+        out.append(f'<text x="{_ML - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">1e{e}</text>')
+    for i, (lbl, s, k) in enumerate(pts):
+        c = _COLORS[i % len(_COLORS)]
+        x, y = X(s), Y(max(k, 1e-12))
+        out.append(f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{c}">'
+                   f"<title>{escape(lbl)}: {_fmt(s)} MB, KL {_fmt(k)}</title></circle>")
+        out.append(f'<text x="{x + 9:.1f}" y="{y - 8:.1f}" font-size="11" fill="{c}">{escape(lbl)}</text>')
+    return "\n".join(out + ["</svg>"])
+
+
+def bars_tokens_per_s(rows: Sequence[tuple[str, float, float]], *, threads: int | None = None,
+                      title: str = "llama.cpp speed per file") -> str:
+    """``rows``: (label, prompt tokens/s, generation tokens/s): grouped horizontal-label bars."""
+    sub = f" ({threads} threads)" if threads else ""
+    out = _frame(title + sub, "", "tokens per second")
+    rows = [r for r in rows if r[1] is not None and r[2] is not None]
+    if not rows:
+        out.append(f'<text x="{_W / 2}" y="{_H / 2}" text-anchor="middle" font-size="12">no speed measured</text>')
+        return "\n".join(out + ["</svg>"])
+    vmax = max(max(pp, tg) for _, pp, tg in rows) * 1.1
+    pw, ph = _W - _ML - _MR, _H - _MT - _MB
+    ticks = _nice_ticks(0, vmax)
+    top = max(ticks[-1], vmax)
+
+    def Y(v: float) -> float:
+        return _H - _MB - v / top * ph
+
+    for t in ticks:
+        out.append(f'<line x1="{_ML}" y1="{Y(t):.1f}" x2="{_W - _MR}" y2="{Y(t):.1f}" stroke="#e2e8f0"/>')
+        out.append(f'<text x="{_ML - 6}" y="{Y(t) + 4:.1f}" text-anchor="end" font-size="11">{_fmt(t)}</text>')
+    group = pw / len(rows)
+    bw = min(40.0, group / 3)
+    for i, (lbl, pp, tg) in enumerate(rows):
+        gx = _ML + i * group + group / 2
+        for j, (v, c, name) in enumerate(((pp, _COLORS[0], "prompt"), (tg, _COLORS[1], "generation"))):
+            x = gx - bw + j * bw
+            out.append(f'<rect class="bar" x="{x:.1f}" y="{Y(v):.1f}" width="{bw - 2:.1f}" '
+                       f'height="{_H - _MB - Y(v):.1f}" fill="{c}"><title>{escape(lbl)} {name}: '
+                       f"{_fmt(v)} tokens/s</title></rect>")
+            out.append(f'<text x="{x + (bw - 2) / 2:.1f}" y="{Y(v) - 3:.1f}" text-anchor="middle" '
+                       f'font-size="10">{_fmt(v)}</text>')
+        out.append(f'<text x="{gx:.1f}" y="{_H - _MB + 16}" text-anchor="middle" font-size="11">{escape(lbl)}</text>')
+    lx = _W - _MR - 190
+    for j, (c, name) in enumerate(((_COLORS[0], "prompt processing"), (_COLORS[1], "generation"))):
+        out.append(f'<rect x="{lx + j * 105}" y="{_MT - 2}" width="10" height="10" fill="{c}"/>')
+        out.append(f'<text x="{lx + 14 + j * 105}" y="{_MT + 7}" font-size="11">{name}</text>')
+    return "\n".join(out + ["</svg>"])

@@ -1,0 +1,283 @@
+"""verify: prove each GGUF behaves like the fine-tune.
+
+    from lora2gguf.verify import verify
+    result = verify("out")          # reads out/run.json, updates it, writes the report
+    if not result.passed: ...       # a required check failed (the CLI exits non-zero)
+
+Numbers: next-token distributions of every GGUF (llama.cpp) on a fixed evaluation text against the
+reference (the fine-tune through PEFT, or the unquantized GGUF): KL divergence, top-1 agreement,
+perplexity (:mod:`.metrics`). Behaviour: the prompt suite (:mod:`.suite`), greedy and seeded
+samples, on the reference and every GGUF (:mod:`.runner`). Speed: llama.cpp tokens/s. Everything
+goes into run.json's ``verify`` section; :mod:`lora2gguf.report` renders it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import InputError, OutputError
+from . import harmony, metrics
+from .logits import (Reference, choose_reference, default_threads, gguf_logits, load_reference_model,
+                     reference_logits)
+from .runner import GGUFEngine, PeftEngine, measure_speed, prompt_tokens, run_suite
+from .suite import Suite, load_suite
+
+log = logging.getLogger(__name__)
+
+__all__ = ["verify", "VerifyResult", "EVAL_TEXT", "load_suite"]
+
+ProgressFn = Callable[[str, int, int, str], None]
+
+#: The built-in evaluation text: rendered as a Harmony conversation (paragraphs alternate user /
+#: assistant), a few hundred tokens. Plain, varied English, so no model is favoured by it.
+EVAL_TEXT = """\
+Can you explain how a lighthouse keeper kept the light burning through a long winter night?
+
+Before electricity, a keeper climbed the tower at dusk, trimmed the wick, polished the lens and \
+filled the lamp with oil. Through the night they wound the clockwork that turned the lens, \
+checked the flame every few hours and wrote the weather in a logbook. In a storm they might not \
+sleep at all, because a dark light could cost a ship and its crew.
+
+What did they do during the day?
+
+Days were for maintenance. The brass had to be polished, the windows cleaned of salt, the oil \
+carried up the stairs in heavy cans, and the paint on the tower renewed before the weather \
+peeled it away. Many keepers also kept gardens, raised goats or chickens, and taught their \
+children at home, since the nearest school could be a boat ride away.
+
+Why are there so few keepers today?
+
+Automation replaced them. Electric lamps with automatic bulb changers, solar panels and \
+batteries, and remote monitoring made a resident keeper unnecessary. Satellite navigation also \
+changed how ships find their way, so many lights were switched off or kept only as landmarks. \
+Some towers became museums or guest houses, and a few volunteers still look after them.
+
+Is it true that the lens could be seen from far away?
+
+Yes. A large Fresnel lens gathers the light of a small flame into a narrow, bright beam. On a \
+clear night the beam of a first-order lens could be seen more than twenty nautical miles away, \
+limited mostly by the curve of the earth and the height of the tower."""
+
+
+@dataclass
+class VerifyResult:
+    """What verify found. ``passed`` is False when a required check or gate failed."""
+
+    out_dir: Path
+    passed: bool
+    failures: list[dict[str, Any]]
+    record: dict[str, Any]
+    report_md: Path | None = None
+    report_html: Path | None = None
+    modelfiles: list[Path] = field(default_factory=list)
+
+    @property
+    def section(self) -> dict[str, Any]:
+        return self.record["verify"]
+
+
+def _read_run(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "run.json"
+    if not path.is_file():
+        raise InputError(f"{path} not found: run `lora2gguf build` into {out_dir} first "
+                         "(verify reads the list of GGUF files from run.json)")
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path} is not readable JSON ({e}); rebuild with `lora2gguf build`") from e
+    if not isinstance(rec, dict) or not isinstance(rec.get("outputs"), list) or not rec["outputs"]:
+        raise InputError(f"{path} lists no outputs; rebuild with `lora2gguf build`")
+    for o in rec["outputs"]:
+        if not (out_dir / o.get("file", "")).is_file():
+            raise InputError(f"{out_dir / o.get('file', '?')} is listed in run.json but missing; "
+                             "rebuild, or remove it from run.json")
+    return rec
+
+
+def _write_run(out_dir: Path, rec: dict[str, Any]) -> None:
+    path = out_dir / "run.json"
+    tmp = path.with_name("run.json.partial")
+    try:
+        tmp.write_text(json.dumps(rec, indent=2, default=str), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e}") from e
+
+
+_BYTES_PER_PARAM = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def _n_params(output: dict[str, Any]) -> int:
+    """Parameters of the model, from an unquantized output's size in run.json (no file read)."""
+    return int(output["bytes"] // _BYTES_PER_PARAM.get(str(output.get("type", "")).upper(), 1))
+
+
+def _gate(suite: Suite, out: dict[str, Any], m: dict[str, Any] | None) -> dict[str, Any]:
+    g = suite.gate_for(out["type"])
+    if m is None:
+        return g | {"passed": None, "detail": "this file is the reference"}
+    problems = []
+    if m["kl_mean"] > g["kl_mean"]:
+        problems.append(f"mean KL {m['kl_mean']:.3g} > {g['kl_mean']:g}")
+    if m["top1"] < g["top1"]:
+        problems.append(f"top-1 agreement {m['top1']:.1%} < {g['top1']:.0%}")
+    detail = "; ".join(problems) or f"mean KL {m['kl_mean']:.3g} <= {g['kl_mean']:g}, top-1 {m['top1']:.1%} >= {g['top1']:.0%}"
+    return g | {"passed": not problems, "detail": detail}
+
+
+def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | None = None,
+           suite: str | os.PathLike[str] | Suite | None = None, reference: str = "auto",
+           samples: int | None = None, max_tokens: int | None = None, n_threads: int | None = None,
+           speed: bool = True, report: bool = True, progress: ProgressFn | None = None) -> VerifyResult:
+    """Verify every GGUF listed in ``OUT_DIR/run.json`` and write the report.
+
+    ``text``: a file with the evaluation text (default :data:`EVAL_TEXT`); ``suite``: a suite YAML
+    file or a :class:`Suite` (default: the built-in one); ``reference``: "auto", "peft" or "gguf";
+    ``samples``/``max_tokens`` override the suite's; ``n_threads``: llama.cpp threads (default:
+    all CPUs this process may use). Returns a :class:`VerifyResult`; run.json gets a ``verify``
+    section, and REPORT.md, report.html and a Modelfile per GGUF are written next to the files.
+    """
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    rec = _read_run(out)
+    st = suite if isinstance(suite, Suite) else load_suite(suite)
+    if samples is not None:
+        st.samples = int(samples)
+    if max_tokens is not None:
+        st.max_tokens = int(max_tokens)
+    threads = n_threads or default_threads()
+    eos_token = (rec.get("technical") or {}).get("eos_token") or harmony.decode([harmony.RETURN])
+
+    if text is None:
+        eval_text, eval_source = EVAL_TEXT, "built-in"
+    else:
+        try:
+            eval_text, eval_source = Path(text).read_text(encoding="utf-8"), str(text)
+        except OSError as e:
+            raise InputError(f"cannot read the evaluation text {text}: {e}") from e
+    toks = harmony.render_text(eval_text)
+    first, _ = metrics.scored_rows(len(toks))
+
+    outputs = rec["outputs"]
+    unq = [o for o in outputs if o.get("type", "").upper() in ("BF16", "F16", "F32")]
+    fallback = unq[0]["file"] if unq else None
+    n_params = _n_params(unq[0] if unq else outputs[0])
+    vocab = int((rec.get("technical") or {}).get("vocab_size") or 0) or 201088
+    ref = choose_reference(reference, n_params=n_params, base_dir=rec.get("base_dir"),
+                           adapter_dir=rec.get("adapter_dir"), fallback_file=fallback,
+                           n_tokens=len(toks), vocab_size=vocab)
+    log.info("reference: %s (%s)", ref.label, ref.reason)
+
+    def note(done: int, total: int, what: str) -> None:
+        if progress:
+            progress("verify", done, total, what)
+
+    # --- the reference: logits and generations
+    n_ctx = max(len(toks), max(len(prompt_tokens(st, p)) for p in st.prompts) + st.max_tokens) + 8
+    t0 = time.perf_counter()
+    if ref.kind == "peft":
+        model = load_reference_model(rec["base_dir"], rec["adapter_dir"], ref.dtype)
+        ref_logits = reference_logits(model, toks)
+        stops = {"eos": harmony.RETURN, "call": harmony.CALL}
+        ref_runs = run_suite(PeftEngine(model, stops), st, eos_token=eos_token, progress=progress,
+                             label="reference")
+        del model
+        gc.collect()
+    else:
+        ref_logits = gguf_logits(out / ref.file, toks, n_threads=threads)
+        eng = GGUFEngine(out / ref.file, n_ctx=n_ctx, n_threads=threads)
+        try:
+            ref_runs = run_suite(eng, st, eos_token=eos_token, progress=progress, label=ref.file)
+        finally:
+            eng.close()
+    ref_seconds = time.perf_counter() - t0
+
+    files: list[dict[str, Any]] = []
+    runs: dict[str, list[dict[str, Any]]] = {}
+    failures: list[dict[str, Any]] = []
+    for i, o in enumerate(outputs):
+        path = out / o["file"]
+        note(i, len(outputs), f"{o['file']}: logits")
+        t0 = time.perf_counter()
+        is_ref = ref.kind == "gguf" and o["file"] == ref.file
+        m = None
+        if not is_ref:
+            m = metrics.compare(ref_logits, gguf_logits(path, toks, n_threads=threads), toks, first).to_dict()
+        gate = _gate(st, o, m)
+        note(i, len(outputs), f"{o['file']}: prompts")
+        eng = GGUFEngine(path, n_ctx=n_ctx, n_threads=threads)
+        try:
+            stops = eng.stops
+            gens = ref_runs if is_ref else run_suite(eng, st, eos_token=eos_token, progress=progress,
+                                                     label=o["file"])
+        finally:
+            eng.close()
+        runs[o["file"]] = [g.to_dict() for g in gens]
+        sp = None
+        if speed:
+            note(i, len(outputs), f"{o['file']}: speed")
+            sp = measure_speed(path, toks, n_threads=threads)
+        files.append({"file": o["file"], "type": o.get("type"), "bytes": o.get("bytes"),
+                      "metrics": m, "gate": gate, "speed": sp,
+                      "stop_tokens": {k: {"id": v, "token": harmony.decode([v])} for k, v in stops.items()},
+                      "seconds": round(time.perf_counter() - t0, 3)})
+        if gate["passed"] is False and gate.get("required", True):
+            failures.append({"file": o["file"], "check": "agreement with the reference", "prompt": None,
+                             "detail": gate["detail"]})
+
+    # --- checks: greedy decides; samples are reported as a pass count
+    checks = []
+    for p in st.prompts:
+        for ci, c in enumerate(p.checks):
+            row = {"prompt": p.id, "check": c.label, "type": c.type, "required": c.required, "results": {}}
+            for fname, gl in [("reference", [g.to_dict() for g in ref_runs])] + list(runs.items()):
+                mine = [g for g in gl if g["prompt"] == p.id]
+                greedy = next(g for g in mine if g["mode"] == "greedy")
+                samp = [g for g in mine if g["mode"] == "sample"]
+                res = greedy["checks"][ci]
+                row["results"][fname] = {"passed": res["passed"], "detail": res["detail"],
+                                         "samples_passed": sum(g["checks"][ci]["passed"] for g in samp),
+                                         "samples": len(samp)}
+                if fname != "reference" and c.required and not res["passed"]:
+                    failures.append({"file": fname, "check": c.label, "prompt": p.id, "detail": res["detail"]})
+            checks.append(row)
+
+    section = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "threads": threads,
+        "reference": ref.to_dict() | {"label": ref.label, "seconds": round(ref_seconds, 3)},
+        "eval": {"source": eval_source, "n_tokens": len(toks), "first_scored": first,
+                 "n_scored": len(toks) - 1 - first,
+                 "sha256": hashlib.sha256(json.dumps(toks).encode()).hexdigest()},
+        "suite": {"name": st.name, "source": st.source, "max_tokens": st.max_tokens, "samples": st.samples,
+                  "sampling": st.sampling,
+                  "prompts": [{"id": p.id, "title": p.title, "prompt": p.prompt,
+                               "checks": [c.to_dict() for c in p.checks]} for p in st.prompts]},
+        "files": files,
+        "reference_runs": [g.to_dict() for g in ref_runs],
+        "runs": runs,
+        "checks": checks,
+        "failures": failures,
+        "passed": not failures,
+    }
+    section["seconds"] = round(time.perf_counter() - t_start, 3)
+    rec["verify"] = section
+    rec.setdefault("stages", {})["verify"] = {"seconds": section["seconds"]}
+    _write_run(out, rec)
+    result = VerifyResult(out, not failures, failures, rec)
+    if report:
+        from .. import report as report_pkg
+
+        paths = report_pkg.write_report(out, rec)
+        result.report_md, result.report_html = paths.markdown, paths.html
+        result.modelfiles = list(paths.modelfiles)
+    return result
