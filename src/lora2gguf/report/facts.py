@@ -80,6 +80,18 @@ def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str
     }
 
 
+def resolution(finding: dict[str, Any]) -> str:
+    """How a doctor finding was resolved, from its severity and whether the user accepted it."""
+    sev = finding.get("severity")
+    if finding.get("accepted"):
+        return f"accepted by the user (--accept {finding.get('code')})"
+    if sev == "blocker":
+        return "blocked the build"
+    if sev == "warning":
+        return "handled by lora2gguf as the fix says"
+    return "for information"
+
+
 def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
@@ -87,6 +99,8 @@ def pct(x: float | None) -> str:
 def num(x: float | None, digits: int = 3) -> str:
     if x is None:
         return "n/a"
+    if isinstance(x, int) and not isinstance(x, bool):
+        return str(x)
     if x == 0:
         return "0"
     if abs(x) < 1e-3 or abs(x) >= 1e5:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from .facts import num, pct
+from .facts import num, pct, resolution
 from .plots import bars_tokens_per_s, scatter_size_vs_kl
 
 CSS = """
@@ -19,13 +19,14 @@ pre{background:#1a202c;color:#e2e8f0;padding:10px;overflow-x:auto;border-radius:
 .verdict{padding:12px 16px;border-radius:6px;font-weight:bold;margin:12px 0}
 .pass{background:#c6f6d5;color:#22543d}.fail{background:#fed7d7;color:#742a2a}.none{background:#edf2f7}
 .ok{color:#22543d}.bad{color:#9b2c2c;font-weight:bold}.muted{color:#718096}
-.plots{display:flex;flex-wrap:wrap;gap:16px}.plots svg{border:1px solid #e2e8f0;max-width:100%;height:auto}
+.plots{display:flex;flex-wrap:wrap;gap:16px}.plots svg{box-sizing:border-box;border:1px solid #e2e8f0;width:calc(50% - 8px);min-width:420px;height:auto}
+table.kv td:first-child{width:220px;background:#f7fafc;font-weight:600}
 details{margin:8px 0}
 """
 
 
-def _t(head: list[str], rows: list[list[Any]], cls: str = "") -> str:
-    h = "".join(f"<th>{escape(str(x))}</th>" for x in head)
+def _t(head: list[str] | None, rows: list[list[Any]], cls: str = "") -> str:
+    h = "".join(f"<th>{escape(str(x))}</th>" for x in head or [])
     body = []
     for r in rows:
         cells = []
@@ -35,7 +36,10 @@ def _t(head: list[str], rows: list[list[Any]], cls: str = "") -> str:
             else:
                 cells.append(f"<td>{escape(str(c))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table class="{cls}"><thead><tr>{h}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    thead = f"<thead><tr>{h}</tr></thead>" if head else ""
+    if head is None:
+        cls = (cls + " kv").strip()
+    return f'<table class="{cls}">{thead}<tbody>{"".join(body)}</tbody></table>'
 
 
 def _mark(res: dict[str, Any] | None) -> tuple[str, str]:
@@ -76,7 +80,7 @@ def render_html(f: dict[str, Any]) -> str:
         H.append('<div class="verdict none" id="verdict">Verification has not run.</div>')
 
     tok, ad = f["tokenizer"], f["adapter"]
-    H += ["<h2>Overview</h2>", _t(["", ""], [
+    H += ["<h2>Overview</h2>", _t(None, [
         ["Base model", _code(f["base_dir"])], ["Adapter", _code(f["adapter_dir"])],
         ["Architecture", f["architecture"]],
         ["Tokenizer", f"{tok.get('source', '?')} ({tok.get('reason', '')})"],
@@ -85,10 +89,9 @@ def render_html(f: dict[str, Any]) -> str:
 
     H.append("<h2>Findings and how they were resolved</h2>")
     if f["findings"]:
-        H.append(_t(["Code", "Severity", "Finding", "Fix", "Resolution"],
-                    [[_code(x.get("code")), x.get("severity"), x.get("title"), x.get("fix"),
-                      "accepted by the user" if x.get("accepted") else
-                      ("handled by lora2gguf" if x.get("severity") != "block" else "blocked the build")]
+        H.append(_t(["Code", "Severity", "Finding", "What", "Fix", "Resolution"],
+                    [[_code(x.get("code")), x.get("severity"), x.get("title"), x.get("what") or "", x.get("fix") or "",
+                      resolution(x)]
                      for x in f["findings"]]))
     else:
         H.append("<p>doctor found nothing to report.</p>")
@@ -151,14 +154,14 @@ def render_html(f: dict[str, Any]) -> str:
             H.append(_t(["Model", "Analysis", "Final", "Ended by"], rows))
 
         H.append("<h2>Speed</h2>")
-        H.append(f"<p>llama.cpp (llama-cpp-python) on this machine, {v.get('threads')} threads.</p>")
+        H.append(f"<p>llama.cpp (llama-cpp-python) on this machine, {v.get('threads')} thread(s).</p>")
         H.append(_t(["File", "Type", "Prompt tokens/s", "Generation tokens/s", "Threads"],
                     [[_code(x["file"]), x["type"], _n(x["speed"]["pp_tokens_per_s"]),
                       _n(x["speed"]["tg_tokens_per_s"]), _n(str(x["speed"]["threads"]))]
                      for x in f["files"] if x.get("speed")], "speed"))
 
     t = f["technical"]
-    H += ["<h2>Technical details</h2>", _t(["", ""], [
+    H += ["<h2>Technical details</h2>", _t(None, [
         ["Architecture", t.get("architecture")], ["Context length", _n(t.get("context_length"))],
         ["Vocabulary size", _n(t.get("vocab_size"))], ["Layers", _n(t.get("n_layers"))],
         ["Experts (used per token)", f"{t.get('n_experts')} ({t.get('n_experts_used')})"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .facts import num, pct
+from .facts import num, pct, resolution
 
 
 def _cell(s: Any) -> str:
@@ -53,10 +53,9 @@ def render_markdown(f: dict[str, Any]) -> str:
 
     L += ["## Findings and how they were resolved", ""]
     if f["findings"]:
-        L += _table(["Code", "Severity", "Finding", "Fix", "Resolution"],
-                    [[x.get("code"), x.get("severity"), x.get("title"), x.get("fix"),
-                      "accepted by the user" if x.get("accepted") else
-                      ("handled by lora2gguf" if x.get("severity") != "block" else "blocked the build")]
+        L += _table(["Code", "Severity", "Finding", "What", "Fix", "Resolution"],
+                    [[x.get("code"), x.get("severity"), x.get("title"), x.get("what") or "", x.get("fix") or "",
+                      resolution(x)]
                      for x in f["findings"]])
     else:
         L += ["doctor found nothing to report.", ""]
@@ -118,7 +117,7 @@ def render_markdown(f: dict[str, Any]) -> str:
         rows = [[f"`{x['file']}`", x["type"], num(x["speed"]["pp_tokens_per_s"], 4),
                  num(x["speed"]["tg_tokens_per_s"], 4), x["speed"]["threads"]]
                 for x in f["files"] if x.get("speed")]
-        L += [f"llama.cpp (llama-cpp-python) on this machine, {v.get('threads')} threads; prompt processing of "
+        L += [f"llama.cpp (llama-cpp-python) on this machine, {v.get('threads')} thread(s); prompt processing of "
               "a batch and generation one token at a time, as llama-bench measures them.", ""]
         L += _table(["File", "Type", "Prompt tokens/s", "Generation tokens/s", "Threads"], rows)
 

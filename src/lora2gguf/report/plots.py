@@ -14,8 +14,10 @@ _COLORS = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#2c7a7b")
 def _fmt(v: float) -> str:
     if v == 0:
         return "0"
-    if abs(v) >= 1000 or abs(v) < 0.01:
+    if abs(v) >= 1e6 or abs(v) < 0.01:
         return f"{v:.1e}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
     return f"{v:.3g}"
 
 
@@ -91,40 +93,47 @@ def scatter_size_vs_kl(points: Sequence[tuple[str, float, float]], *, title: str
     return "\n".join(out + ["</svg>"])
 
 
-def bars_tokens_per_s(rows: Sequence[tuple[str, float, float]], *, threads: int | None = None,
-                      title: str = "llama.cpp speed per file") -> str:
-    """``rows``: (label, prompt tokens/s, generation tokens/s): grouped horizontal-label bars."""
-    sub = f" ({threads} threads)" if threads else ""
-    out = _frame(title + sub, "", "tokens per second")
-    rows = [r for r in rows if r[1] is not None and r[2] is not None]
-    if not rows:
-        out.append(f'<text x="{_W / 2}" y="{_H / 2}" text-anchor="middle" font-size="12">no speed measured</text>')
-        return "\n".join(out + ["</svg>"])
-    vmax = max(max(pp, tg) for _, pp, tg in rows) * 1.1
-    pw, ph = _W - _ML - _MR, _H - _MT - _MB
+def _bar_panel(out: list[str], x0: float, width: float, title: str, rows: Sequence[tuple[str, float]],
+               color: str) -> None:
+    ph = _H - _MT - _MB - 20
+    top_y = _MT + 20
+    vmax = max(v for _, v in rows) * 1.15 or 1.0
     ticks = _nice_ticks(0, vmax)
     top = max(ticks[-1], vmax)
 
     def Y(v: float) -> float:
-        return _H - _MB - v / top * ph
+        return top_y + ph - v / top * ph
 
+    out.append(f'<text x="{x0 + width / 2:.1f}" y="{_MT + 8}" text-anchor="middle" font-size="12">{escape(title)}</text>')
+    out.append(f'<line x1="{x0:.1f}" y1="{top_y + ph:.1f}" x2="{x0 + width:.1f}" y2="{top_y + ph:.1f}" stroke="#333"/>')
+    out.append(f'<line x1="{x0:.1f}" y1="{top_y:.1f}" x2="{x0:.1f}" y2="{top_y + ph:.1f}" stroke="#333"/>')
     for t in ticks:
-        out.append(f'<line x1="{_ML}" y1="{Y(t):.1f}" x2="{_W - _MR}" y2="{Y(t):.1f}" stroke="#e2e8f0"/>')
-        out.append(f'<text x="{_ML - 6}" y="{Y(t) + 4:.1f}" text-anchor="end" font-size="11">{_fmt(t)}</text>')
-    group = pw / len(rows)
-    bw = min(40.0, group / 3)
-    for i, (lbl, pp, tg) in enumerate(rows):
-        gx = _ML + i * group + group / 2
-        for j, (v, c, name) in enumerate(((pp, _COLORS[0], "prompt"), (tg, _COLORS[1], "generation"))):
-            x = gx - bw + j * bw
-            out.append(f'<rect class="bar" x="{x:.1f}" y="{Y(v):.1f}" width="{bw - 2:.1f}" '
-                       f'height="{_H - _MB - Y(v):.1f}" fill="{c}"><title>{escape(lbl)} {name}: '
-                       f"{_fmt(v)} tokens/s</title></rect>")
-            out.append(f'<text x="{x + (bw - 2) / 2:.1f}" y="{Y(v) - 3:.1f}" text-anchor="middle" '
-                       f'font-size="10">{_fmt(v)}</text>')
-        out.append(f'<text x="{gx:.1f}" y="{_H - _MB + 16}" text-anchor="middle" font-size="11">{escape(lbl)}</text>')
-    lx = _W - _MR - 190
-    for j, (c, name) in enumerate(((_COLORS[0], "prompt processing"), (_COLORS[1], "generation"))):
-        out.append(f'<rect x="{lx + j * 105}" y="{_MT - 2}" width="10" height="10" fill="{c}"/>')
-        out.append(f'<text x="{lx + 14 + j * 105}" y="{_MT + 7}" font-size="11">{name}</text>')
+        out.append(f'<line x1="{x0:.1f}" y1="{Y(t):.1f}" x2="{x0 + width:.1f}" y2="{Y(t):.1f}" stroke="#e2e8f0"/>')
+        out.append(f'<text x="{x0 - 4:.1f}" y="{Y(t) + 4:.1f}" text-anchor="end" font-size="10">{_fmt(t)}</text>')
+    group = width / len(rows)
+    bw = min(36.0, group * 0.6)
+    for i, (lbl, v) in enumerate(rows):
+        gx = x0 + i * group + group / 2
+        out.append(f'<rect class="bar" x="{gx - bw / 2:.1f}" y="{Y(v):.1f}" width="{bw:.1f}" '
+                   f'height="{top_y + ph - Y(v):.1f}" fill="{color}"><title>{escape(lbl)} {escape(title)}: '
+                   f"{_fmt(v)} tokens/s</title></rect>")
+        out.append(f'<text x="{gx:.1f}" y="{Y(v) - 3:.1f}" text-anchor="middle" font-size="10">{_fmt(v)}</text>')
+        out.append(f'<text x="{gx:.1f}" y="{top_y + ph + 14:.1f}" text-anchor="middle" font-size="11">{escape(lbl)}</text>')
+
+
+def bars_tokens_per_s(rows: Sequence[tuple[str, float, float]], *, threads: int | None = None,
+                      title: str = "llama.cpp tokens per second") -> str:
+    """``rows``: (label, prompt tokens/s, generation tokens/s). Two panels with their own scales
+    (prompt processing is often 10-100x faster than generation)."""
+    sub = f" ({threads} thread{'s' if threads != 1 else ''})" if threads else ""
+    out = _frame(title + sub, "", "tokens per second")
+    out = [x for x in out if "<line" not in x]  # the panels draw their own axes
+    rows = [r for r in rows if r[1] is not None and r[2] is not None]
+    if not rows:
+        out.append(f'<text x="{_W / 2}" y="{_H / 2}" text-anchor="middle" font-size="12">no speed measured</text>')
+        return "\n".join(out + ["</svg>"])
+    gap = 50
+    pw = (_W - _ML - _MR - gap) / 2
+    _bar_panel(out, _ML, pw, "prompt processing", [(lbl, pp) for lbl, pp, _ in rows], _COLORS[0])
+    _bar_panel(out, _ML + pw + gap, pw, "generation", [(lbl, tg) for lbl, _, tg in rows], _COLORS[1])
     return "\n".join(out + ["</svg>"])
