@@ -4,7 +4,6 @@ yet stops here with an error that names it."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any, Mapping
 from . import lora
 from .arch import Architecture
 from .errors import FormatError, InputError, UnsupportedError
+from .jsonfile import read_json_object
 from .safetensors_io import Checkpoint, TensorInfo
 
 CONFIG_NAME = "adapter_config.json"
@@ -67,17 +67,8 @@ class Adapter:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    folder = Path(folder)
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise InputError(f"{folder}: no {CONFIG_NAME}; is this a PEFT adapter folder (saved with save_pretrained)?")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise FormatError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(Path(folder) / CONFIG_NAME,
+                            missing="is this a PEFT adapter folder (saved with save_pretrained)?")
 
 
 def check_config(config: Mapping[str, Any], path: Path) -> None:

@@ -19,10 +19,11 @@ from typing import Any, Callable, Sequence
 
 from . import __version__, arch as arch_registry
 from .adapter import load_adapter
-from .errors import BlockedError, FormatError, InputError
+from .errors import BlockedError, InputError
 from .gguf_out import GGUFStream, sha256_file, tensor_types
 from .hparams import write_hparams
-from .plan import FILE_TYPES, make_plan
+from .jsonfile import read_json_object
+from .plan import make_plan
 from .quantize import parse_quants, quantize, type_counts
 from .runstate import RunLock, RunState, input_fingerprint, remove_partials, stage_key
 from .safetensors_io import Checkpoint
@@ -35,15 +36,7 @@ ProgressFn = Callable[[str, int, int, str], None]
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise InputError(f"{path}: missing ({what})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise FormatError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, missing=f"expected {what}")
 
 
 def default_name(adapter_dir: Path) -> str:
@@ -276,7 +269,41 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
     write_record(out_dir, record)
     result = BuildResult(out_dir, outputs, record, notes=list(plan.notes))
     if verify:
-        result.verify = globals()["verify"](out_dir, progress=progress, **(verify_options or {}))
+        result.verify = _verify_stage(out_dir, state, outputs, record, verify_options or {}, progress)
+    return result
+
+
+def _verify_stage(out_dir: Path, state: RunState, outputs: list[OutputFile], record: dict[str, Any],
+                  options: dict[str, Any], progress: ProgressFn | None):
+    """verify, or its recorded result when the outputs (SHA-256), options and versions are those it
+    verified last time and its report files are unchanged."""
+    from . import verify as verify_pkg
+
+    key = stage_key({o.file: o.sha256 for o in outputs},
+                    {"options": options, "llama_cpp": _dist_version("llama_cpp_python"),
+                     "transformers": _dist_version("transformers"), "peft": _dist_version("peft")})
+    prev = state.done("verify", key)
+    if prev is not None and isinstance(prev.info.get("section"), dict):
+        section = prev.info["section"]
+        record["verify"] = section
+        record["stages"]["verify"] = {"seconds": section.get("seconds"), "resumed": True}
+        record["resumed"].append("verify")
+        write_record(out_dir, record)
+        if progress:
+            progress("verify", 1, 1, "unchanged since the last run: skipped")
+        files = prev.info.get("files") or {}
+        return verify_pkg.VerifyResult(
+            out_dir, bool(section.get("passed")), list(section.get("failures") or []), record,
+            report_md=out_dir / files["report_md"] if files.get("report_md") else None,
+            report_html=out_dir / files["report_html"] if files.get("report_html") else None,
+            modelfiles=[out_dir / m for m in files.get("modelfiles", [])])
+    result = verify_pkg.verify(out_dir, progress=progress, **options)
+    made = [p for p in (result.report_md, result.report_html, *result.modelfiles) if p is not None]
+    state.record("verify", key, {p: None for p in made},
+                 {"section": result.section,
+                  "files": {"report_md": result.report_md.name if result.report_md else None,
+                            "report_html": result.report_html.name if result.report_html else None,
+                            "modelfiles": [Path(m).name for m in result.modelfiles]}})
     return result
 
 
@@ -316,6 +343,8 @@ def doctor(base_dir: str | Path, adapter_dir: str | Path, **kwargs):
 
 
 def verify(out_dir: str | Path, **kwargs):
+    """Verify the GGUF files of a build's output folder (which is locked meanwhile)."""
     from . import verify as verify_pkg
 
-    return verify_pkg.verify(Path(out_dir), **kwargs)
+    with RunLock(out_dir):
+        return verify_pkg.verify(Path(out_dir), **kwargs)

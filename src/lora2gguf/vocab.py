@@ -7,13 +7,13 @@ same reader llama.cpp's converter uses, so the keys are the ones llama.cpp expec
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 
 from .errors import FormatError, InputError, UnsupportedError
+from .jsonfile import read_json_object
 
 # pre-tokenizer regex (tokenizer.json, Split pattern) -> llama.cpp's pre-tokenizer name
 PRE_TOKENIZERS: dict[str, str] = {
@@ -38,13 +38,9 @@ class Vocab:
 
 def load_tokenizer_json(folder: Path) -> dict:
     path = Path(folder) / "tokenizer.json"
-    if not path.is_file():
-        raise InputError(f"{folder}: no tokenizer.json (lora2gguf needs the fast tokenizer file to write the GGUF vocabulary)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e}); download it again") from None
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+    data = read_json_object(path, missing="lora2gguf needs the fast tokenizer file to write the GGUF vocabulary",
+                            hint="download it again")
+    if not isinstance(data.get("model"), dict):
         raise FormatError(f"{path}: no 'model' object; not a Hugging Face tokenizer.json")
     return data
 
