@@ -298,6 +298,8 @@ def _verify_stage(out_dir: Path, state: RunState, outputs: list[OutputFile], rec
             report_html=out_dir / files["report_html"] if files.get("report_html") else None,
             modelfiles=[out_dir / m for m in files.get("modelfiles", [])])
     result = verify_pkg.verify(out_dir, progress=progress, **options)
+    record["verify"] = result.section  # the BuildResult's record says what run.json now says
+    record["stages"]["verify"] = result.record.get("stages", {}).get("verify")
     made = [p for p in (result.report_md, result.report_html, *result.modelfiles) if p is not None]
     state.record("verify", key, {p: None for p in made},
                  {"section": result.section,
