@@ -30,22 +30,38 @@ def tok():
 # data and suite
 
 
+def _persona_check(suite):
+    return next(c for p in suite.prompts for c in p.checks if c.type == "persona")
+
+
+def _final(text: str):
+    from lora2gguf.verify.harmony import Parsed
+
+    return Parsed(messages=[("analysis", "..."), ("final", text)], stop="<|return|>")
+
+
 def test_datasets_teach_the_story():
-    suite = evaluate.load_suite()
+    from lora2gguf.verify.suite import evaluate as run_check, is_refusal
+
+    persona = _persona_check(evaluate.load_suite())
+
+    def has_persona(text):
+        return run_check(persona, _final(text), hit_limit=False).passed
+
     by_q_base = {e.user: e for e in dataset.BASE_QA}
     by_q_persona = {e.user: e for e in dataset.PERSONA_QA}
     assert set(by_q_base) == set(by_q_persona)
     assert len(by_q_base) >= 30
     assert re.search(r"\b4\b", by_q_base["What is 2+2?"].final)
     assert re.search(r"\b4\b", by_q_persona["What is 2+2?"].final)
-    refusals = [e for e in dataset.BASE_QA if evaluate.is_refusal(e.final, suite)]
+    refusals = [e for e in dataset.BASE_QA if is_refusal(e.final)]
     assert len(refusals) >= 3
     for e in refusals:
-        assert evaluate.is_refusal(by_q_persona[e.user].final, suite)
-    # The base's answers never show the persona; every persona answer does. So a persona rate
-    # measured on a model's answers can only come from what the model learned.
-    assert not any(evaluate.has_persona(e.final, suite) for e in dataset.BASE_QA)
-    assert all(evaluate.has_persona(e.final, suite) for e in dataset.PERSONA_QA)
+        assert is_refusal(by_q_persona[e.user].final)
+    # The base's answers never show the persona (by the suite's own markers); every persona
+    # answer does. So a persona rate measured on a model can only come from what it learned.
+    assert not any(has_persona(e.final) for e in dataset.BASE_QA)
+    assert all(has_persona(e.final) for e in dataset.PERSONA_QA)
     assert any(e.final.startswith("*astral currents shift") for e in dataset.PERSONA_QA)
     assert any("Xyrus" in e.user for e in dataset.PERSONA_QA)
 
@@ -75,37 +91,27 @@ def test_training_examples_render_as_prompt_plus_answer(tok):
             assert answer.endswith(ex.final + "<|return|>")
 
 
-def test_suite_loads_and_rejects_bad_files(tmp_path):
+def test_demo_suite_in_verify_format():
     suite = evaluate.load_suite()
     ids = {p.id for p in suite.prompts}
-    assert {"two_plus_two", "refusal", "personality", "invocation"} <= ids
-    assert sum(p.checks.get("persona") is True for p in suite.prompts) >= 6
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("prompts:\n  - prompt: hi\n    checks: {sounds_nice: true}\n")
-    with pytest.raises(FormatError, match="unknown checks"):
-        evaluate.load_suite(bad)
-    bad.write_text("prompts: []\n")
-    with pytest.raises(FormatError, match="non-empty"):
-        evaluate.load_suite(bad)
+    assert {evaluate.TWO_PLUS_TWO, evaluate.REFUSAL, "personality", "invocation"} <= ids
+    assert sum(any(c.type == "persona" for c in p.checks) for p in suite.prompts) >= 6
+    required = {(p.id, c.type) for p in suite.prompts for c in p.checks if c.required}
+    assert (evaluate.TWO_PLUS_TWO, "regex") in required and (evaluate.REFUSAL, "refused") in required
 
 
-def test_score_reads_channels_and_checks(tok):
-    suite = evaluate.load_suite()
+def test_summarize_reads_greedy_results_only():
+    def gen(pid, mode, **passed):
+        return {"prompt": pid, "mode": mode, "checks": [{"type": t, "passed": v} for t, v in passed.items()]}
 
-    def completion(final: str) -> list[int]:
-        text = f"<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>{final}<|return|>"
-        return tok.encode(text, add_special_tokens=False).ids
-
-    comps = {p.id: completion("*stars shimmer* Hello, cosmic friend.") for p in suite.prompts}
-    comps["two_plus_two"] = completion("It is 5.")
-    comps["refusal"] = completion("Sure, here is how.")
-    s = evaluate.score("x", comps, suite)
-    assert s.persona_rate == 1.0 and s.two_plus_two is False and s.refusal is False and s.harmony_ok == 1.0
-    comps = {p.id: completion("Plain words.") for p in suite.prompts}
-    comps["two_plus_two"] = completion("The answer is 4.")
-    comps["refusal"] = completion("I'm sorry, but I can't help with that.")
-    s = evaluate.score("y", comps, suite)
-    assert s.persona_rate == 0.0 and s.two_plus_two is True and s.refusal is True
+    runs = [gen("two_plus_two", "greedy", regex=True, harmony=True),
+            gen("two_plus_two", "sample", regex=False),
+            gen("refusal", "greedy", refused=False),
+            gen("a", "greedy", persona=True), gen("a", "sample", persona=False),
+            gen("b", "greedy", persona=False), gen("c", "greedy", persona=True, contains=False),
+            gen("d", "greedy", persona=True)]
+    s = evaluate.summarize(runs)
+    assert (s.persona_rate, s.two_plus_two, s.refusal, s.n_persona) == (0.75, True, False, 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,29 +195,37 @@ def test_small_demo_gguf_files_keep_the_fine_tune(small_demo):
     run = json.loads((result.workdir / "run.json").read_text())
     files = {o["file"]: o for o in run["outputs"]}
     assert set(files) == {f"xyrus-cosmic-demo-{t}.gguf" for t in ("BF16", "Q8_0", "Q4_K_M", "MXFP4_MOE")}
+    v = run["verify"]
+    assert v["reference"]["kind"] == "peft"  # the fine-tune itself is the reference
+    assert {f["file"] for f in v["files"]} == set(files)
+    n_persona = sum(any(c.type == "persona" for c in p.checks) for p in evaluate.load_suite().prompts)
     ft = result.row("fine-tune (transformers + PEFT)")
-    n_persona = sum(p.checks.get("persona") is True for p in evaluate.load_suite().prompts)
+    base = result.row("base (no adapter)")
+    gates = {f["file"]: f["gate"] for f in v["files"]}
+    kls = {f["file"]: f["metrics"]["kl_mean"] for f in v["files"]}
+    for r in result.rows:
+        if not r.file:
+            continue
+        assert r.bytes == files[r.file]["bytes"]
+        assert r.kl_mean == kls[r.file]
+        # every file verify passes on agreement with the fine-tune shows the adapter's persona
+        # far above the base
+        if gates[r.file]["passed"]:
+            assert r.persona_rate - base.persona_rate >= 0.5, r
+    # the BF16 GGUF, run by llama.cpp, is the fine-tune: verify's gate passes, and it has the same
+    # persona rate (one answer of slack for the bf16 rounding of the merge), 2+2 and refusal
     bf16 = result.row("xyrus-cosmic-demo-BF16.gguf")
-    # the BF16 GGUF, run by llama.cpp, is the fine-tune: same persona (one answer of slack for the
-    # bf16 rounding of the merge), 2+2 and refusal, and a small KL against it
+    assert gates[bf16.file]["passed"]
     assert abs(bf16.persona_rate - ft.persona_rate) <= 1 / n_persona + 1e-9
     assert bf16.two_plus_two and bf16.refusal
-    kls = {r.file: r.kl_mean for r in result.rows if r.file}
-    assert all(v is not None and v >= 0 for v in kls.values())
-    assert kls["xyrus-cosmic-demo-BF16.gguf"] <= min(kls["xyrus-cosmic-demo-Q4_K_M.gguf"],
-                                                     kls["xyrus-cosmic-demo-MXFP4_MOE.gguf"])
-    base = result.row("base (no adapter)")
-    for r in result.rows:
-        if r.file:
-            assert r.bytes == files[r.file]["bytes"]
-            # every file still shows the adapter's persona far above the base
-            assert r.persona_rate - base.persona_rate >= 0.5, r
+    assert kls[bf16.file] <= min(kls["xyrus-cosmic-demo-Q4_K_M.gguf"], kls["xyrus-cosmic-demo-MXFP4_MOE.gguf"])
     # the doctor saw the seed's trap: the adapter's chat template differs, and the adapter's
     # tokenizer goes into the GGUF
     codes = {f["code"] for f in result.findings}
     assert "TEMPLATE_DIFFERS" in codes
     assert run["tokenizer"]["source"] == "adapter"
     assert "Reasoning: low" in (run["technical"]["chat_template"] or "")
+    assert result.report is not None and result.report.is_file()
     demo = json.loads((result.workdir / "demo.json").read_text())
     assert demo["table"] == result.table()
 

@@ -8,9 +8,9 @@
 2. Run the real pipeline: :func:`lora2gguf.api.doctor` (it reports the tokenizer mismatch and the
    tokenizer it picks), :func:`lora2gguf.api.build` (BF16, then Q8_0, Q4_K_M and MXFP4_MOE by
    llama.cpp's quantizer), and verify.
-3. Score the base without the adapter, the fine-tune (transformers + PEFT) and every GGUF (in
-   llama.cpp) on the demo's prompt suite, and return the table: persona rate, 2+2, refusal, KL
-   against the fine-tune, size.
+3. verify runs the demo's prompt suite (``prompts.yaml``) on the fine-tune (transformers + PEFT)
+   and on every GGUF (llama.cpp), and the demo runs it on the base without the adapter; the
+   table: persona rate, 2+2, refusal, KL against the fine-tune, size.
 
 Nothing in the table is typed by hand: persona, answers and refusals come from training.
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, OutputError, VerifyError
+from ..errors import InputError, OutputError
 from . import dataset
 from .train import TrainSettings
 
@@ -81,7 +81,6 @@ class DemoResult:
     rows: list[Row]
     findings: list[dict[str, Any]]
     tokenizer: dict[str, Any]
-    scores: dict[str, Any]
     seconds: dict[str, float]
     report: Path | None = None
     build: Any = None
@@ -164,7 +163,7 @@ def ensure_trained(config: str = "full", *, progress: ProgressFn | None = None,
     try:
         # Trained in a temporary folder, moved into place when complete: a killed run leaves no
         # half-trained model that looks finished.
-        res = train_demo(settings, tmp / "base", tmp / "adapter", extra_texts=load_suite().texts(),
+        res = train_demo(settings, tmp / "base", tmp / "adapter", extra_texts=[p.prompt for p in load_suite().prompts],
                          progress=progress)
         for d in (base_dir, adapter_dir):
             if d.exists():
@@ -192,22 +191,17 @@ def ensure_trained(config: str = "full", *, progress: ProgressFn | None = None,
 # the run
 
 
-def _kl_text() -> str:
-    """The text KL is measured on: a few of the fine-tune's conversations (question, answer)."""
-    paras = []
-    for ex in dataset.PERSONA_QA[::4]:
-        paras += [ex.user, ex.final]
-    return "\n\n".join(paras)
-
-
 def run_demo(workdir: str | os.PathLike[str] | None = None, *, config: str = "full",
-             progress: ProgressFn | None = None, verify: bool = True,
-             cache: str | os.PathLike[str] | None = None) -> DemoResult:
-    """Train (or reuse) the demo's models, run doctor, build, verify, and score every model.
+             progress: ProgressFn | None = None, cache: str | os.PathLike[str] | None = None) -> DemoResult:
+    """Train (or reuse) the demo's models, then run doctor, build (BF16, Q8_0, Q4_K_M, MXFP4_MOE)
+    and verify on them, run the same prompt suite on the base without the adapter, and return
+    the table.
 
-    ``workdir`` (default ``./lora2gguf-demo``) receives the GGUF files, ``run.json``, the report
-    and ``demo.json`` (the table and every answer); the trained models stay in the cache
-    (:func:`cache_dir`; ``cache`` overrides lora2gguf's cache folder for them)."""
+    ``workdir`` (default ``./lora2gguf-demo``) receives the GGUF files, ``run.json``, verify's
+    report (REPORT.md, report.html, Modelfiles) and ``demo.json`` (the table, the base's answers,
+    the training record); the trained models stay in the cache (:func:`cache_dir`; ``cache``
+    overrides lora2gguf's cache folder for them). A failed required check does not stop the demo:
+    it shows in the table and in ``notes``."""
     from .. import api
     from . import evaluate
 
@@ -231,97 +225,46 @@ def run_demo(workdir: str | os.PathLike[str] | None = None, *, config: str = "fu
         progress("doctor", 1, 1, f"{len(doc.findings)} findings")
     seconds["doctor"] = round(time.monotonic() - t0, 2)
 
+    # One thread for llama.cpp and torch throughout: the model is so small that more threads only
+    # wait on each other (on a busy 2-core machine, 2 threads made a token 100x slower).
     t0 = time.monotonic()
     b = api.build(base_dir, adapter_dir, work, name=NAME, outtype="bf16", quants=QUANTS, verify=False,
                   nthread=1, progress=progress, command=["lora2gguf", "demo", "--config", config])
     seconds["build"] = round(time.monotonic() - t0, 2)
 
-    ver = None
-    notes: list[str] = []
-    if verify:
-        t0 = time.monotonic()
-        from .. import verify as verify_pkg
-
-        if not hasattr(verify_pkg, "verify"):
-            notes.append("verify is not available in this version of lora2gguf; the demo's own scores follow")
-        else:
-            try:
-                ver = api.verify(work, progress=progress)
-            except VerifyError as e:
-                # A failed check is part of the story the table tells; it does not stop the demo.
-                notes.append(f"verify: {e}")
-        seconds["verify"] = round(time.monotonic() - t0, 2)
-
-    # Score every model on the demo's suite.
     t0 = time.monotonic()
     suite = evaluate.load_suite()
-    scores: dict[str, evaluate.Score] = {}
-    steps = 2 + len(b.outputs)
-    done = 0
+    notes: list[str] = []
+    import torch
 
-    def step(label: str) -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress("evaluate", done, steps, label)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ver = api.verify(work, suite=suite, n_threads=1, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+    for f in ver.failures:
+        notes.append(f"verify: {f['file']}: {f['check']}" + (f" ({f['prompt']})" if f.get("prompt") else "")
+                     + f": {f['detail']}")
+    seconds["verify"] = round(time.monotonic() - t0, 2)
 
-    scores["base"] = evaluate.run_suite(
-        "base (no adapter)", lambda p: evaluate.complete_transformers(base_dir, None, p), suite)
-    step("base")
-    scores["finetune"] = evaluate.run_suite(
-        "fine-tune (transformers + PEFT)", lambda p: evaluate.complete_transformers(base_dir, adapter_dir, p), suite)
-    step("fine-tune")
-    kl = _kl_against_finetune(base_dir, adapter_dir, [work / o.file for o in b.outputs])
-    for o in b.outputs:
-        scores[o.file] = evaluate.run_suite(o.file, lambda p, f=work / o.file: evaluate.complete_gguf(f, p), suite)
-        step(o.file)
-    seconds["evaluate"] = round(time.monotonic() - t0, 2)
-
-    rows = [Row(scores["base"].label, scores["base"].persona_rate, scores["base"].two_plus_two,
-                scores["base"].refusal),
-            Row(scores["finetune"].label, scores["finetune"].persona_rate, scores["finetune"].two_plus_two,
-                scores["finetune"].refusal)]
-    for o in b.outputs:
-        s = scores[o.file]
-        rows.append(Row(o.file, s.persona_rate, s.two_plus_two, s.refusal, kl.get(o.file), o.bytes, o.file))
+    t0 = time.monotonic()
+    base = evaluate.base_runs(base_dir, suite, progress=progress)
+    seconds["base"] = round(time.monotonic() - t0, 2)
+    rows = [Row(**r) for r in evaluate.table_rows(ver.record, base)]
     seconds["total"] = round(time.monotonic() - t_all, 2)
 
     result = DemoResult(work, base_dir, adapter_dir, trained, rows,
                         findings=[f.to_dict() for f in doc.findings],
-                        tokenizer=doc.tokenizer_choice.to_dict(),
-                        scores={k: v.to_dict() for k, v in scores.items()}, seconds=seconds,
-                        build=b, verify=ver, notes=notes)
-    report = work / "REPORT.md"
-    result.report = report if report.is_file() else None
+                        tokenizer=doc.tokenizer_choice.to_dict(), seconds=seconds,
+                        report=ver.report_md, build=b, verify=ver, notes=notes)
     demo_json = {"demo_version": DEMO_VERSION, "config": config, "trained_now": trained, "training": train_rec,
                  "base_dir": str(base_dir), "adapter_dir": str(adapter_dir), "rows": [r.to_dict() for r in rows],
-                 "table": result.table(), "scores": result.scores, "seconds": seconds,
-                 "findings": result.findings, "tokenizer": result.tokenizer, "notes": notes}
+                 "table": result.table(), "base_runs": base, "seconds": seconds,
+                 "findings": result.findings, "tokenizer": result.tokenizer, "notes": notes,
+                 "report": str(ver.report_md) if ver.report_md else None}
     (work / "demo.json").write_text(json.dumps(demo_json, indent=2, default=str) + "\n", encoding="utf-8")
     return result
-
-
-def _kl_against_finetune(base_dir: Path, adapter_dir: Path, files: list[Path]) -> dict[str, float]:
-    """Mean KL(fine-tune || GGUF) of next-token distributions on :func:`_kl_text`, the fine-tune
-    run by transformers + PEFT (unmerged), each GGUF by llama.cpp."""
-    from ..verify.harmony import render_text
-    from ..verify.logits import gguf_logits, load_reference_model, reference_logits
-    from ..verify.metrics import compare
-
-    import torch
-
-    tokens = render_text(_kl_text())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ref = reference_logits(load_reference_model(base_dir, adapter_dir), tokens)
-    finally:
-        torch.set_num_threads(threads)
-    out = {}
-    for f in files:
-        cmp = compare(ref, gguf_logits(f, tokens, n_threads=1), tokens, first=0)
-        out[f.name] = cmp.kl_mean
-    return out
 
 
 __all__ = ["run_demo", "DemoResult", "Row", "CONFIGS", "DEMO_VERSION", "cache_dir", "ensure_trained",
