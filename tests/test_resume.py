@@ -175,6 +175,24 @@ def test_kill_mid_quantize_then_resume(tmp_path, inputs, reference):
     assert again.record["resumed"] == ["build", "quantize:Q8_0"]
 
 
+def test_verify_stage_resumes(tmp_path, inputs, reference):
+    """verify is a stage too: a rerun with the same outputs and options restores its section into
+    run.json instead of running llama.cpp again; its report files stay as they were."""
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    opts = dict(reference="gguf", samples=0, max_tokens=4, speed=False)
+    first = build(*inputs, out, name=NAME, verify=True, verify_options=opts)
+    assert first.record["resumed"] == ["build"]
+    assert "verify" in RunState.load(out).stages
+    report = sha(first.verify.report_md)
+    second = build(*inputs, out, name=NAME, verify=True, verify_options=opts)
+    assert second.record["resumed"] == ["build", "verify"]
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["verify"] == first.record["verify"] == second.verify.section
+    assert second.verify.passed == first.verify.passed and second.verify.failures == first.verify.failures
+    assert sha(second.verify.report_md) == report
+
+
 def _llama_quantize(src: Path, dst: Path, ftype: str) -> None:
     """llama.cpp's quantizer called directly (the uninterrupted reference)."""
     import ctypes
