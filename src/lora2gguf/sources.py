@@ -38,6 +38,9 @@ class Source:
     # MXFP4 only: a slab of the stored tensor repacked, without decoding, as ggml MXFP4 blocks
     # (E, rows, G*17) in the stored (output-major) row order; see numerics.mxfp4_hf_to_ggml
     read_packed: Reader | None = None
+    # plain F32/F16/BF16 only: a slab as stored (BF16 as uint16 bits), for tensors the adapter
+    # leaves alone and the GGUF keeps in the same type (copied bit for bit, no float32 round trip)
+    read_stored: Reader | None = None
 
     @property
     def stored_bytes(self) -> int:
@@ -51,11 +54,22 @@ class Source:
         return 4 * math.prod(self.shape[1:]) if self.shape else 4
 
 
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    """uint16 bf16 bit patterns -> float32, exactly, in one pass without a temporary."""
+    u = raw.astype(np.uint32)
+    u <<= np.uint32(16)
+    return u.view(np.float32)
+
+
 def _plain(info: TensorInfo) -> Source:
     def read(rows: slice | None) -> np.ndarray:
-        return to_f32(read_raw(info, rows=rows), info.dtype, name=info.name)
+        raw = read_raw(info, rows=rows)
+        return bf16_to_f32(raw) if info.dtype == "BF16" else to_f32(raw, info.dtype, name=info.name)
 
-    return Source(info.name, info.shape, info.dtype, read, (info,))
+    def read_stored(rows: slice | None) -> np.ndarray:
+        return read_raw(info, rows=rows)
+
+    return Source(info.name, info.shape, info.dtype, read, (info,), read_stored=read_stored)
 
 
 def _mxfp4(name: str, blocks: TensorInfo, scales: TensorInfo) -> Source:

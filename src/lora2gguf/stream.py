@@ -85,6 +85,29 @@ def _check_finite(x: np.ndarray, step: Step, sl: slice | None, factors) -> None:
     )
 
 
+_SAME_TYPE = {"BF16": gguf.GGMLQuantizationType.BF16, "F16": gguf.GGMLQuantizationType.F16,
+              "F32": gguf.GGMLQuantizationType.F32}
+
+
+def _stored_copy(step: Step) -> bool:
+    """No LoRA term and every output in the stored type: the bits can be copied (a float32 round
+    trip would give the same bits for every finite value)."""
+    want = _SAME_TYPE.get(step.source.storage)
+    return (not step.terms and not step.packed and want is not None and step.source.read_stored is not None
+            and all(t.qtype == want for t in step.outputs))
+
+
+def _check_stored_finite(raw: np.ndarray, step: Step, sl: slice | None) -> None:
+    if raw.dtype == np.uint16:  # bf16 bits: exponent all ones is Inf or NaN
+        bad = bool(np.any((raw & np.uint16(0x7F80)) == np.uint16(0x7F80)))
+    else:
+        bad = not np.isfinite(raw).all()
+    if bad:
+        where = "" if sl is None else f" (rows {sl.start}..{sl.stop - 1})"
+        raise NumericError(f"base tensor {step.source.name!r}{where} already holds NaN or Inf: "
+                           "the base checkpoint is damaged")
+
+
 @dataclass
 class MergedShards:
     """--save-merged: the merged model as safetensors shards in BF16 (or the output type's float)."""
@@ -158,17 +181,27 @@ def execute(plan: Plan, out: GGUFStream, *, merged: MergedShards | None = None,
     try:
         for step in plan.steps:
             factors = [_factors(t) for t in step.terms]
+            stored_copy = _stored_copy(step)
             src_rows = step.source.shape[0] if step.source.shape else 1
             for sl in slabs(step):
                 if step.packed:  # --keep-mxfp4: ggml MXFP4 blocks, bits moved, nothing decoded
                     pieces = PACKED_TRANSFORMS[step.transform](step.source.read_packed(sl))
+                elif stored_copy and merged is None:  # untouched, same type: the stored bits as they are
+                    raw = step.source.read_stored(sl)
+                    _check_stored_finite(raw, step, sl)
+                    pieces = plan.arch.transforms[step.transform](raw)
+                    del raw
                 else:
                     x = merged_slab(step, sl, factors)
                     _check_finite(x, step, sl, factors)
                     if merged is not None:
                         merged.write(step, sl, x)
-                    pieces = [encode(p, t.qtype, t.name)
-                              for t, p in zip(step.outputs, plan.arch.transforms[step.transform](x))]
+                    qtypes = {t.qtype for t in step.outputs}
+                    if len(qtypes) == 1:  # encoding is per element: encode first, move half the bytes
+                        pieces = plan.arch.transforms[step.transform](encode(x, qtypes.pop(), step.outputs[0].name))
+                    else:
+                        pieces = [encode(p, t.qtype, t.name)
+                                  for t, p in zip(step.outputs, plan.arch.transforms[step.transform](x))]
                     del x
                 for t, piece in zip(step.outputs, pieces):
                     offset = sl.start * t.row_nbytes if sl is not None else 0
