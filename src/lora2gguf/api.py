@@ -111,6 +111,11 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
     outtype = outtype.lower()
     quant_list = parse_quants(quants) if quants else []
+    if keep_mxfp4 and set(quant_list) - {"MXFP4_MOE"}:
+        raise InputError(
+            f"--keep-mxfp4 with --quant {','.join(q for q in quant_list if q != 'MXFP4_MOE')}: llama.cpp does not "
+            "requantize MXFP4 tensors to other types. With --keep-mxfp4 use --quant MXFP4_MOE (experts stay MXFP4, "
+            "the rest becomes Q8_0); for other types build without --keep-mxfp4 (the experts are then decoded).")
     name = name or default_name(adapter_dir)
     stages: dict[str, Any] = {}
 
