@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -76,10 +77,11 @@ class BuildResult:
 
 
 def _run_doctor(base_dir: Path, adapter_dir: Path, out_dir: Path, outputs: Sequence[str], accept: Sequence[str],
-                tokenizer: str):
+                tokenizer: str, free_bytes: int | None = None):
     from . import doctor as doctor_pkg
 
-    report = doctor_pkg.run(base_dir, adapter_dir, out_dir=out_dir, outputs=tuple(outputs), tokenizer=tokenizer)
+    report = doctor_pkg.run(base_dir, adapter_dir, out_dir=out_dir, outputs=tuple(outputs), tokenizer=tokenizer,
+                            free_bytes=free_bytes)
     blocking = report.blocking(set(accept))
     if blocking:
         lines = "\n".join(f"  [{f.code}] {f.title}\n      {_indent(f.what)}\n      fix: {f.fix}" for f in blocking)
@@ -140,7 +142,11 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
     resumed: list[str] = []
 
     t0 = time.perf_counter()
-    report = _run_doctor(base_dir, adapter_dir, out_dir, [outtype.upper(), *quant_list], accept, tokenizer)
+    # files a previous run finished count as free space for doctor's estimate: a resumed stage
+    # does not write them again, a redone one replaces them
+    credit = state.recorded_bytes()
+    free = shutil.disk_usage(out_dir).free + credit if credit else None
+    report = _run_doctor(base_dir, adapter_dir, out_dir, [outtype.upper(), *quant_list], accept, tokenizer, free)
     stages["doctor"] = {"seconds": round(time.perf_counter() - t0, 3)}
     choice = report.tokenizer_choice
 

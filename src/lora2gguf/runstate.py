@@ -333,6 +333,19 @@ class RunState:
         self.save()
         return entry
 
+    def recorded_bytes(self) -> int:
+        """Bytes of the recorded outputs in OUT_DIR that are still there with their recorded size."""
+        total = 0
+        for entry in self.stages.values():
+            for name, want in entry.outputs.items():
+                path = self._resolve(name)
+                try:
+                    if path.parent.resolve() == self.out_dir.resolve() and path.stat().st_size == want.get("bytes"):
+                        total += int(want["bytes"])
+                except (OSError, TypeError, ValueError, KeyError):
+                    continue
+        return total
+
     def forget(self, stage: str) -> None:
         if self.stages.pop(stage, None) is not None:
             self.save()
