@@ -91,12 +91,19 @@ def test_disk_full_during_quantize_then_during_build(tmpfs, tiny_base, adapter, 
     bf16_sha = sha(out / BF16)
     assert RunState.load(out).stages["build"].outputs[BF16]["sha256"] == bf16_sha
 
-    # 2. space is freed: the rerun resumes (the build is skipped) and writes the Q8_0 file
+    # 2. some space is freed: enough for the Q8_0 file, not for the BF16 and Q8_0 files together.
+    # The rerun resumes (the build is skipped; doctor counts the finished BF16 file as available)
+    # and writes the Q8_0 file.
     fill.remove()
+    leave = 60 << 20
+    with open(fill.path, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(tmpfs).free - leave)
+    assert shutil.disk_usage(tmpfs).free < (out / BF16).stat().st_size + (40 << 20)  # both would not fit
     result = build(tiny_base, adapter, out, name=NAME, quants=["Q8_0"], nthread=1)
     assert result.record["resumed"] == ["build"]
     assert sha(out / BF16) == bf16_sha
     q8_sha = sha(out / Q8)
+    fill.remove()
 
     # 3. a changed adapter needs a new build, and the disk fills up while its tensors are written
     changed = tmp_path / "adapter2"
