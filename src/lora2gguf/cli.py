@@ -34,14 +34,16 @@ class ProgressBar:
         self.last = now
         frac = min(1.0, done / total) if total else 0.0
         elapsed = now - self.t0
-        eta = (elapsed / frac - elapsed) if frac > 0 else 0.0
+        eta = (elapsed / frac - elapsed) if frac > 0 and elapsed > 0.5 else float("nan")
         width = 28
         bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
         if total > 1 << 20:
-            amount = f"{done / 2**20:,.0f}/{total / 2**20:,.0f} MiB {done / 2**20 / max(elapsed, 1e-9):,.0f} MiB/s"
+            rate = f" {done / 2**20 / elapsed:,.0f} MiB/s" if elapsed > 0.5 else ""
+            amount = f"{done / 2**20:,.0f}/{total / 2**20:,.0f} MiB{rate}"
         else:
             amount = f"{done}/{total}"
-        line = f"{stage:>9} [{bar}] {frac * 100:5.1f}% {amount} ETA {eta:4.0f}s {detail[-40:]}"
+        eta_text = "done" if finished else ("ETA   ?s" if eta != eta else f"ETA {eta:4.0f}s")
+        line = f"{stage:>9} [{bar}] {frac * 100:5.1f}% {amount} {eta_text} {detail[-40:]}"
         if self.tty:
             self.stream.write("\r\033[K" + line)
         else:
@@ -183,7 +185,21 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_libraries() -> None:
+    """The CLI draws its own progress: keep transformers/huggingface bars and advisories off the
+    terminal (they are the reference model's loading chatter, not lora2gguf's progress)."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="peft")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = make_parser()
     args = parser.parse_args(argv)
     try:
