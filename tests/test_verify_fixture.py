@@ -122,6 +122,7 @@ def scaled_adapter(adapter: Path, dest: Path, factor: float) -> Path:
 
 
 def greedy_peft(base: Path, adapter: Path | None, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Greedy completions through transformers (+ PEFT), stopping after <|return|>."""
     import torch
 
     from lora2gguf.verify.logits import load_reference_model
@@ -130,13 +131,10 @@ def greedy_peft(base: Path, adapter: Path | None, prompts: list[list[int]], n: i
     outs = []
     with torch.no_grad():
         for p in prompts:
-            ids = list(p)
-            for _ in range(n):
-                nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
-                ids.append(nxt)
-                if nxt == synth.EOS_TOKEN_ID:
-                    break
-            outs.append(ids[len(p):])
+            ids = torch.tensor([list(p)])
+            g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                               do_sample=False, eos_token_id=synth.EOS_TOKEN_ID, pad_token_id=synth.EOS_TOKEN_ID)
+            outs.append([int(t) for t in g[0, len(p):]])
     return outs
 
 

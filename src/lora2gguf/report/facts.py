@@ -53,7 +53,7 @@ def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str
     if v and out_dir is not None:
         reproduce.append(f"lora2gguf verify {shlex.quote(str(out_dir))}"
                          + (f" --suite {shlex.quote(v['suite']['source'])}" if v.get("suite", {}).get("source") not in (None, "built-in") else "")
-                         + (f" --text {shlex.quote(v['eval']['source'])}" if v.get("eval", {}).get("source") not in (None, "built-in") else ""))
+                         + (f" --text {shlex.quote(v['eval']['source'])}" if v.get("eval", {}).get("source") not in (None, "built-in", "given text") else ""))
     # behaviour table: one row per (prompt, check), a cell per model
     models = ["reference"] + [o["file"] for o in outputs if o["file"] in (v.get("runs") or {})]
     answers: dict[str, dict[str, Any]] = {}
@@ -97,12 +97,16 @@ def pct(x: float | None) -> str:
 
 
 def num(x: float | None, digits: int = 3) -> str:
+    """A figure for a table: integers as they are, whole numbers of 100..1e7 without decimals,
+    very small or very large values in e-notation, the rest with ``digits`` significant digits."""
     if x is None:
         return "n/a"
     if isinstance(x, int) and not isinstance(x, bool):
         return str(x)
     if x == 0:
         return "0"
-    if abs(x) < 1e-3 or abs(x) >= 1e5:
+    if abs(x) < 1e-3 or abs(x) >= 1e7:
         return f"{x:.{digits - 1}e}"
+    if abs(x) >= 10 ** digits:
+        return f"{x:.0f}"
     return f"{x:.{digits}g}"

@@ -84,6 +84,31 @@ class VerifyResult:
     def section(self) -> dict[str, Any]:
         return self.record["verify"]
 
+    @property
+    def required_failed(self) -> bool:
+        """True when a required check or gate failed (the CLI exits with VerifyError's code)."""
+        return not self.passed
+
+    @property
+    def report_path(self) -> Path | None:
+        return self.report_md
+
+    def summary(self) -> str:
+        """A few lines for a terminal: one per file, then the failures and the report's path."""
+        v = self.section
+        lines = [f"verify: reference {v['reference']['label']}; {v['threads']} thread(s)"]
+        for f in v["files"]:
+            m, g, sp = f["metrics"], f["gate"], f["speed"]
+            num = "reference" if m is None else f"KL {m['kl_mean']:.3g}, top-1 {m['top1']:.1%}"
+            speed = f", {sp['pp_tokens_per_s']:.0f}/{sp['tg_tokens_per_s']:.1f} tok/s pp/tg" if sp else ""
+            bad = sum(1 for x in self.failures if x["file"] == f["file"])
+            lines.append(f"  {f['file']}: {num}{speed}; " + ("ok" if not bad else f"{bad} required check(s) failed"))
+        for x in self.failures:
+            lines.append(f"  FAIL {x['file']}: {x['check']}" + (f" [{x['prompt']}]" if x.get("prompt") else "")
+                         + f": {x['detail']}")
+        lines.append(("passed" if self.passed else "FAILED") + (f"; report: {self.report_md}" if self.report_md else ""))
+        return "\n".join(lines)
+
 
 def _read_run(out_dir: Path) -> dict[str, Any]:
     path = out_dir / "run.json"
@@ -134,13 +159,27 @@ def _gate(suite: Suite, out: dict[str, Any], m: dict[str, Any] | None) -> dict[s
     return g | {"passed": not problems, "detail": detail}
 
 
+def _eval_text(text: str | os.PathLike[str] | None) -> tuple[str, str]:
+    """(text, source): None is the built-in text; a Path, or a str naming an existing file, is read;
+    any other str is the text itself."""
+    if text is None:
+        return EVAL_TEXT, "built-in"
+    is_file = isinstance(text, os.PathLike) or ("\n" not in text and len(text) < 4096 and Path(text).is_file())
+    if not is_file:
+        return str(text), "given text"
+    try:
+        return Path(text).read_text(encoding="utf-8"), str(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the evaluation text {text}: {e}") from e
+
+
 def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | None = None,
            suite: str | os.PathLike[str] | Suite | None = None, reference: str = "auto",
            samples: int | None = None, max_tokens: int | None = None, n_threads: int | None = None,
            speed: bool = True, report: bool = True, progress: ProgressFn | None = None) -> VerifyResult:
     """Verify every GGUF listed in ``OUT_DIR/run.json`` and write the report.
 
-    ``text``: a file with the evaluation text (default :data:`EVAL_TEXT`); ``suite``: a suite YAML
+    ``text``: the evaluation text, or a file holding it (default :data:`EVAL_TEXT`); ``suite``: a suite YAML
     file or a :class:`Suite` (default: the built-in one); ``reference``: "auto", "peft" or "gguf";
     ``samples``/``max_tokens`` override the suite's; ``n_threads``: llama.cpp threads (default:
     all CPUs this process may use). Returns a :class:`VerifyResult`; run.json gets a ``verify``
@@ -157,13 +196,7 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
     threads = n_threads or default_threads()
     eos_token = (rec.get("technical") or {}).get("eos_token") or harmony.decode([harmony.RETURN])
 
-    if text is None:
-        eval_text, eval_source = EVAL_TEXT, "built-in"
-    else:
-        try:
-            eval_text, eval_source = Path(text).read_text(encoding="utf-8"), str(text)
-        except OSError as e:
-            raise InputError(f"cannot read the evaluation text {text}: {e}") from e
+    eval_text, eval_source = _eval_text(text)
     toks = harmony.render_text(eval_text)
     first, _ = metrics.scored_rows(len(toks))
 
