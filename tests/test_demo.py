@@ -157,6 +157,41 @@ def test_compact_loss_equals_full_vocabulary_loss(tmp_path, tok):
     assert math.isclose(compact, total / count, rel_tol=1e-4), (compact, total / count)
 
 
+def test_training_is_deterministic_and_saves_a_plain_peft_adapter(tmp_path):
+    """The same settings give byte-identical checkpoints; the adapter holds LoRA tensors only (the
+    compact training vocabulary never leaks into it) and loads onto the saved base with PEFT."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from lora2gguf.demo import train
+
+    settings = train.TrainSettings("mini", dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                                 num_local_experts=2, num_experts_per_tok=1),
+                                   base_steps=3, lora_steps=3, lora_r=4, lora_alpha=8)
+
+    def sha(p: Path) -> str:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    digests = []
+    for run in ("a", "b"):
+        r = train.train_demo(settings, tmp_path / run / "base", tmp_path / run / "adapter")
+        assert len(r.base_losses) == 3 and len(r.lora_losses) == 3
+        digests.append((sha(r.base_dir / "model.safetensors"), sha(r.adapter_dir / "adapter_model.safetensors")))
+    assert digests[0] == digests[1]
+    with safe_open(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    assert any("experts" in k for k in keys) and any("q_proj" in k for k in keys)
+    base_cfg = json.loads((tmp_path / "a" / "base" / "config.json").read_text())
+    assert base_cfg["vocab_size"] == o200k.VOCAB_SIZE and base_cfg["architectures"] == ["GptOssForCausalLM"]
+    from lora2gguf.verify.logits import load_reference_model
+
+    model = load_reference_model(tmp_path / "a" / "base", tmp_path / "a" / "adapter")
+    assert model.get_input_embeddings().weight.shape[0] == o200k.VOCAB_SIZE
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole demo on the small configuration
 
@@ -186,7 +221,7 @@ def test_small_demo_adapter_changes_behaviour(small_demo):
     assert ft.two_plus_two and ft.refusal
     # progress was reported for training, build and evaluation
     stages = {e[0] for e in events}
-    assert {"train base", "train adapter", "build", "evaluate"} <= stages
+    assert {"train base", "train adapter", "doctor", "build", "verify"} <= stages
 
 
 @pytest.mark.slow
@@ -224,7 +259,9 @@ def test_small_demo_gguf_files_keep_the_fine_tune(small_demo):
     codes = {f["code"] for f in result.findings}
     assert "TEMPLATE_DIFFERS" in codes
     assert run["tokenizer"]["source"] == "adapter"
-    assert "Reasoning: low" in (run["technical"]["chat_template"] or "")
+    from lora2gguf.demo.train import adapter_chat_template
+
+    assert run["technical"]["chat_template"] == adapter_chat_template() != o200k.HARMONY_CHAT_TEMPLATE
     assert result.report is not None and result.report.is_file()
     demo = json.loads((result.workdir / "demo.json").read_text())
     assert demo["table"] == result.table()

@@ -97,6 +97,23 @@ class DemoResult:
         """The final table as Markdown."""
         return format_table(self.rows)
 
+    def summary(self) -> str:
+        """What the console shows at the end: what was trained or reused, the doctor's findings on
+        the tokenizer, where the report is, the table, and any failed check."""
+        lines = [f"demo models: {'trained now' if self.trained else 'reused from the cache'} "
+                 f"({self.base_dir.parent})"]
+        tok = [f for f in self.findings if f["code"].startswith(("TOKENIZER", "TEMPLATE"))]
+        for f in tok:
+            lines.append(f"doctor: [{f['code']}] {f['title']}")
+        if self.tokenizer:
+            lines.append(f"tokenizer in the GGUF: the {self.tokenizer.get('source')}'s ({self.tokenizer.get('reason')})")
+        lines.append(f"files and run.json: {self.workdir}")
+        if self.report is not None:
+            lines.append(f"report: {self.report}")
+        lines += ["", self.table()]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
 
 def format_table(rows: list[Row]) -> str:
     def yn(v: bool | None) -> str:
@@ -123,8 +140,10 @@ def cache_dir(config: str = "full", cache: str | os.PathLike[str] | None = None)
     return (Path(cache) if cache is not None else cache_root()) / "demo" / DEMO_VERSION / config
 
 
-def _fingerprint(settings: TrainSettings) -> str:
-    blob = json.dumps({"settings": settings.fingerprint(),
+def _fingerprint(settings: TrainSettings, prompts: list[str]) -> str:
+    """What the trained models depend on: settings, data, and the suite's prompts (their tokens
+    get rows of their own in the model)."""
+    blob = json.dumps({"settings": settings.fingerprint(), "prompts": prompts,
                        "base": [e.__dict__ for e in dataset.BASE_QA],
                        "persona": [e.__dict__ for e in dataset.PERSONA_QA],
                        "corpus": list(dataset.CORPUS), "variants": list(dataset.SYSTEM_VARIANTS)},
@@ -143,7 +162,8 @@ def ensure_trained(config: str = "full", *, progress: ProgressFn | None = None,
         raise InputError(f"demo config {config!r}: use one of {sorted(CONFIGS)}")
     settings = CONFIGS[config]
     root = cache_dir(config, cache)
-    fp = _fingerprint(settings)
+    prompts = [p.prompt for p in load_suite().prompts]
+    fp = _fingerprint(settings, prompts)
     record_path = root / "trained.json"
     base_dir, adapter_dir = root / "base", root / "adapter"
     if record_path.is_file():
@@ -163,7 +183,7 @@ def ensure_trained(config: str = "full", *, progress: ProgressFn | None = None,
     try:
         # Trained in a temporary folder, moved into place when complete: a killed run leaves no
         # half-trained model that looks finished.
-        res = train_demo(settings, tmp / "base", tmp / "adapter", extra_texts=[p.prompt for p in load_suite().prompts],
+        res = train_demo(settings, tmp / "base", tmp / "adapter", extra_texts=prompts,
                          progress=progress)
         for d in (base_dir, adapter_dir):
             if d.exists():
@@ -197,7 +217,7 @@ def run_demo(workdir: str | os.PathLike[str] | None = None, *, config: str = "fu
     and verify on them, run the same prompt suite on the base without the adapter, and return
     the table.
 
-    ``workdir`` (default ``./lora2gguf-demo``) receives the GGUF files, ``run.json``, verify's
+    ``workdir`` (default ``out`` in the config's cache folder) receives the GGUF files, ``run.json``, verify's
     report (REPORT.md, report.html, Modelfiles) and ``demo.json`` (the table, the base's answers,
     the training record); the trained models stay in the cache (:func:`cache_dir`; ``cache``
     overrides lora2gguf's cache folder for them). A failed required check does not stop the demo:
@@ -207,7 +227,7 @@ def run_demo(workdir: str | os.PathLike[str] | None = None, *, config: str = "fu
 
     t_all = time.monotonic()
     seconds: dict[str, float] = {}
-    work = Path(workdir) if workdir is not None else Path.cwd() / "lora2gguf-demo"
+    work = Path(workdir) if workdir is not None else cache_dir(config, cache) / "out"
     try:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as e:
