@@ -63,9 +63,14 @@ def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str
             runs = v.get("reference_runs") if m == "reference" else v["runs"].get(m, [])
             greedy = next((g for g in runs or [] if g["prompt"] == p["id"] and g["mode"] == "greedy"), None)
             answers[p["id"]][m] = greedy
-    quantized_points = [(f["type"] or f["file"], _mb(f["bytes"]), (f["metrics"] or {}).get("kl_mean"))
+    types = [f["type"] for f in files]
+
+    def label(f: dict[str, Any]) -> str:  # the type, or the file's stem where types repeat
+        return f["type"] if f["type"] and types.count(f["type"]) == 1 else Path(f["file"]).stem
+
+    quantized_points = [(label(f), _mb(f["bytes"]), (f["metrics"] or {}).get("kl_mean"))
                         for f in files if str(f["type"]).upper() not in UNQUANTIZED and f["metrics"]]
-    speed_rows = [(f["type"] or f["file"], f["speed"]["pp_tokens_per_s"], f["speed"]["tg_tokens_per_s"])
+    speed_rows = [(label(f), f["speed"]["pp_tokens_per_s"], f["speed"]["tg_tokens_per_s"])
                   for f in files if f.get("speed")]
     stages = record.get("stages") or {}
     return {

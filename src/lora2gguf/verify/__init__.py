@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from ..errors import InputError, OutputError
 from . import harmony, metrics
-from .logits import (Reference, choose_reference, default_threads, gguf_logits, load_reference_model,
+from .logits import (choose_reference, default_threads, gguf_logits, load_reference_model,
                      reference_logits)
 from .runner import GGUFEngine, PeftEngine, measure_speed, prompt_tokens, run_suite
 from .suite import Suite, load_suite
@@ -98,7 +98,7 @@ class VerifyResult:
         v = self.section
         lines = [f"verify: reference {v['reference']['label']}; {v['threads']} thread(s)"]
         for f in v["files"]:
-            m, g, sp = f["metrics"], f["gate"], f["speed"]
+            m, sp = f["metrics"], f["speed"]
             num = "reference" if m is None else f"KL {m['kl_mean']:.3g}, top-1 {m['top1']:.1%}"
             speed = f", {sp['pp_tokens_per_s']:.0f}/{sp['tg_tokens_per_s']:.1f} tok/s pp/tg" if sp else ""
             bad = sum(1 for x in self.failures if x["file"] == f["file"])

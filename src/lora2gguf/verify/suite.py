@@ -190,8 +190,6 @@ def parse_suite(data: Any, source: str = "suite") -> Suite:
 
 def load_suite(path: str | Path | None = None) -> Suite:
     """The suite in ``path`` (YAML), or the built-in one."""
-    import yaml
-
     if path is None:
         text = resources.files("lora2gguf").joinpath("data/prompts.yaml").read_text(encoding="utf-8")
         source = "built-in"
