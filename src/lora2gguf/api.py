@@ -22,6 +22,7 @@ from . import __version__, arch as arch_registry
 from .adapter import load_adapter
 from .errors import BlockedError, InputError
 from .gguf_out import GGUFStream, sha256_file, tensor_types
+from . import hparams
 from .hparams import write_hparams
 from .jsonfile import read_json_object
 from .plan import make_plan
@@ -123,6 +124,7 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
 
     config = read_json(base_dir / "config.json", "the base model's config")
     arch = arch_registry.for_config(config, where=str(base_dir / "config.json"))
+    hparams.validate(arch, config, str(base_dir / "config.json"))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(out_dir):

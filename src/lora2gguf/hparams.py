@@ -105,3 +105,14 @@ def write_hparams(writer: gguf.GGUFWriter, arch: Architecture, config: Mapping, 
         _put(writer, "add_rope_freq_base", rope["rope_theta"], where, "rope_theta")
     written["rope"] = rope
     return written
+
+
+def validate(arch: Architecture, config: Mapping, where: str = "config.json") -> None:
+    """Check every field the GGUF metadata and the plan need, before any tensor is planned or read:
+    a bad value is an InputError naming config.json and the field."""
+    write_hparams(gguf.GGUFWriter(None, arch.gguf_arch_name), arch, config, where)
+    for key in ("vocab_size", "num_hidden_layers"):
+        value = find(config, (key,), where)
+        if not isinstance(value, int) or value < 1:
+            raise InputError(f"{where}: field {key!r} is {value!r}, expected a positive integer. "
+                             "Fix the config or download it again.")
