@@ -3,6 +3,7 @@ and llama.cpp running the result against transformers + PEFT."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -24,9 +25,15 @@ EVAL_TEXT = ("<|start|>user<|message|>What is 2+2? Tell me about the stars and t
              "<|start|>assistant<|channel|>final<|message|>The sum of 2 and 2 is 4. Stars burn far away.<|return|>")
 
 
+@functools.lru_cache(maxsize=16)
+def reader_of(path: Path) -> gguf.GGUFReader:
+    """gguf-py's reader, once per file (it takes tens of seconds on the 201k-token vocabulary)."""
+    return gguf.GGUFReader(path)
+
+
 def read_gguf(path: Path) -> tuple[dict, dict]:
     """(tensors: name -> (type name, shape, raw bytes), kv: key -> python value)."""
-    reader = gguf.GGUFReader(path)
+    reader = reader_of(path)
     tensors = {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape), bytes(t.data.tobytes()))
                for t in reader.tensors}
     kv = {}
@@ -38,7 +45,7 @@ def read_gguf(path: Path) -> tuple[dict, dict]:
 
 
 def gguf_f32(path: Path) -> dict[str, np.ndarray]:
-    reader = gguf.GGUFReader(path)
+    reader = reader_of(path)
     out = {}
     for t in reader.tensors:
         data = np.asarray(t.data)
@@ -85,7 +92,7 @@ def test_outputs_named_and_recorded(built):
     for name in files:
         path = result.out_dir / name
         assert by_file[name]["bytes"] == path.stat().st_size
-        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+        types = {t.name: t.tensor_type.name for t in reader_of(path).tensors}
         assert by_file[name]["tensors"] == types
     assert by_file["tiny-MXFP4_MOE.gguf"]["tensor_types"].get("MXFP4", 0) == 6  # 3 expert tensors x 2 layers
     assert record["technical"]["eos_token"] == "<|return|>"
@@ -109,7 +116,7 @@ def test_f32_output_equals_peft_merge(built, peft_merged):
 
 def test_bf16_output_within_one_ulp_of_peft(built, peft_merged):
     result, _, _ = built
-    ours = gguf.GGUFReader(result.out_dir / "tiny-BF16.gguf")
+    ours = reader_of(result.out_dir / "tiny-BF16.gguf")
     raw = {t.name: np.asarray(t.data) for t in ours.tensors}
     types = {t.name: t.tensor_type for t in ours.tensors}
     exact = total = 0
@@ -227,8 +234,9 @@ def test_narrow_rows_fallback_is_reported(built):
     from lora2gguf.quantize import fallback_note
 
     result = built[0]
-    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(result.out_dir / "tiny-Q8_0.gguf").tensors}
-    shapes = {t.name: [int(d) for d in t.shape] for t in gguf.GGUFReader(result.out_dir / "tiny-Q8_0.gguf").tensors}
+    tensors = reader_of(result.out_dir / "tiny-Q8_0.gguf").tensors
+    types = {t.name: t.tensor_type.name for t in tensors}
+    shapes = {t.name: [int(d) for d in t.shape] for t in tensors}
     assert fallback_note("Q8_0", types, shapes) is None
     fake_k = {n: ("Q5_0" if t == "Q8_0" else t) for n, t in types.items()}
     note = fallback_note("Q4_K_M", fake_k, shapes)
