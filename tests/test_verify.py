@@ -261,3 +261,31 @@ def test_set_eos_and_swap_edit_only_what_they_say(tmp_path, tmp_path_factory):
 def test_verify_without_run_json_names_the_file(tmp_path):
     with pytest.raises(InputError, match="run.json"):
         verify(tmp_path)
+
+
+def test_gguf_reference_when_asked(tmp_path, tmp_path_factory):
+    """reference="gguf": the BF16 file is the reference (no numbers of its own), the others are
+    compared with it, and the report says so."""
+    src = built_good(tmp_path_factory)
+    d = tmp_path / "out"
+    d.mkdir()
+    rec = json.loads((src / "run.json").read_text())
+    rec.pop("verify", None)
+    for o in rec["outputs"]:
+        shutil.copyfile(src / o["file"], d / o["file"])
+    (d / "run.json").write_text(json.dumps(rec))
+    seen = []
+    res = verify(d, suite=suite_from_text(FIXTURE_SUITE, "s.yaml"), reference="gguf", speed=False,
+                 samples=0, max_tokens=32, n_threads=VERIFY_KW["n_threads"],
+                 progress=lambda *a: seen.append(a))
+    v = res.section
+    assert v["reference"]["kind"] == "gguf" and v["reference"]["file"] == "tiny-BF16.gguf"
+    files = {f["file"]: f for f in v["files"]}
+    assert files["tiny-BF16.gguf"]["metrics"] is None and files["tiny-BF16.gguf"]["gate"]["passed"] is None
+    q8 = files["tiny-Q8_0.gguf"]["metrics"]
+    assert 0 < q8["kl_mean"] < 0.1 and q8["top1"] > 0.9
+    assert v["runs"]["tiny-BF16.gguf"] == v["reference_runs"]
+    assert res.passed, res.failures
+    assert "tiny-BF16.gguf (llama.cpp)" in (d / "REPORT.md").read_text()
+    # one progress count from 1 to its total
+    assert [s[1] for s in seen] == list(range(1, seen[-1][2] + 1)) and {s[0] for s in seen} == {"verify"}

@@ -210,9 +210,19 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
                            n_tokens=len(toks), vocab_size=vocab)
     log.info("reference: %s (%s)", ref.label, ref.reason)
 
-    def note(done: int, total: int, what: str) -> None:
+    # one progress count for the whole run: per model, each prompt run; per file, logits and speed
+    runs_per_model = len(st.prompts) * (1 + st.samples)
+    n_models = 1 + len(outputs) - (1 if ref.kind == "gguf" else 0)  # a GGUF reference runs once
+    total_steps = runs_per_model * n_models + len(outputs) * (2 if speed else 1)
+    done_steps = [0]
+
+    def note(_done: int, _total: int, what: str) -> None:
+        done_steps[0] += 1
         if progress:
-            progress("verify", done, total, what)
+            progress("verify", min(done_steps[0], total_steps), total_steps, what)
+
+    def on_run(_stage: str, _done: int, _total: int, what: str) -> None:
+        note(0, 0, what)
 
     # --- the reference: logits and generations
     n_ctx = max(len(toks), max(len(prompt_tokens(st, p)) for p in st.prompts) + st.max_tokens) + 8
@@ -221,7 +231,7 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
         model = load_reference_model(rec["base_dir"], rec["adapter_dir"], ref.dtype)
         ref_logits = reference_logits(model, toks)
         stops = {"eos": harmony.RETURN, "call": harmony.CALL}
-        ref_runs = run_suite(PeftEngine(model, stops), st, eos_token=eos_token, progress=progress,
+        ref_runs = run_suite(PeftEngine(model, stops), st, eos_token=eos_token, progress=on_run,
                              label="reference")
         del model
         gc.collect()
@@ -229,7 +239,7 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
         ref_logits = gguf_logits(out / ref.file, toks, n_threads=threads)
         eng = GGUFEngine(out / ref.file, n_ctx=n_ctx, n_threads=threads)
         try:
-            ref_runs = run_suite(eng, st, eos_token=eos_token, progress=progress, label=ref.file)
+            ref_runs = run_suite(eng, st, eos_token=eos_token, progress=on_run, label=ref.file)
         finally:
             eng.close()
     ref_seconds = time.perf_counter() - t0
@@ -239,26 +249,25 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
     failures: list[dict[str, Any]] = []
     for i, o in enumerate(outputs):
         path = out / o["file"]
-        note(i, len(outputs), f"{o['file']}: logits")
         t0 = time.perf_counter()
         is_ref = ref.kind == "gguf" and o["file"] == ref.file
         m = None
         if not is_ref:
             m = metrics.compare(ref_logits, gguf_logits(path, toks, n_threads=threads), toks, first).to_dict()
+        note(i, len(outputs), f"{o['file']}: logits")
         gate = _gate(st, o, m)
-        note(i, len(outputs), f"{o['file']}: prompts")
         eng = GGUFEngine(path, n_ctx=n_ctx, n_threads=threads)
         try:
             stops = eng.stops
-            gens = ref_runs if is_ref else run_suite(eng, st, eos_token=eos_token, progress=progress,
+            gens = ref_runs if is_ref else run_suite(eng, st, eos_token=eos_token, progress=on_run,
                                                      label=o["file"])
         finally:
             eng.close()
         runs[o["file"]] = [g.to_dict() for g in gens]
         sp = None
         if speed:
-            note(i, len(outputs), f"{o['file']}: speed")
             sp = measure_speed(path, toks, n_threads=threads)
+            note(i, len(outputs), f"{o['file']}: speed")
         files.append({"file": o["file"], "type": o.get("type"), "bytes": o.get("bytes"),
                       "metrics": m, "gate": gate, "speed": sp,
                       "stop_tokens": {k: {"id": v, "token": harmony.decode([v])} for k, v in stops.items()},
