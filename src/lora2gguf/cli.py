@@ -101,7 +101,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             args.base, args.adapter, args.out, name=args.name, outtype=args.outtype, quants=args.quant or "",
             accept=[a.upper() for a in args.accept], save_merged=args.save_merged, tokenizer=args.tokenizer,
             verify=not args.no_verify, nthread=args.threads, progress=bar, command=["lora2gguf", *sys.argv[1:]],
-            keep_mxfp4=args.keep_mxfp4,
+            keep_mxfp4=args.keep_mxfp4, verify_options=verify_kwargs(args),
         )
     finally:
         bar.close()
@@ -110,23 +110,48 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 3 if failed else 0
 
 
+def verify_kwargs(args: argparse.Namespace) -> dict:
+    from .errors import InputError
+
+    kwargs: dict = {}
+    if args.text:
+        path = Path(args.text)
+        if not path.is_file():
+            raise InputError(f"--text {args.text}: no such file")
+        kwargs["text"] = path.read_text(encoding="utf-8")
+    for name in ("suite", "reference", "samples", "max_tokens", "n_threads"):
+        value = getattr(args, name, None)
+        if value is not None:
+            kwargs[name] = value
+    if getattr(args, "no_speed", False):
+        kwargs["speed"] = False
+    return kwargs
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .api import verify
 
     bar = ProgressBar()
-    kwargs = {}
-    if args.text:
-        kwargs["text"] = Path(args.text).read_text(encoding="utf-8")
-    if args.suite:
-        kwargs["suite"] = args.suite
     try:
-        result = verify(args.out, progress=bar, **kwargs)
+        result = verify(args.out, progress=bar, **verify_kwargs(args))
     finally:
         bar.close()
     summary = getattr(result, "summary", None)
     if callable(summary):
         sys.stdout.write(summary() + "\n")
     return 3 if getattr(result, "required_failed", False) else 0
+
+
+def add_verify_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", help="evaluation text file (default: built in)")
+    p.add_argument("--suite", help="prompt suite YAML (default: built in, the seed report's four prompts)")
+    p.add_argument("--reference", choices=("auto", "peft", "gguf"), default=None,
+                   help="what the GGUFs are compared with: the fine-tune through transformers+PEFT, or the "
+                        "unquantized GGUF (auto: PEFT when installed and memory allows)")
+    p.add_argument("--samples", type=int, default=None, help="seeded samples per prompt besides greedy")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=None, help="generation limit per prompt")
+    p.add_argument("--verify-threads", dest="n_threads", type=int, default=None, help="llama.cpp threads for verify")
+    p.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -169,13 +194,13 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--keep-mxfp4", action="store_true",
                    help="MXFP4 base and experts untouched by the adapter: keep the experts MXFP4 in the GGUF")
     b.add_argument("--no-verify", action="store_true", help="skip verify at the end")
+    add_verify_options(b)
     b.add_argument("--threads", type=int, default=0, help="threads for llama.cpp (default: all cores)")
     b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("verify", help="run the GGUFs of an output folder in llama.cpp and write the report")
     v.add_argument("out", help="output folder of a build (holds run.json)")
-    v.add_argument("--text", help="evaluation text file (default: built in)")
-    v.add_argument("--suite", help="prompt suite YAML (default: built in)")
+    add_verify_options(v)
     v.set_defaults(func=cmd_verify)
 
     d = sub.add_parser("demo", help="the seed report's story on a built-in model trained on this CPU")
