@@ -162,8 +162,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         result = run_demo(args.workdir, config=args.config, progress=bar)
     finally:
         bar.close()
-    text = getattr(result, "table", None)
-    sys.stdout.write((text() if callable(text) else str(text or result)) + "\n")
+    sys.stdout.write(result.summary() + "\n")
     return 0
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import gguf
 
-from .errors import InputError, OutputError
-from .gguf_out import check_readable, partial_path
+from .errors import FormatError, InputError, OutputError
+from .gguf_header import read_header
+from .gguf_out import partial_path
 
 
 def _llama_cpp():
@@ -96,10 +97,13 @@ def quantize(src: Path, dst: Path, ftype: str, *, nthread: int = 0) -> QuantResu
             f"{Path(src).stat().st_size:,} bytes (at most the source's size) and {free:,} are free in {Path(dst).parent}; "
             "the unfinished file was removed and earlier files are untouched. Free space and run again."
         )
-    reader = check_readable(tmp)
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
-    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
-    del reader
+    try:
+        header = read_header(tmp)
+    except FormatError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{dst}: llama.cpp's output does not read back ({e})") from None
+    types = {t.name: t.qtype.name for t in header.tensors.values()}
+    shapes = {t.name: [int(d) for d in t.shape] for t in header.tensors.values()}
     os.replace(tmp, dst)
     return QuantResult(Path(dst), ftype, types, fallback_note(ftype, types, shapes))
 
