@@ -117,7 +117,9 @@ def bf16_bits_to_f32(u16: np.ndarray) -> np.ndarray:
         u = u.view(np.uint16)
     if u.dtype != np.uint16:
         raise FormatError(f"bf16_bits_to_f32 expects uint16 bit patterns, got {u.dtype}")
-    return (u.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    out = u.astype(np.uint32)
+    out <<= np.uint32(16)  # in place: one array, not two
+    return out.view(np.float32)
 
 
 def round_to_bf16(x: np.ndarray) -> np.ndarray:

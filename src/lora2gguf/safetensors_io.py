@@ -21,6 +21,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from .errors import FormatError, InputError, OutputError
+from .numerics import bf16_bits_to_f32
 
 # safetensors dtype code -> (numpy dtype used to hold the raw bytes, itemsize, is_float)
 # BF16 and the 8-bit floats have no numpy dtype: they are held as their bit patterns.
@@ -199,7 +200,7 @@ def read_raw(info: TensorInfo, *, rows: slice | None = None) -> np.ndarray:
 def to_f32(raw: np.ndarray, dtype: str, *, name: str = "?") -> np.ndarray:
     """Raw array of a safetensors dtype -> float32 (a new array)."""
     if dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        return bf16_bits_to_f32(raw)
     if dtype in ("F32", "F16", "F64"):
         return raw.astype(np.float32)
     raise InputError(f"tensor {name!r} has dtype {dtype}, which is not a 16/32-bit float; it cannot be merged as is")
