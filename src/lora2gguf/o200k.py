@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, OutputError, UnsupportedError
+from .gguf_out import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +107,6 @@ def _o200k_cache() -> Path:
     return d
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
@@ -153,7 +146,7 @@ def tiktoken_dir() -> Path:
     by sha256). Point ``TIKTOKEN_ENCODINGS_BASE`` at it to load openai-harmony offline."""
     d = _o200k_cache()
     path = d / TIKTOKEN_FILE
-    if path.is_file() and _sha256_file(path) == O200K_BASE_SHA256:
+    if path.is_file() and sha256_file(path) == O200K_BASE_SHA256:
         return d
     if path.exists():
         log.warning("%s has the wrong sha256; rewriting it", path)

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Mapping
 
 from . import __version__
 from .errors import OutputError
+from .gguf_out import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ PARTIAL_SUFFIX = ".partial"
 FULL_HASH_LIMIT = 1 << 30
 #: the input files a fingerprint covers (top level of the base and adapter folders)
 INPUT_SUFFIXES = (".json", ".jinja", ".safetensors", ".model", ".txt", ".tiktoken", ".py", ".bin", ".pt")
-_CHUNK = 8 << 20
 
 
 # --------------------------------------------------------------------------- lock
@@ -174,17 +174,6 @@ def remove_partials(out_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- fingerprints
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(_CHUNK)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def _header_sha256(path: Path, size: int) -> str:
