@@ -20,6 +20,7 @@ import pytest
 from lora2gguf import numerics, synth
 from lora2gguf.api import build
 from lora2gguf.errors import BlockedError, InputError
+from lora2gguf.gguf_header import read_header
 from lora2gguf.safetensors_io import Checkpoint, read_raw
 
 EVAL_TEXT = ("<|start|>user<|message|>What is 2+2? Tell me about the stars and the sea.<|end|>"
@@ -37,9 +38,15 @@ def sha256(path: Path) -> str:
 
 
 def gguf_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
-    reader = gguf.GGUFReader(path)
-    return {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape), bytes(t.data.tobytes()))
-            for t in reader.tensors}
+    """name -> (type name, ggml shape, raw bytes), through the header reader (checked against
+    gguf-py's GGUFReader in test_gguf_header.py; GGUFReader takes 10-30 s on the o200k vocab)."""
+    h = read_header(path)
+    with open(path, "rb") as f:
+        out = {}
+        for name, t in h.tensors.items():
+            f.seek(h.data_start + t.offset)
+            out[name] = (t.qtype.name, t.shape, f.read(t.nbytes))
+    return out
 
 
 def gguf_kv(path: Path) -> dict:
@@ -49,9 +56,10 @@ def gguf_kv(path: Path) -> dict:
 
 def bf16_rows(path: Path, name: str) -> np.ndarray:
     """A BF16 GGUF tensor as uint16 bits in numpy (row-major) shape."""
-    t = next(t for t in gguf.GGUFReader(path).tensors if t.name == name)
-    assert t.tensor_type == gguf.GGMLQuantizationType.BF16, (name, t.tensor_type)
-    return np.asarray(t.data).view(np.uint16).reshape(tuple(int(d) for d in reversed(t.shape)))
+    t = read_header(path).tensors[name]
+    assert t.qtype == gguf.GGMLQuantizationType.BF16, (name, t.qtype)
+    data = gguf_tensors(path)[name][2]
+    return np.frombuffer(data, np.uint16).reshape(tuple(reversed(t.shape)))
 
 
 def lora_delta(adapter: Path, layer: str, proj: str) -> np.ndarray:
