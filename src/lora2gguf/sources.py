@@ -54,17 +54,10 @@ class Source:
         return 4 * math.prod(self.shape[1:]) if self.shape else 4
 
 
-def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
-    """uint16 bf16 bit patterns -> float32, exactly, in one pass without a temporary."""
-    u = raw.astype(np.uint32)
-    u <<= np.uint32(16)
-    return u.view(np.float32)
-
-
 def _plain(info: TensorInfo) -> Source:
     def read(rows: slice | None) -> np.ndarray:
         raw = read_raw(info, rows=rows)
-        return bf16_to_f32(raw) if info.dtype == "BF16" else to_f32(raw, info.dtype, name=info.name)
+        return to_f32(raw, info.dtype, name=info.name)
 
     def read_stored(rows: slice | None) -> np.ndarray:
         return read_raw(info, rows=rows)

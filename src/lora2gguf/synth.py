@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from . import numerics
 from .errors import InputError, OutputError, UnsupportedError
 
 log = logging.getLogger(__name__)
@@ -284,18 +285,12 @@ def _rng(seed: int, name: str) -> np.random.Generator:
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), rounding to nearest, ties to even; NaN stays NaN."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    r = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-    out = r.astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = 0x7FC0
-    return out
+    return numerics.f32_to_bf16_bits(np.asarray(x, dtype=np.float32))
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) -> float32."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return numerics.bf16_bits_to_f32(np.asarray(bits, dtype=np.uint16))
 
 
 def _encode(x: np.ndarray, dtype: str) -> np.ndarray:
