@@ -1,7 +1,10 @@
-"""gguf_kv.FastKVWriter packs metadata exactly as gguf-py does (same bytes, same errors)."""
+"""gguf_kv.FastKVWriter packs metadata exactly as gguf-py does (same bytes, same errors), and
+vocab.write_vocab's own merges (tokenizer.json parsed once) give the same GGUF KV section as
+gguf-py's SpecialVocab(load_merges=True)."""
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -12,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora2gguf import vocab
+from lora2gguf.errors import FormatError
 from lora2gguf.gguf_kv import FastKVWriter
 
 T = gguf.GGUFValueType
@@ -145,3 +149,108 @@ def test_fast_writer_writes_the_o200k_vocabulary_kv_byte_for_byte(o200k_tokenize
     fast = _kv_bytes(tmp_path / "fast.gguf", FastKVWriter, fill)
     ref = _kv_bytes(tmp_path / "ref.gguf", gguf.GGUFWriter, fill)
     assert len(ref) > 10_000_000 and fast == ref
+
+
+# --- merges from the tokenizer.json write_vocab already parsed, against gguf-py's SpecialVocab ---
+
+def _write_vocab_vanilla(writer, folder: Path, vocab_size: int) -> None:
+    """write_vocab as it was before it made the merges itself: all of them through
+    gguf.SpecialVocab(load_merges=True)."""
+    v = vocab.read_vocab(folder, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(v.pre)
+    writer.add_token_list(v.tokens)
+    writer.add_token_types(v.types)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    if vocab._bytelevel_post_processor(vocab.load_tokenizer_json(folder)):
+        special.add_special_token.setdefault("bos", False)
+        special.add_special_token.setdefault("eos", False)
+    special.add_to_gguf(writer, quiet=True)
+
+
+TINY_MERGES = [["a", "b"], ["a b", "c"], [" ", "x"], ["x", "y  z"], ["Ġ", "Ġ"], ["ab", "c"]]
+
+
+def _tiny_tokenizer(folder: Path, merges, *, merges_txt: str | None = None) -> tuple[Path, int]:
+    """A small byte-level BPE tokenizer folder (tokenizer.json, tokenizer_config.json) whose merges
+    are `merges` (None: no merges key); returns it and a vocab_size with a few unused ids."""
+    tokens = ["a", "b", "c", " ", "x", "y", "z", "Ġ", "ab", "a b", "a bc", " x", "y  z", "xy  z", "ĠĠ", "abc"]
+    data = {
+        "version": "1.0",
+        "added_tokens": [{"id": len(tokens), "content": "<|endoftext|>", "special": True},
+                         {"id": len(tokens) + 1, "content": "<|user|>", "special": False}],
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": next(iter(vocab.PRE_TOKENIZERS))}, "behavior": "Isolated"},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]},
+        "post_processor": {"type": "ByteLevel", "trim_offsets": False},
+        "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)}},
+    }
+    if merges is not None:
+        data["model"]["merges"] = merges
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "chat_template": "{{ messages }}"}))
+    if merges_txt is not None:
+        (folder / "merges.txt").write_text(merges_txt, encoding="utf-8")
+    return folder, len(tokens) + 2 + 3
+
+
+TINY_CASES = {
+    "list-form with spaces in parts": dict(merges=TINY_MERGES),
+    "string-form": dict(merges=["a b", "ab c", "Ġ Ġ", "x y"]),
+    "no merges, merges.txt": dict(merges=None, merges_txt="#version: 0.2\na b\nab c\n"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_merges_same_as_gguf_py_on_a_tiny_tokenizer(case, tmp_path):
+    folder, n = _tiny_tokenizer(tmp_path / "tok", **TINY_CASES[case])
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=n)
+    assert special.merges  # the case means something
+    mine = vocab.merges_of(vocab.load_tokenizer_json(folder), folder / "tokenizer.json")
+    assert mine == (special.merges if TINY_CASES[case]["merges"] is not None else [])
+    if case.startswith("list-form"):
+        assert "a\u0120b c" in mine and "x y\u0120\u0120z" in mine  # the space inside a part, as gguf-py writes it
+    _, got = vocab.write_vocab(gguf.GGUFWriter(None, "gpt-oss"), folder, n)
+    assert got.merges == special.merges
+
+
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_vocab_kv_unchanged_on_a_tiny_tokenizer(case, tmp_path):
+    folder, n = _tiny_tokenizer(tmp_path / "tok", **TINY_CASES[case])
+    new = _kv_bytes(tmp_path / "new.gguf", gguf.GGUFWriter, lambda w: vocab.write_vocab(w, folder, n))
+    old = _kv_bytes(tmp_path / "old.gguf", gguf.GGUFWriter, lambda w: _write_vocab_vanilla(w, folder, n))
+    assert new == old
+    assert _kv_bytes(tmp_path / "fast.gguf", FastKVWriter, lambda w: vocab.write_vocab(w, folder, n)) == old
+
+
+def test_merges_same_as_gguf_py_on_o200k(o200k_tokenizer_dir):
+    special = gguf.SpecialVocab(o200k_tokenizer_dir, load_merges=True, n_vocab=O200K_VOCAB)
+    data = vocab.load_tokenizer_json(o200k_tokenizer_dir)
+    assert isinstance(data["model"]["merges"][0], list)  # the list form, converted
+    mine = vocab.merges_of(data, o200k_tokenizer_dir / "tokenizer.json")
+    assert len(mine) == len(special.merges) == 446189
+    assert mine == special.merges
+
+
+def test_vocab_kv_unchanged_on_o200k(o200k_tokenizer_dir, tmp_path):
+    new = _kv_bytes(tmp_path / "new.gguf", FastKVWriter,
+                    lambda w: vocab.write_vocab(w, o200k_tokenizer_dir, O200K_VOCAB))
+    old = _kv_bytes(tmp_path / "old.gguf", gguf.GGUFWriter,
+                    lambda w: _write_vocab_vanilla(w, o200k_tokenizer_dir, O200K_VOCAB))
+    assert new == old
+
+
+@pytest.mark.parametrize("merges", [
+    ["a b", ["a", "b"]],
+    [["a", "b"], ["a", "b", "c"]],
+    [["a", "b"], ["a"]],
+    [["a", 1]],
+    [{"a": 1, "b": 2}],
+    [["a", "b"], "ab"],
+])
+def test_malformed_merges_are_a_format_error(merges, tmp_path):
+    folder, n = _tiny_tokenizer(tmp_path / "tok", merges)
+    with pytest.raises(FormatError, match="merges"):
+        vocab.write_vocab(gguf.GGUFWriter(None, "gpt-oss"), folder, n)
