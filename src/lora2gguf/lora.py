@@ -52,6 +52,19 @@ def linear_delta(a: np.ndarray, b: np.ndarray, scale: float, *, fan_in_fan_out: 
     return (bb @ a) * np.float32(scale)
 
 
+def expert_factors(a: np.ndarray, b: np.ndarray, num_experts: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """Expert e's own pair from PEFT's stacked factors: A_e (r, in) and B_e (out, r), views.
+
+    a: (r*E, in), b: (out, r*E); delta[e] = s * (A_e^T @ B_e^T), i.e. delta[e]^T = s * (B_e @ A_e).
+    """
+    rE, n_in = a.shape
+    n_out = b.shape[0]
+    if rE % num_experts or b.shape[1] != rE:
+        raise ValueError(f"expert LoRA shapes A{a.shape} B{b.shape} do not fit {num_experts} experts")
+    r = rE // num_experts
+    return a.reshape(num_experts, r, n_in)[e], b.reshape(n_out, r, num_experts)[:, :, e]
+
+
 def expert_delta(a: np.ndarray, b: np.ndarray, scale: float, num_experts: int,
                  experts: slice | None = None) -> np.ndarray:
     """Delta for an expert parameter of shape (E, in, out), as PEFT's ParamWrapper computes it.
@@ -60,18 +73,12 @@ def expert_delta(a: np.ndarray, b: np.ndarray, scale: float, num_experts: int,
     """
     a = np.asarray(a, dtype=np.float32)
     b = np.asarray(b, dtype=np.float32)
-    rE, n_in = a.shape
-    n_out = b.shape[0]
-    if rE % num_experts or b.shape[1] != rE:
-        raise ValueError(f"expert LoRA shapes A{a.shape} B{b.shape} do not fit {num_experts} experts")
-    r = rE // num_experts
-    a3 = a.reshape(num_experts, r, n_in)  # (E, r, in)
-    b3 = b.reshape(n_out, r, num_experts)  # (out, r, E)
+    n_in, n_out = a.shape[1], b.shape[0]
     sel = range(num_experts)[experts] if experts is not None else range(num_experts)
     out = np.empty((len(sel), n_in, n_out), dtype=np.float32)
     for i, e in enumerate(sel):
-        # (in, r) @ (r, out)
-        np.matmul(a3[e].T, b3[:, :, e].T, out=out[i])
+        a_e, b_e = expert_factors(a, b, num_experts, e)
+        np.matmul(a_e.T, b_e.T, out=out[i])  # (in, r) @ (r, out)
     out *= np.float32(scale)
     return out
 
