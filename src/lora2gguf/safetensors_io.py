@@ -4,14 +4,17 @@ Every header field is checked before a byte of tensor data is trusted: the heade
 bounded by the file, the header is a JSON object of known dtypes with integer shapes, and the
 data offsets lie inside the file, do not overlap, and hold exactly shape x itemsize bytes.
 
-Tensor data is read with positioned reads into a fresh buffer, one tensor (or one slab of
-it) at a time: a long-lived mmap would count every touched page in the process' RSS.
+Tensor data is read one tensor (or one slab of it) at a time: with positioned reads into a
+fresh (or reused) buffer, or mapped read-only (`map_raw`) where a copy would be wasted. A map
+covers one slab and is unmapped when its array is dropped: a long-lived mmap of the whole file
+would count every touched page in the process' RSS.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -174,18 +177,8 @@ def read_raw(info: TensorInfo, *, rows: slice | None = None) -> np.ndarray:
 
     BF16 comes back as uint16 bit patterns, FP8 as uint8.
     """
-    dt, itemsize = DTYPES[info.dtype]
-    shape = info.shape
-    begin = info.begin
-    if rows is not None:
-        if not shape:
-            raise ValueError("cannot slice a scalar")
-        start, stop, step = rows.indices(shape[0])
-        if step != 1:
-            raise ValueError("only contiguous row slices are supported")
-        row_bytes = math.prod(shape[1:]) * itemsize
-        begin += start * row_bytes
-        shape = (max(stop - start, 0),) + tuple(shape[1:])
+    dt, _ = DTYPES[info.dtype]
+    begin, shape = _slab_range(info, rows)
     out = np.empty(shape, dtype=dt)
     nbytes = out.nbytes
     if nbytes:
@@ -195,6 +188,44 @@ def read_raw(info: TensorInfo, *, rows: slice | None = None) -> np.ndarray:
         if got != nbytes:
             raise _bad(info.path, f"tensor {info.name!r}: file ended while reading ({got} of {nbytes} bytes)")
     return out
+
+
+def _slab_range(info: TensorInfo, rows: slice | None) -> tuple[int, tuple[int, ...]]:
+    """(absolute byte offset, shape) of a tensor or of a run of its leading axis."""
+    _, itemsize = DTYPES[info.dtype]
+    if rows is None:
+        return info.begin, info.shape
+    if not info.shape:
+        raise ValueError("cannot slice a scalar")
+    start, stop, step = rows.indices(info.shape[0])
+    if step != 1:
+        raise ValueError("only contiguous row slices are supported")
+    row_bytes = math.prod(info.shape[1:]) * itemsize
+    return info.begin + start * row_bytes, (max(stop - start, 0),) + tuple(info.shape[1:])
+
+
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # populate: map the pages in one go
+
+
+def map_raw(info: TensorInfo, *, rows: slice | None = None) -> np.ndarray:
+    """A read-only array of a tensor (or a slab of its leading axis) mapped from the file: no
+    copy. The mapping lives as long as the array (and its views) do; map one slab at a time."""
+    dt, _ = DTYPES[info.dtype]
+    begin, shape = _slab_range(info, rows)
+    nbytes = math.prod(shape) * dt.itemsize
+    if not nbytes:
+        return np.empty(shape, dtype=dt)
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if begin + nbytes > size:  # the file shrank since its header was read: a map would SIGBUS
+            raise _bad(info.path, f"tensor {info.name!r}: file ended while reading ({size} bytes, "
+                                  f"the tensor ends at {begin + nbytes})")
+        skip = begin % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(fd, skip + nbytes, flags=_MAP_FLAGS, prot=mmap.PROT_READ, offset=begin - skip)
+    finally:
+        os.close(fd)
+    return np.frombuffer(mm, dtype=dt, count=math.prod(shape), offset=skip).reshape(shape)
 
 
 def to_f32(raw: np.ndarray, dtype: str, *, name: str = "?") -> np.ndarray:

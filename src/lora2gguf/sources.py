@@ -19,7 +19,7 @@ import numpy as np
 
 from . import numerics
 from .errors import UnsupportedError
-from .safetensors_io import FLOAT_DTYPES, FP8_DTYPES, Checkpoint, TensorInfo, read_raw, to_f32
+from .safetensors_io import FLOAT_DTYPES, FP8_DTYPES, Checkpoint, TensorInfo, map_raw, read_raw, to_f32
 
 Reader = Callable[[slice | None], np.ndarray]
 
@@ -39,7 +39,8 @@ class Source:
     # (E, rows, G*17) in the stored (output-major) row order; see numerics.mxfp4_hf_to_ggml
     read_packed: Reader | None = None
     # plain F32/F16/BF16 only: a slab as stored (BF16 as uint16 bits), for tensors the adapter
-    # leaves alone and the GGUF keeps in the same type (copied bit for bit, no float32 round trip)
+    # leaves alone and the GGUF keeps in the same type (copied bit for bit, no float32 round trip),
+    # and for the fused BF16 merge (bf16_merge); read-only
     read_stored: Reader | None = None
 
     @property
@@ -56,11 +57,10 @@ class Source:
 
 def _plain(info: TensorInfo) -> Source:
     def read(rows: slice | None) -> np.ndarray:
-        raw = read_raw(info, rows=rows)
-        return to_f32(raw, info.dtype, name=info.name)
+        return to_f32(map_raw(info, rows=rows), info.dtype, name=info.name)  # to_f32 makes the copy
 
     def read_stored(rows: slice | None) -> np.ndarray:
-        return read_raw(info, rows=rows)
+        return map_raw(info, rows=rows)  # read-only, mapped for as long as the array lives
 
     return Source(info.name, info.shape, info.dtype, read, (info,), read_stored=read_stored)
 
