@@ -1,5 +1,6 @@
 """Writing GGUF files: gguf-py writes the header, metadata and tensor infos; tensor data is then
-filled in slab by slab with positioned writes at the offsets gguf-py's layout implies.
+filled in slab by slab at the offsets gguf-py's layout implies, streamed in file order with
+large direct writes and hashed on the way (seqwrite).
 
 A file is written under a temporary name in the output folder and renamed into place only when
 complete and readable by gguf-py, so a file with the final name is always a finished one.
@@ -17,7 +18,9 @@ import numpy as np
 
 from .errors import FormatError, OutputError
 from .gguf_header import read_header, tensor_types as header_tensor_types
+from .gguf_kv import FastKVWriter
 from .plan import OutTensor
+from .seqwrite import SequentialWriter
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -43,7 +46,7 @@ class GGUFStream:
         self.tmp = partial_path(self.path)
         self.tensors = {t.name: t for t in tensors}
         try:
-            writer = gguf.GGUFWriter(self.tmp, arch_name)
+            writer = FastKVWriter(self.tmp, arch_name)
             add_metadata(writer)
             for t in tensors:
                 dt = _np_dtype(t.qtype)
@@ -65,13 +68,21 @@ class GGUFStream:
             self._discard()
             raise
         self.offsets: dict[str, int] = {}
+        gaps = []
         off = 0
         for t in tensors:
             self.offsets[t.name] = off
-            off += gguf.GGUFWriter.ggml_pad(t.nbytes, align)
+            padded = gguf.GGUFWriter.ggml_pad(t.nbytes, align)
+            gaps.append((self.data_start + off + t.nbytes, self.data_start + off + padded))  # alignment padding
+            off += padded
         self.size = self.data_start + off
         self._fd: int | None = os.open(self.tmp, os.O_RDWR)
+        self._out = SequentialWriter(self.tmp, self._fd, self.size)
+        self._out.in_file(0, self.data_start)  # header, metadata, tensor infos: written by gguf-py
+        for start, end in gaps:
+            self._out.zeros(start, end)
         self.bytes_written = self.data_start
+        self.sha256: str | None = None  # set by finish()
 
     def write(self, name: str, data: np.ndarray, byte_offset: int = 0) -> None:
         t = self.tensors[name]
@@ -79,12 +90,8 @@ class GGUFStream:
         if byte_offset + buf.nbytes > t.nbytes:
             raise ValueError(f"{name}: write of {buf.nbytes} bytes at {byte_offset} past the tensor's {t.nbytes}")
         pos = self.data_start + self.offsets[name] + byte_offset
-        mv = memoryview(buf)
         try:
-            while mv:
-                n = os.pwrite(self._fd, mv, pos)
-                mv = mv[n:]
-                pos += n
+            self._out.write(pos, buf)
         except OSError as e:
             self._discard()
             raise OutputError(
@@ -95,9 +102,9 @@ class GGUFStream:
         self.bytes_written += buf.nbytes
 
     def finish(self) -> Path:
-        """Pad, sync, check the header with gguf-py, and rename into place."""
+        """Pad, sync, check the header, and rename into place; `sha256` is the file's hash."""
         try:
-            os.ftruncate(self._fd, self.size)
+            self.sha256 = self._out.close()
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
@@ -110,6 +117,8 @@ class GGUFStream:
         return self.path
 
     def _discard(self) -> None:
+        if getattr(self, "_out", None) is not None:
+            self._out.abort()
         if getattr(self, "_fd", None) is not None:
             try:
                 os.close(self._fd)
