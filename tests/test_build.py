@@ -4,6 +4,7 @@ and llama.cpp running the result against transformers + PEFT."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -133,6 +134,22 @@ def test_bf16_output_within_one_ulp_of_peft(built, peft_merged):
             exact += int((diff == 0).sum())
             total += diff.size
     assert total > 0 and exact / total > 0.999
+
+
+def test_fused_route_writes_the_same_file(built, tiny_base, tiny_adapter, tmp_path):
+    """Without --save-merged, the experts are merged by the fused BF16 kernel (bf16_merge), one output
+    tensor at a time, and the file is streamed with direct writes (seqwrite): the bytes are the generic
+    route's (the `built` fixture asks for --save-merged, which takes the generic route), and the
+    SHA-256 recorded while streaming is the file's."""
+    result, _, _ = built
+    fused = build(tiny_base, tiny_adapter, tmp_path / "fused", name="tiny", nthread=2)
+    stats = json.loads((fused.out_dir / "run.json").read_text())["stages"]["build"]
+    generic_stats = json.loads((result.out_dir / "run.json").read_text())["stages"]["build"]
+    assert stats["fused_slabs"] > 0 and generic_stats["fused_slabs"] == 0
+    data = (fused.out_dir / "tiny-BF16.gguf").read_bytes()
+    assert data == (result.out_dir / "tiny-BF16.gguf").read_bytes()
+    recorded = {o["file"]: o["sha256"] for o in json.loads((fused.out_dir / "run.json").read_text())["outputs"]}
+    assert recorded["tiny-BF16.gguf"] == hashlib.sha256(data).hexdigest()
 
 
 def _gguf_name(hf: str, part: str, layer: str | None) -> str:

@@ -52,10 +52,17 @@ class Filler:
 
     def __call__(self, stage: str, done: int, total: int, what: str) -> None:
         if stage == self.stage and not self.filled:
-            free = shutil.disk_usage(self.path.parent).free
-            self.filled = max(free - self.leave, 0)
-            with open(self.path, "wb") as f:
-                os.posix_fallocate(f.fileno(), 0, self.filled)
+            # the run keeps writing on its own threads meanwhile: take what is free at the moment
+            for _ in range(20):
+                free = shutil.disk_usage(self.path.parent).free
+                try:
+                    with open(self.path, "wb") as f:
+                        os.posix_fallocate(f.fileno(), 0, max(free - self.leave, 1))
+                    self.filled = max(free - self.leave, 1)
+                    return
+                except OSError:
+                    continue
+            raise AssertionError("could not fill the disk")
 
     def remove(self) -> None:
         self.path.unlink()

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -109,9 +108,7 @@ def test_kill_mid_build_then_resume_is_byte_identical(tmp_path, inputs, referenc
 def test_rerun_unchanged_skips_and_changes_nothing(inputs, reference):
     before = {p.name: (p.stat().st_mtime_ns, sha(p)) for p in reference.glob("*.gguf")}
     state_before = json.loads((reference / STATE_NAME).read_text())
-    t0 = time.perf_counter()
     result = build(*inputs, reference, name=NAME)
-    seconds = time.perf_counter() - t0
     assert result.record["resumed"] == ["build"]
     assert result.record["stages"]["build"]["resumed"] is True
     after = {p.name: (p.stat().st_mtime_ns, sha(p)) for p in reference.glob("*.gguf")}
@@ -121,7 +118,6 @@ def test_rerun_unchanged_skips_and_changes_nothing(inputs, reference):
     # run.json still describes the file, as the first run did
     rec = json.loads((reference / "run.json").read_text())
     assert rec["outputs"][0]["sha256"] == before[BF16][1] and rec["technical"]["eos_token"] == "<|return|>"
-    assert seconds < result.record["stages"]["build"]["seconds"]  # faster than the build it skipped
 
 
 def test_changed_adapter_redoes_build(tmp_path, inputs, reference):

@@ -9,7 +9,9 @@ quantize (llama.cpp) -> verify -> report. Progress goes through a callback; noth
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import gc
 import json
 import shutil
 import sys
@@ -148,7 +150,8 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
     # does not write them again, a redone one replaces them
     credit = state.recorded_bytes()
     free = shutil.disk_usage(out_dir).free + credit if credit else None
-    report = _run_doctor(base_dir, adapter_dir, out_dir, [outtype.upper(), *quant_list], accept, tokenizer, free)
+    with _gc_paused():
+        report = _run_doctor(base_dir, adapter_dir, out_dir, [outtype.upper(), *quant_list], accept, tokenizer, free)
     stages["doctor"] = {"seconds": round(time.perf_counter() - t0, 3)}
     choice = report.tokenizer_choice
 
@@ -180,7 +183,8 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
     if prev is not None:
         import gguf
 
-        add_metadata(gguf.GGUFWriter(None, arch.gguf_arch_name))  # vocab facts for the record; writes nothing
+        with _gc_paused():
+            add_metadata(gguf.GGUFWriter(None, arch.gguf_arch_name))  # vocab facts for the record; writes nothing
         stages["build"] = dict(prev.info.get("stats") or {}) | {"resumed": True}
         outputs = [OutputFile(**prev.info["output"])]
         resumed.append("build")
@@ -188,14 +192,15 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
             progress("build", 1, 1, "unchanged since the last run: skipped")
     else:
         require_space(out_dir, plan.gguf_tensor_bytes + 64 * 1024 * 1024)
-        stream = GGUFStream(main_file, arch.gguf_arch_name, add_metadata, plan.outputs)
+        with _gc_paused():
+            stream = GGUFStream(main_file, arch.gguf_arch_name, add_metadata, plan.outputs)
         merged = MergedShards.create(Path(save_merged), plan) if save_merged else None
 
         def on_progress(done: int, total: int, what: str) -> None:
             if progress:
                 progress("build", done, total, what)
 
-        stats = execute(plan, stream, merged=merged, progress=on_progress)
+        stats = execute(plan, stream, merged=merged, progress=on_progress, threads=nthread)
         stream.finish()
         merged_files: list[Path] = []
         if merged is not None:
@@ -203,8 +208,9 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
             merged_files = sorted(p for p in Path(save_merged).iterdir() if p.is_file())
         build_seconds = time.perf_counter() - t0
         stages["build"] = {"seconds": round(build_seconds, 3), "bytes_read": stats.bytes_read,
-                           "bytes_written": stats.bytes_written, "peak_rss_bytes": _peak_rss()}
-        out = _describe(main_file, outtype.upper(), build_seconds, None, None)
+                           "bytes_written": stats.bytes_written, "threads": stats.threads,
+                           "fused_slabs": stats.fused_slabs, "peak_rss_bytes": _peak_rss()}
+        out = _describe(main_file, outtype.upper(), build_seconds, None, None, sha256=stream.sha256)
         outputs = [out]
         state.record("build", build_key, {main_file: out.sha256, **{p: None for p in merged_files}},
                      {"output": asdict(out), "stats": stages["build"]})
@@ -331,9 +337,23 @@ def _dist_version(dist: str) -> str | None:
         return None
 
 
-def _describe(path: Path, type_name: str, seconds: float, source: str | None, note: str | None) -> OutputFile:
+@contextlib.contextmanager
+def _gc_paused():
+    """Reading a tokenizer.json (a 27 MB one for o200k) makes millions of small objects and no
+    reference cycles; the cyclic collector would walk them again and again (~0.15 s a parse)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _describe(path: Path, type_name: str, seconds: float, source: str | None, note: str | None,
+              sha256: str | None = None) -> OutputFile:
     types = tensor_types(path)
-    return OutputFile(path.name, type_name, path.stat().st_size, sha256_file(path), seconds,
+    return OutputFile(path.name, type_name, path.stat().st_size, sha256 or sha256_file(path), seconds,
                       type_counts(types), types, source, note)
 
 

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import gguf
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-from . import lora, numerics
+from . import bf16_merge, lora, numerics
 from .adapter import LoraTerm
 from .errors import InputError, NumericError, OutputError
 from .gguf_out import GGUFStream
@@ -168,52 +173,160 @@ class MergedShards:
 class StreamStats:
     bytes_read: int = 0
     bytes_written: int = 0
+    threads: int = 1
+    fused_slabs: int = 0  # slabs merged by the fused BF16 kernels (bf16_merge)
+
+
+def default_threads() -> int:
+    """Worker threads for the merge: the CPUs this process may use, at most 8 (memory grows by
+    about two slabs per thread; the merge is bound by memory bandwidth well before 8)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+def _fused_transform(step: Step, merged: MergedShards | None) -> str | None:
+    """The fused kernel that computes this step (bf16_merge), or None for the generic route:
+    a BF16 expert tensor with expert LoRA terms only, every output BF16, no --save-merged."""
+    if merged is not None or step.packed or not step.terms or step.transform not in bf16_merge.OUTPUT_COLUMNS:
+        return None
+    src = step.source
+    if src.storage != "BF16" or src.read_stored is None or len(src.shape) != 3:
+        return None
+    if any(t.kind == "linear" for t in step.terms):
+        return None
+    if any(o.qtype != gguf.GGMLQuantizationType.BF16 for o in step.outputs):
+        return None
+    return step.transform
+
+
+class _Worker(threading.local):
+    """Per-thread reusable buffers."""
+
+    def __init__(self):
+        self.scratch: bf16_merge.Scratch | None = None
+
+    def scratch_for(self, cols: int) -> bf16_merge.Scratch:
+        if self.scratch is None or not self.scratch.fits(cols):
+            self.scratch = bf16_merge.Scratch(cols)
+        return self.scratch
+
+
+def _fused_slab(step: Step, sl: slice, which: int, factors, worker: _Worker) -> np.ndarray | None:
+    """Output `which` of `step` for experts `sl`, merged by the fused kernel; None when a NaN/Inf
+    may have appeared (the caller redoes the slab the generic way, which explains it)."""
+    src = step.source
+    cols = bf16_merge.OUTPUT_COLUMNS[step.transform][which]
+    raw = src.read_stored(sl)  # (experts, in, out) bf16 bits, mapped
+    piece = np.empty((sl.stop - sl.start,) + tuple(step.outputs[which].shape[1:]), np.uint16)
+    scratch = worker.scratch_for(src.shape[1])
+    for i, e in enumerate(range(sl.start, sl.stop)):
+        terms = []
+        for term, (a, b) in zip(step.terms, factors):
+            a_e, b_e = lora.expert_factors(a, b, term.num_experts, e)
+            terms.append(bf16_merge.ExpertTerm(a_e, np.ascontiguousarray(b_e[cols]), term.scale))
+        if not bf16_merge.merge_transpose(raw[i][:, cols], terms, piece[i], scratch):
+            return None
+    return piece
+
+
+def _compute(plan: Plan, step: Step, sl: slice | None, which: int | None, factors, want_merged: bool,
+             fused: str | None, stored_copy: bool, worker: _Worker) -> tuple[list[np.ndarray], np.ndarray | None, bool]:
+    """One slab: (GGUF pieces: step.outputs[which] only, or every output when `which` is None;
+    the merged float32 slab if wanted; computed by the fused kernel?)."""
+    if step.packed:  # --keep-mxfp4: ggml MXFP4 blocks, bits moved, nothing decoded
+        return list(PACKED_TRANSFORMS[step.transform](step.source.read_packed(sl))), None, False
+    if stored_copy and not want_merged:  # untouched, same type: the stored bits as they are
+        raw = step.source.read_stored(sl)
+        _check_stored_finite(raw, step, sl)
+        return list(plan.arch.transforms[step.transform](raw)), None, False
+    if fused is not None:
+        piece = _fused_slab(step, sl, which, factors, worker)
+        if piece is not None:
+            return [piece], None, True
+    x = merged_slab(step, sl, factors)
+    _check_finite(x, step, sl, factors)
+    qtypes = {t.qtype for t in step.outputs}
+    if len(qtypes) == 1:  # encoding is per element: encode first, move half the bytes
+        pieces = list(plan.arch.transforms[step.transform](encode(x, qtypes.pop(), step.outputs[0].name)))
+    else:
+        pieces = [encode(p, t.qtype, t.name) for t, p in zip(step.outputs, plan.arch.transforms[step.transform](x))]
+    if which is not None:
+        pieces = [pieces[which]]
+    return pieces, (x if want_merged else None), False
+
+
+def _units(step: Step, fused: str | None) -> Iterator[tuple[slice | None, int | None]]:
+    """(slab, output) in the order the GGUF's bytes are laid out: a fused step computes each of its
+    outputs on its own (a split tensor's first half for every slab, then the second); the generic
+    route computes every output of a slab at once (the later ones land ahead of the file order)."""
+    if fused is not None:
+        for which in range(len(step.outputs)):
+            for sl in slabs(step):
+                yield sl, which
+    else:
+        for sl in slabs(step):
+            yield sl, None
 
 
 def execute(plan: Plan, out: GGUFStream, *, merged: MergedShards | None = None,
-            progress: Progress | None = None) -> StreamStats:
-    stats = StreamStats()
+            progress: Progress | None = None, threads: int = 0) -> StreamStats:
+    """Run the plan: slabs are computed by `threads` worker threads (numpy and the reads release
+    the GIL) and written in plan order by this thread, so at most a few slabs are in memory."""
+    threads = threads or default_threads()
+    stats = StreamStats(threads=threads)
     total = plan.bytes_to_read
     if merged is not None and plan.kept_mxfp4:
         out.abort()
         raise InputError("--save-merged with --keep-mxfp4: the merged safetensors need the experts decoded; "
                          "run --save-merged without --keep-mxfp4")
+    worker = _Worker()
+    window: deque = deque()  # (step, slab, output, future), in file order
+    in_flight = threads + 1
+
+    def drain_one() -> None:
+        step, sl, which, fut = window.popleft()
+        pieces, x, fused = fut.result()
+        if merged is not None:
+            merged.write(step, sl, x)
+        outputs = step.outputs if which is None else (step.outputs[which],)
+        for t, piece in zip(outputs, pieces):
+            out.write(t.name, piece, byte_offset=sl.start * t.row_nbytes if sl is not None else 0)
+        stats.fused_slabs += fused
+        src_rows = step.source.shape[0] if step.source.shape else 1
+        done = (sl.stop - sl.start) if sl is not None else src_rows
+        share = 1 if which is None else len(step.outputs)  # a slab read once per output
+        stats.bytes_read += step.source.stored_bytes * done // max(src_rows, 1) // share
+        if progress:
+            progress(stats.bytes_read, total, step.source.name)
+
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lora2gguf-merge")
+    # the parallelism is ours, one slab per worker: BLAS threads inside each worker's small
+    # matmuls would only contend with the other workers (measured: no speed-up at all with 2)
+    blas = threadpool_limits(limits=1, user_api="blas")
     try:
         for step in plan.steps:
             factors = [_factors(t) for t in step.terms]
+            fused = _fused_transform(step, merged)
             stored_copy = _stored_copy(step)
-            src_rows = step.source.shape[0] if step.source.shape else 1
-            for sl in slabs(step):
-                if step.packed:  # --keep-mxfp4: ggml MXFP4 blocks, bits moved, nothing decoded
-                    pieces = PACKED_TRANSFORMS[step.transform](step.source.read_packed(sl))
-                elif stored_copy and merged is None:  # untouched, same type: the stored bits as they are
-                    raw = step.source.read_stored(sl)
-                    _check_stored_finite(raw, step, sl)
-                    pieces = plan.arch.transforms[step.transform](raw)
-                    del raw
-                else:
-                    x = merged_slab(step, sl, factors)
-                    _check_finite(x, step, sl, factors)
-                    if merged is not None:
-                        merged.write(step, sl, x)
-                    qtypes = {t.qtype for t in step.outputs}
-                    if len(qtypes) == 1:  # encoding is per element: encode first, move half the bytes
-                        pieces = plan.arch.transforms[step.transform](encode(x, qtypes.pop(), step.outputs[0].name))
-                    else:
-                        pieces = [encode(p, t.qtype, t.name)
-                                  for t, p in zip(step.outputs, plan.arch.transforms[step.transform](x))]
-                    del x
-                for t, piece in zip(step.outputs, pieces):
-                    offset = sl.start * t.row_nbytes if sl is not None else 0
-                    out.write(t.name, piece, byte_offset=offset)
-                del pieces
-                done = (sl.stop - sl.start) if sl is not None else src_rows
-                stats.bytes_read += step.source.stored_bytes * done // max(src_rows, 1)
-                if progress:
-                    progress(stats.bytes_read, total, step.source.name)
+            for sl, which in _units(step, fused):
+                window.append((step, sl, which, pool.submit(_compute, plan, step, sl, which, factors,
+                                                            merged is not None, fused, stored_copy, worker)))
+                if len(window) > in_flight:
+                    drain_one()
+        while window:
+            drain_one()
     except BaseException:
+        for *_, fut in window:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        blas.restore_original_limits()
         out.abort()
         raise
+    pool.shutdown(wait=True)
+    blas.restore_original_limits()
     stats.bytes_written = out.bytes_written
     return stats
 
