@@ -186,6 +186,31 @@ def timed(cmd: list[str], *, env: dict | None = None) -> dict:
             "peak_rss_bytes": int(m.group(1)) * 1024 if m else None, "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
+def settle(folders: list[Path]) -> bool:
+    """The same starting point for every measurement: dirty pages written, the page cache dropped
+    (where permitted: root), then the inputs read once so they are cached, as for a user's second
+    run. Returns whether the cache could be dropped."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        dropped = True
+    except OSError:
+        dropped = False
+    files = [str(p) for f in folders for p in sorted(Path(f).iterdir()) if p.is_file()]
+    subprocess.run(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files], check=True)
+    return dropped
+
+
+def summary(runs: list[dict]) -> dict:
+    """Median wall and CPU of repeated runs (all of them kept), the largest peak RSS."""
+    def med(key):
+        vals = sorted(r[key] for r in runs if r.get(key) is not None)
+        return vals[len(vals) // 2] if vals else None
+    return {"wall_s": med("wall_s"), "cpu_s": med("cpu_s"),
+            "peak_rss_bytes": max((r["peak_rss_bytes"] or 0) for r in runs),
+            "load_avg_1min": med("load_avg_1min"), "runs": runs}
+
+
 def cp_cmd(src: Path, dst: Path) -> list[str]:
     files = " ".join(f"'{p}'" for p in shard_files(src))
     return ["sh", "-c", f"mkdir -p '{dst}' && cp {files} '{dst}/' && sync '{dst}'/*.safetensors"]
@@ -220,7 +245,8 @@ def run_child(argv: list[str]) -> None:
         raise SystemExit(f"unknown child {what!r}")
 
 
-def measure(n: int, inputs: dict[str, Path], scratch: Path, standard: bool, mxfp4: bool, log) -> dict:
+def measure(n: int, inputs: dict[str, Path], scratch: Path, standard: bool, mxfp4: bool, log,
+            repeat: int = 3) -> dict:
     base, adapter = inputs["base"], inputs["adapter"]
     size = shard_bytes(base)
     row: dict = {"layers": n, "input_bytes": size}
@@ -229,37 +255,44 @@ def measure(n: int, inputs: dict[str, Path], scratch: Path, standard: bool, mxfp
         shutil.rmtree(p, ignore_errors=True)
         return p
 
-    # warm the page cache with the inputs (one cp, not measured)
-    for key in ("base", "mxfp4"):
-        if key in inputs and (key == "base" or mxfp4):
-            timed(cp_cmd(inputs[key], fresh(scratch / "warm")))
-            shutil.rmtree(scratch / "warm")
-    log(f"[{n} layers] cp ...")
-    row["cp"] = timed(cp_cmd(base, fresh(scratch / "cp")))
-    shutil.rmtree(scratch / "cp")
-    log(f"[{n} layers] build ...")
-    row["build"] = timed(child(["build", str(base), str(adapter), str(fresh(scratch / "build")), "-"]))
-    row["build"]["output_bytes"] = sum(p.stat().st_size for p in (scratch / "build").glob("*.gguf"))
-    shutil.rmtree(scratch / "build")
+    # cp and build alternate, `repeat` times each, every run from the same settled state
+    cps, builds = [], []
+    for i in range(repeat):
+        log(f"[{n} layers] cp ({i + 1}/{repeat}) ...")
+        row["cache_dropped"] = settle([base, adapter])
+        cps.append(timed(cp_cmd(base, fresh(scratch / "cp"))))
+        shutil.rmtree(scratch / "cp")
+        log(f"[{n} layers] build ({i + 1}/{repeat}) ...")
+        settle([base, adapter])
+        builds.append(timed(child(["build", str(base), str(adapter), str(fresh(scratch / "build")), "-"])))
+        builds[-1]["output_bytes"] = sum(p.stat().st_size for p in (scratch / "build").glob("*.gguf"))
+        shutil.rmtree(scratch / "build")
+    row["cp"], row["build"] = summary(cps), summary(builds)
+    row["build"]["output_bytes"] = builds[-1]["output_bytes"]
     if mxfp4:
         mx = inputs["mxfp4"]
         row["mxfp4_input_bytes"] = shard_bytes(mx)
         log(f"[{n} layers] build from MXFP4 ...")
+        settle([mx, adapter])
         row["build_mxfp4"] = timed(child(["build", str(mx), str(adapter), str(fresh(scratch / "mx")), "-"]))
         shutil.rmtree(scratch / "mx")
         log(f"[{n} layers] build from MXFP4 --keep-mxfp4 ...")
+        settle([mx, inputs["adapter_attn"]])
         row["build_keep_mxfp4"] = timed(child(["build", str(mx), str(inputs["adapter_attn"]),
                                                str(fresh(scratch / "keep")), "keep"]))
         row["build_keep_mxfp4"]["output_bytes"] = sum(p.stat().st_size for p in (scratch / "keep").glob("*.gguf"))
         shutil.rmtree(scratch / "keep")
+        settle([mx])
         row["cp_mxfp4"] = timed(cp_cmd(mx, fresh(scratch / "cp")))
         shutil.rmtree(scratch / "cp")
     if standard:
         log(f"[{n} layers] standard route: PEFT merge_and_unload + save_pretrained ...")
         merged = fresh(scratch / "merged")
+        settle([base, adapter])
         row["peft_merge"] = timed(child(["peft", str(base), str(adapter), str(merged)]))
         log(f"[{n} layers] standard route: convert_hf_to_gguf.py --outtype bf16 ...")
         env = dict(os.environ, PYTHONPATH=str(REFERENCE / "gguf-py"), NO_LOCAL_GGUF="")
+        settle([merged])
         row["convert"] = timed([sys.executable, str(REFERENCE / "convert_hf_to_gguf.py"), str(merged),
                                 "--outfile", str(scratch / "standard.gguf"), "--outtype", "bf16"], env=env)
         shutil.rmtree(merged)
@@ -278,6 +311,12 @@ def gb(x: int | None) -> str:
     return "-" if x is None else f"{x / 1e9:.2f}"
 
 
+def spread(m: dict) -> str:
+    """' [min-max]' of the wall times of repeated runs (the cell shows their median)."""
+    walls = [r["wall_s"] for r in m.get("runs", [])]
+    return f" [{min(walls):.1f}-{max(walls):.1f}]" if len(walls) > 1 else ""
+
+
 def table(rows: list[dict]) -> str:
     head = ["layers", "input GB", "cp s (CPU s)", "build s (CPU s)", "build MB/s", "build peak RSS GB",
             "build/cp wall", "standard s (merge + convert)", "standard CPU s", "standard peak RSS GB (merge / convert)",
@@ -285,8 +324,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         b, c, std = r["build"], r["cp"], r.get("standard")
-        cells = [str(r["layers"]), gb(r["input_bytes"]), f"{c['wall_s']:.1f} ({c.get('cpu_s', 0):.1f})",
-                 f"{b['wall_s']:.1f} ({b.get('cpu_s', 0):.1f})",
+        cells = [str(r["layers"]), gb(r["input_bytes"]), f"{c['wall_s']:.1f} ({c.get('cpu_s', 0):.1f}){spread(c)}",
+                 f"{b['wall_s']:.1f} ({b.get('cpu_s', 0):.1f}){spread(b)}",
                  f"{r['input_bytes'] / 1e6 / b['wall_s']:.0f}", gb(b["peak_rss_bytes"]),
                  f"{b['wall_s'] / c['wall_s']:.2f}"]
         if std:
@@ -322,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", default="1,2,4", help="comma-separated layer counts (default 1,2,4)")
     p.add_argument("--workdir", default=str(Path.home() / ".cache/lora2gguf/bench"))
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=3, help="runs of cp and of build each, alternating (default 3); "
+                   "the table shows medians")
     p.add_argument("--standard", action="store_true", help="also the standard route (for 1 and 2 layers; ~7 GB RSS)")
     p.add_argument("--mxfp4", action="store_true", help="also from the MXFP4 base (decoded, and --keep-mxfp4)")
     p.add_argument("--prepare-only", action="store_true", help="make the inputs and stop")
@@ -351,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         need = 3 * shard_bytes(inputs["base"])
         if free < need:
             raise SystemExit(f"{workdir}: {free / 1e9:.1f} GB free, ~{need / 1e9:.1f} GB needed for {n} layers")
-        rows.append(measure(n, inputs, scratch, args.standard and n <= 2, args.mxfp4, log))
+        rows.append(measure(n, inputs, scratch, args.standard and n <= 2, args.mxfp4, log, repeat=args.repeat))
         log(json.dumps(rows[-1]))
         if args.remove_bases:
             for k in ("base", "mxfp4"):

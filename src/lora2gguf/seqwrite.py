@@ -67,6 +67,7 @@ class SequentialWriter:
     # -- the caller's side --------------------------------------------------------------------
 
     def write(self, pos: int, data) -> None:
+        """`data` belongs at file offset `pos`; it is copied (or written) before this returns."""
         self._raise_error()
         mv = memoryview(data).cast("B")
         n = len(mv)

@@ -679,14 +679,13 @@ def estimate_resources(base: BaseInfo, adapter: AdapterInfo, arch, outputs: Iter
 
 
 def working_set_bytes(shapes: Mapping[str, tuple[int, ...]], adapter: AdapterInfo | None = None) -> int:
-    """Expected peak memory of the streaming merge: the build reads one slab of a tensor's
-    leading axis at a time (the plan's slab size, 64 MiB of float32 rows), holds it as float32
-    source, merged result and transformed output (x4 for headroom), plus that tensor's LoRA
-    factors in float32."""
-    try:
-        from ..plan import DEFAULT_SLAB_BYTES as slab_bytes
-    except ImportError:
-        slab_bytes = 64 * 1024 * 1024
+    """Expected peak memory of the streaming merge: each worker thread of the build holds one slab
+    of a tensor's leading axis (the plan's slab size, 64 MiB of float32 rows) as float32 source,
+    merged result and transformed output (x4 for headroom), plus that tensor's LoRA factors in
+    float32."""
+    from ..plan import DEFAULT_SLAB_BYTES as slab_bytes
+    from ..stream import default_threads
+
     factors: dict[str, int] = {}
     if adapter is not None and adapter.checkpoint is not None:
         for name, info in adapter.checkpoint.tensors.items():
@@ -700,7 +699,7 @@ def working_set_bytes(shapes: Mapping[str, tuple[int, ...]], adapter: AdapterInf
         row = math.prod(shape[1:]) * 4
         rows = max(1, min(shape[0], slab_bytes // max(row, 1))) if len(shape) > 1 else 1
         peak = max(peak, rows * row * 4 if len(shape) > 1 else shape[0] * 4 * 4)
-    return peak + biggest_factors
+    return peak * default_threads() + biggest_factors
 
 
 def free_space(out_dir: Path | None) -> tuple[int | None, str | None]:
