@@ -173,8 +173,10 @@ def test_doctor_reads_under_1mb_of_a_40gb_base(big_pair, counting_open, tmp_path
     # the resource estimate is the real size: BF16 out ~ the BF16 shards in
     bf16 = report.resources.outputs[0]
     assert bf16.name == "BF16"
-    # the merge streams 64 MiB slabs: the working set stays far below the 2.1 GB expert tensors
-    assert 64 * 2**20 < report.resources.peak_memory_bytes < 512 * 2**20
+    # the merge streams 64 MiB slabs, a few per worker thread: the working set does not grow
+    # with the 2.1 GB expert tensors
+    from lora2gguf.stream import LOOKAHEAD_BYTES, default_threads
+    assert 64 * 2**20 < report.resources.peak_memory_bytes < default_threads() * 320 * 2**20 + LOOKAHEAD_BYTES
     if not mxfp4:
         assert abs(bf16.bytes - total) / total < 0.01
         q4 = report.resources.outputs[1]

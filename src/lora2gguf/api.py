@@ -24,7 +24,7 @@ from . import __version__, arch as arch_registry
 from .adapter import load_adapter
 from .errors import BlockedError, InputError
 from .gguf_out import GGUFStream, sha256_file, tensor_types
-from . import hparams
+from . import hparams, jsonfile
 from .hparams import write_hparams
 from .jsonfile import read_json_object
 from .plan import make_plan
@@ -129,7 +129,7 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
     hparams.validate(arch, config, str(base_dir / "config.json"))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(out_dir):
+    with RunLock(out_dir), _forgetting_json():
         return _build_locked(base_dir, adapter_dir, out_dir, config=config, arch=arch, name=name, outtype=outtype,
                              quant_list=quant_list, accept=accept, save_merged=save_merged, tokenizer=tokenizer,
                              verify=verify, nthread=nthread, progress=progress, command=command,
@@ -185,6 +185,7 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
 
         with _gc_paused():
             add_metadata(gguf.GGUFWriter(None, arch.gguf_arch_name))  # vocab facts for the record; writes nothing
+        jsonfile.forget()
         stages["build"] = dict(prev.info.get("stats") or {}) | {"resumed": True}
         outputs = [OutputFile(**prev.info["output"])]
         resumed.append("build")
@@ -194,6 +195,7 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         require_space(out_dir, plan.gguf_tensor_bytes + 64 * 1024 * 1024)
         with _gc_paused():
             stream = GGUFStream(main_file, arch.gguf_arch_name, add_metadata, plan.outputs)
+        jsonfile.forget()  # tokenizer.json, parsed once for doctor and the vocabulary
         merged = MergedShards.create(Path(save_merged), plan) if save_merged else None
 
         def on_progress(done: int, total: int, what: str) -> None:
@@ -338,6 +340,15 @@ def _dist_version(dist: str) -> str | None:
 
 
 @contextlib.contextmanager
+def _forgetting_json():
+    """Whatever happens, the run does not leave parsed tokenizer files in jsonfile's keep."""
+    try:
+        yield
+    finally:
+        jsonfile.forget()
+
+
+@contextlib.contextmanager
 def _gc_paused():
     """Reading a tokenizer.json (a 27 MB one for o200k) makes millions of small objects and no
     reference cycles; the cyclic collector would walk them again and again (~0.15 s a parse)."""
@@ -374,7 +385,10 @@ def _peak_rss() -> int:
 def doctor(base_dir: str | Path, adapter_dir: str | Path, **kwargs):
     from . import doctor as doctor_pkg
 
-    return doctor_pkg.run(Path(base_dir), Path(adapter_dir), **kwargs)
+    try:
+        return doctor_pkg.run(Path(base_dir), Path(adapter_dir), **kwargs)
+    finally:
+        jsonfile.forget()  # the tokenizer.json doctor parsed, kept for a build that is not coming
 
 
 def verify(out_dir: str | Path, **kwargs):

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import FormatError, InputError, Lora2GGUFError
+from .jsonfile import read_json_object
 from .safetensors_io import Checkpoint, TensorInfo, read_raw, to_f32
 
 log = logging.getLogger(__name__)
@@ -117,14 +118,9 @@ def _parse_tokenizer_json(path: str, sha256: str) -> TokenizerModel:
 
 
 def _parse_tokenizer_json_uncached(path: str) -> TokenizerModel:
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        tj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e}); download the tokenizer again") from None
-    if not isinstance(tj, dict):
-        raise FormatError(f"{path}: expected a JSON object")
+    # kept: the build's vocabulary writer reads the same file next (jsonfile.forget() drops it)
+    tj = read_json_object(Path(path), missing="the tokenizer file went away while being read",
+                          hint="download the tokenizer again", keep=True)
     model = tj.get("model") or {}
     if not isinstance(model, dict):
         raise FormatError(f"{path}: 'model' is not an object")
@@ -133,7 +129,11 @@ def _parse_tokenizer_json_uncached(path: str) -> TokenizerModel:
         vocab = {str(p[0]): i for i, p in enumerate(vocab) if isinstance(p, list) and p}
     if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
         raise FormatError(f"{path}: model.vocab is not a map of tokens to integer ids")
-    merges = tuple(" ".join(m) if isinstance(m, list) else str(m) for m in (model.get("merges") or []))
+    raw_merges = model.get("merges") or []
+    if set(map(type, raw_merges)) == {list}:  # pairs (transformers >= 4.45): joined in one C-level pass
+        merges = tuple(map(" ".join, raw_merges))
+    else:
+        merges = tuple(" ".join(m) if isinstance(m, list) else str(m) for m in raw_merges)
     added: dict[str, tuple[int, bool]] = {}
     for t in tj.get("added_tokens") or []:
         if not isinstance(t, dict) or not isinstance(t.get("id"), int) or not isinstance(t.get("content"), str):

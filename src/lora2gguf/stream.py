@@ -193,19 +193,14 @@ def default_threads() -> int:
     return max(1, min(8, n))
 
 
-def _fused_transform(step: Step, merged: MergedShards | None) -> str | None:
-    """The fused kernel that computes this step (bf16_merge), or None for the generic route:
-    a BF16 expert tensor with expert LoRA terms only, every output BF16, no --save-merged."""
-    if merged is not None or step.packed or not step.terms or step.transform not in bf16_merge.OUTPUT_COLUMNS:
-        return None
+def _takes_fused_route(step: Step, merged: MergedShards | None) -> bool:
+    """Whether the fused kernel (bf16_merge) computes this step: a BF16 expert tensor with expert
+    LoRA terms only, a layout the kernel knows, every output BF16, and no --save-merged."""
     src = step.source
-    if src.storage != "BF16" or src.read_stored is None or len(src.shape) != 3:
-        return None
-    if any(t.kind == "linear" for t in step.terms):
-        return None
-    if any(o.qtype != gguf.GGMLQuantizationType.BF16 for o in step.outputs):
-        return None
-    return step.transform
+    return (merged is None and not step.packed and bool(step.terms) and step.transform in bf16_merge.OUTPUT_COLUMNS
+            and src.storage == "BF16" and src.read_stored is not None and len(src.shape) == 3
+            and all(t.kind != "linear" for t in step.terms)
+            and all(o.qtype == gguf.GGMLQuantizationType.BF16 for o in step.outputs))
 
 
 class _Buffers:
@@ -231,9 +226,9 @@ class _Buffers:
 class _Worker(threading.local):
     """Per-thread reusable buffers."""
 
-    def __init__(self, buffers: _Buffers | None = None):
+    def __init__(self, buffers: _Buffers):
         self.scratch: bf16_merge.Scratch | None = None
-        self.buffers = buffers or _Buffers()
+        self.buffers = buffers  # shared by every thread
 
     def scratch_for(self, cols: int) -> bf16_merge.Scratch:
         if self.scratch is None or not self.scratch.fits(cols):
@@ -261,7 +256,7 @@ def _fused_slab(step: Step, sl: slice, which: int, factors, worker: _Worker) -> 
 
 
 def _compute(plan: Plan, step: Step, sl: slice | None, which: int | None, factors, want_merged: bool,
-             fused: str | None, stored_copy: bool, worker: _Worker) -> tuple[list[np.ndarray], np.ndarray | None, bool]:
+             fused: bool, stored_copy: bool, worker: _Worker) -> tuple[list[np.ndarray], np.ndarray | None, bool]:
     """One slab: (GGUF pieces: step.outputs[which] only, or every output when `which` is None;
     the merged float32 slab if wanted; computed by the fused kernel?)."""
     if step.packed:  # --keep-mxfp4: ggml MXFP4 blocks, bits moved, nothing decoded
@@ -270,7 +265,7 @@ def _compute(plan: Plan, step: Step, sl: slice | None, which: int | None, factor
         raw = step.source.read_stored(sl)
         _check_stored_finite(raw, step, sl)
         return list(plan.arch.transforms[step.transform](raw)), None, False
-    if fused is not None:
+    if fused:
         piece = _fused_slab(step, sl, which, factors, worker)
         if piece is not None:
             return [piece], None, True
@@ -286,11 +281,11 @@ def _compute(plan: Plan, step: Step, sl: slice | None, which: int | None, factor
     return pieces, (x if want_merged else None), False
 
 
-def _units(step: Step, fused: str | None) -> Iterator[tuple[slice | None, int | None]]:
+def _units(step: Step, fused: bool) -> Iterator[tuple[slice | None, int | None]]:
     """(slab, output) in the order the GGUF's bytes are laid out: a fused step computes each of its
     outputs on its own (a split tensor's first half for every slab, then the second); the generic
     route computes every output of a slab at once (the later ones land ahead of the file order)."""
-    if fused is not None:
+    if fused:
         for which in range(len(step.outputs)):
             for sl in slabs(step):
                 yield sl, which
@@ -299,10 +294,20 @@ def _units(step: Step, fused: str | None) -> Iterator[tuple[slice | None, int | 
             yield sl, None
 
 
+LOOKAHEAD_BYTES = 256 * 1024 * 1024
+MAX_WINDOW = 64  # slabs
+
+
+def _unit_bytes(step: Step, sl: slice | None, which: int | None) -> int:
+    rows = (sl.stop - sl.start) if sl is not None else 1
+    outs = step.outputs if which is None else (step.outputs[which],)
+    return sum(o.row_nbytes * rows if sl is not None else o.nbytes for o in outs)
+
+
 def execute(plan: Plan, out: GGUFStream, *, merged: MergedShards | None = None,
             progress: Progress | None = None, threads: int = 0) -> StreamStats:
     """Run the plan: slabs are computed by `threads` worker threads (numpy and the reads release
-    the GIL) and written in plan order by this thread, so at most a few slabs are in memory."""
+    the GIL) and written in file order by this thread, so at most a few slabs are in memory."""
     threads = threads or default_threads()
     stats = StreamStats(threads=threads)
     total = plan.bytes_to_read
@@ -312,11 +317,13 @@ def execute(plan: Plan, out: GGUFStream, *, merged: MergedShards | None = None,
                          "run --save-merged without --keep-mxfp4")
     buffers = _Buffers()
     worker = _Worker(buffers)
-    window: deque = deque()  # (step, slab, output, future), in file order
-    in_flight = threads + 1
+    window: deque = deque()  # (step, slab, output, future, bytes), in file order
+    held = 0  # output bytes of the slabs in the window
 
     def drain_one() -> None:
-        step, sl, which, fut = window.popleft()
+        nonlocal held
+        step, sl, which, fut, nbytes = window.popleft()
+        held -= nbytes
         pieces, x, fused = fut.result()
         if merged is not None:
             merged.write(step, sl, x)
@@ -340,17 +347,22 @@ def execute(plan: Plan, out: GGUFStream, *, merged: MergedShards | None = None,
     try:
         for step in plan.steps:
             factors = [_factors(t) for t in step.terms]
-            fused = _fused_transform(step, merged)
+            fused = _takes_fused_route(step, merged)
             stored_copy = _stored_copy(step)
             for sl, which in _units(step, fused):
+                nbytes = _unit_bytes(step, sl, which)
                 window.append((step, sl, which, pool.submit(_compute, plan, step, sl, which, factors,
-                                                            merged is not None, fused, stored_copy, worker)))
-                if len(window) > in_flight:
+                                                            merged is not None, fused, stored_copy, worker), nbytes))
+                held += nbytes
+                # beyond one slab per worker (and one being written), the workers may run ahead by
+                # LOOKAHEAD_BYTES: while the writer is busy with big untouched tensors (hashing and
+                # copying, no arithmetic) they merge the experts that follow
+                while len(window) > threads + 1 and (held > LOOKAHEAD_BYTES or len(window) > MAX_WINDOW):
                     drain_one()
         while window:
             drain_one()
     except BaseException:
-        for *_, fut in window:
+        for _, _, _, fut, _ in window:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         blas.restore_original_limits()

@@ -619,8 +619,9 @@ def metadata_bytes(tok: TokenizerInfo | None, n_tensors: int, n_gguf_tensors: in
     total = 64 * 1024
     if tok is not None and tok.model is not None:
         toks = tok.model.id_to_token
-        total += sum(8 + len(t.encode("utf-8")) + 4 for t in toks.values())
-        total += sum(8 + len(m.encode("utf-8")) for m in tok.model.merges)
+        merges = tok.model.merges
+        total += 12 * len(toks) + len("".join(toks.values()).encode("utf-8", "surrogatepass"))
+        total += 8 * len(merges) + len("".join(merges).encode("utf-8", "surrogatepass"))
     if tok is not None and tok.chat_template:
         total += len(tok.chat_template.encode("utf-8"))
     n = n_gguf_tensors or n_tensors
@@ -682,9 +683,9 @@ def working_set_bytes(shapes: Mapping[str, tuple[int, ...]], adapter: AdapterInf
     """Expected peak memory of the streaming merge: each worker thread of the build holds one slab
     of a tensor's leading axis (the plan's slab size, 64 MiB of float32 rows) as float32 source,
     merged result and transformed output (x4 for headroom), plus that tensor's LoRA factors in
-    float32."""
+    float32, and the finished slabs waiting to be written (stream.LOOKAHEAD_BYTES)."""
     from ..plan import DEFAULT_SLAB_BYTES as slab_bytes
-    from ..stream import default_threads
+    from ..stream import LOOKAHEAD_BYTES, default_threads
 
     factors: dict[str, int] = {}
     if adapter is not None and adapter.checkpoint is not None:
@@ -699,7 +700,8 @@ def working_set_bytes(shapes: Mapping[str, tuple[int, ...]], adapter: AdapterInf
         row = math.prod(shape[1:]) * 4
         rows = max(1, min(shape[0], slab_bytes // max(row, 1))) if len(shape) > 1 else 1
         peak = max(peak, rows * row * 4 if len(shape) > 1 else shape[0] * 4 * 4)
-    return peak * default_threads() + biggest_factors
+    total = sum(4 * math.prod(shape) for shape in shapes.values())  # the model's slabs, all of them
+    return peak * default_threads() + min(LOOKAHEAD_BYTES, total) + biggest_factors
 
 
 def free_space(out_dir: Path | None) -> tuple[int | None, str | None]:
