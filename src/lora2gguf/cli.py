@@ -194,7 +194,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="MXFP4 base and experts untouched by the adapter: keep the experts MXFP4 in the GGUF")
     b.add_argument("--no-verify", action="store_true", help="skip verify at the end")
     add_verify_options(b)
-    b.add_argument("--threads", type=int, default=0, help="threads for llama.cpp (default: all cores)")
+    b.add_argument("--threads", type=int, default=0, help="worker threads for the merge and for llama.cpp's quantizer (default: the usable cores; the merge uses at most 8)")
     b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("verify", help="run the GGUFs of an output folder in llama.cpp and write the report")
