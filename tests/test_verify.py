@@ -209,17 +209,9 @@ def test_eos_never_coming_fails_harmony_structure(broken):
     assert vf["gate"]["passed"] is True  # the weights are right: only the stop is wrong
 
 
-def test_swapped_layers_fail_agreement(broken):
+@pytest.mark.parametrize("f", ["tiny-swapped-BF16.gguf", "tiny-scale-BF16.gguf"], ids=["swapped-layers", "wrong-lora-scale"])
+def test_broken_weights_fail_agreement(broken, f):
     _, res = broken
-    f = "tiny-swapped-BF16.gguf"
-    assert "agreement with the reference" in failed_checks(res, f)
-    m = next(x for x in res.section["files"] if x["file"] == f)["metrics"]
-    assert m["kl_mean"] > 0.1
-
-
-def test_wrong_lora_scale_fails_agreement(broken):
-    _, res = broken
-    f = "tiny-scale-BF16.gguf"
     assert "agreement with the reference" in failed_checks(res, f)
     m = next(x for x in res.section["files"] if x["file"] == f)["metrics"]
     assert m["kl_mean"] > 0.1

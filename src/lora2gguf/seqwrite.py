@@ -219,7 +219,7 @@ def _pwrite_all(fd: int, mv: memoryview, pos: int) -> None:
         pos += n
 
 
-def _pread_all(fd: int, n: int, pos: int) -> bytes:
+def _pread_all(fd: int, n: int, pos: int) -> bytearray:
     out = bytearray(n)
     mv = memoryview(out)
     got = 0
@@ -228,5 +228,5 @@ def _pread_all(fd: int, n: int, pos: int) -> bytes:
         if k == 0:  # beyond the end of the file: zeros (close() sets the length)
             break
         got += k
-    return bytes(out)
+    return out
 

@@ -17,10 +17,10 @@ import math
 import os
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import gguf
 import numpy as np
@@ -30,7 +30,7 @@ from . import bf16_merge, lora, numerics
 from .adapter import LoraTerm
 from .errors import InputError, NumericError, OutputError
 from .gguf_out import GGUFStream
-from .plan import PACKED_TRANSFORMS, Plan, Step
+from .plan import PACKED_TRANSFORMS, OutTensor, Plan, Step
 from .safetensors_io import StreamingWriter, TensorSpec, read_raw, to_f32
 
 # progress(done_bytes, total_bytes, what)
@@ -298,10 +298,28 @@ LOOKAHEAD_BYTES = 256 * 1024 * 1024
 MAX_WINDOW = 64  # slabs
 
 
-def _unit_bytes(step: Step, sl: slice | None, which: int | None) -> int:
-    rows = (sl.stop - sl.start) if sl is not None else 1
-    outs = step.outputs if which is None else (step.outputs[which],)
-    return sum(o.row_nbytes * rows if sl is not None else o.nbytes for o in outs)
+class _Unit(NamedTuple):
+    """One slab of one step on its way: computed by a worker, written by the caller in file order."""
+
+    step: Step
+    sl: slice | None
+    which: int | None  # the one output computed (fused route), or None: every output
+    future: Future
+
+    @property
+    def outputs(self) -> tuple[OutTensor, ...]:
+        return self.step.outputs if self.which is None else (self.step.outputs[self.which],)
+
+    def offset(self, t: OutTensor) -> int:
+        """Byte offset of this slab within output tensor `t`."""
+        return self.sl.start * t.row_nbytes if self.sl is not None else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this slab writes."""
+        if self.sl is None:
+            return sum(t.nbytes for t in self.outputs)
+        return sum(t.row_nbytes for t in self.outputs) * (self.sl.stop - self.sl.start)
 
 
 def execute(plan: Plan, out: GGUFStream, *, merged: MergedShards | None = None,
@@ -317,59 +335,57 @@ def execute(plan: Plan, out: GGUFStream, *, merged: MergedShards | None = None,
                          "run --save-merged without --keep-mxfp4")
     buffers = _Buffers()
     worker = _Worker(buffers)
-    window: deque = deque()  # (step, slab, output, future, bytes), in file order
-    held = 0  # output bytes of the slabs in the window
+    window: deque[_Unit] = deque()  # in file order
+    held = 0  # bytes the slabs in the window write
 
     def drain_one() -> None:
         nonlocal held
-        step, sl, which, fut, nbytes = window.popleft()
-        held -= nbytes
-        pieces, x, fused = fut.result()
+        unit = window.popleft()
+        held -= unit.nbytes
+        pieces, x, fused = unit.future.result()
         if merged is not None:
-            merged.write(step, sl, x)
-        outputs = step.outputs if which is None else (step.outputs[which],)
-        for t, piece in zip(outputs, pieces):
-            out.write(t.name, piece, byte_offset=sl.start * t.row_nbytes if sl is not None else 0)
+            merged.write(unit.step, unit.sl, x)
+        for t, piece in zip(unit.outputs, pieces):
+            out.write(t.name, piece, byte_offset=unit.offset(t))
             if fused:  # out.write copied it: the buffer can take another slab
                 buffers.give(piece)
         stats.fused_slabs += fused
-        src_rows = step.source.shape[0] if step.source.shape else 1
-        done = (sl.stop - sl.start) if sl is not None else src_rows
-        share = 1 if which is None else len(step.outputs)  # a slab read once per output
-        stats.bytes_read += step.source.stored_bytes * done // max(src_rows, 1) // share
+        src = unit.step.source
+        src_rows = src.shape[0] if src.shape else 1
+        done = (unit.sl.stop - unit.sl.start) if unit.sl is not None else src_rows
+        share = len(unit.step.outputs) // len(unit.outputs)  # a fused slab is read once per output
+        stats.bytes_read += src.stored_bytes * done // max(src_rows, 1) // share
         if progress:
-            progress(stats.bytes_read, total, step.source.name)
+            progress(stats.bytes_read, total, src.name)
 
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lora2gguf-merge")
     # the parallelism is ours, one slab per worker: BLAS threads inside each worker's small
     # matmuls would only contend with the other workers (measured: no speed-up at all with 2)
-    blas = threadpool_limits(limits=1, user_api="blas")
     try:
-        for step in plan.steps:
-            factors = [_factors(t) for t in step.terms]
-            fused = _takes_fused_route(step, merged)
-            stored_copy = _stored_copy(step)
-            for sl, which in _units(step, fused):
-                nbytes = _unit_bytes(step, sl, which)
-                window.append((step, sl, which, pool.submit(_compute, plan, step, sl, which, factors,
-                                                            merged is not None, fused, stored_copy, worker), nbytes))
-                held += nbytes
-                # beyond one slab per worker (and one being written), the workers may run ahead by
-                # LOOKAHEAD_BYTES: while the writer is busy with big untouched tensors (hashing and
-                # copying, no arithmetic) they merge the experts that follow
-                while len(window) > threads + 1 and (held > LOOKAHEAD_BYTES or len(window) > MAX_WINDOW):
-                    drain_one()
-        while window:
-            drain_one()
+        with threadpool_limits(limits=1, user_api="blas"):
+            for step in plan.steps:
+                factors = [_factors(t) for t in step.terms]
+                fused = _takes_fused_route(step, merged)
+                stored_copy = _stored_copy(step)
+                for sl, which in _units(step, fused):
+                    unit = _Unit(step, sl, which, pool.submit(_compute, plan, step, sl, which, factors,
+                                                              merged is not None, fused, stored_copy, worker))
+                    window.append(unit)
+                    held += unit.nbytes
+                    # beyond one slab per worker (and one being written), the workers may run ahead by
+                    # LOOKAHEAD_BYTES: while the writer is busy with big untouched tensors (hashing and
+                    # copying, no arithmetic) they merge the experts that follow
+                    while len(window) > threads + 1 and (held > LOOKAHEAD_BYTES or len(window) > MAX_WINDOW):
+                        drain_one()
+            while window:
+                drain_one()
     except BaseException:
-        for _, _, _, fut, _ in window:
-            fut.cancel()
+        for unit in window:
+            unit.future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
-        blas.restore_original_limits()
         out.abort()
         raise
     pool.shutdown(wait=True)
-    blas.restore_original_limits()
     stats.bytes_written = out.bytes_written
     return stats
 
