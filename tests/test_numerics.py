@@ -570,3 +570,68 @@ def test_bnb4_fixture_loads_in_transformers_if_bitsandbytes_installed(tiny_base,
         mine = N.decode_bnb_4bit_state(q, f"model.layers.1.self_attn.{proj}")
         np.testing.assert_array_equal(mine.view(np.uint32), ref.view(np.uint32))
 
+
+
+# ---------------------------------------------------------------------------- float64, one rounding
+
+
+def _neighbours_round(x: float, ft) -> int:
+    """Bits of x rounded to nearest even in type ft, from exact rational comparisons."""
+    from fractions import Fraction
+
+    q = Fraction(x)
+    c = ft(x)
+    cands = {c, np.nextafter(c, ft(np.inf)), np.nextafter(c, ft(-np.inf))}
+    view = np.uint16 if ft == np.float16 else np.uint32
+    past_max = Fraction(2) ** (16 if ft == np.float16 else 128)  # where IEEE puts Inf for rounding
+
+    def value(v):
+        return Fraction(float(v)) if np.isfinite(v) else (past_max if v > 0 else -past_max)
+
+    best = min(cands, key=lambda v: (abs(value(v) - q), int(np.array([v]).view(view)[0]) & 1))
+    return int(np.array([best]).view(view)[0])
+
+
+def _double_rounding_cases() -> np.ndarray:
+    """float64 values just off bf16 and f16 ties: rounding through float32 lands on the tie."""
+    base = np.array([1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 2.0 ** -130 * 1.5])
+    eps = np.array([2.0 ** -40, -(2.0 ** -40), 2.0 ** -52, 0.0])
+    vals = (base[:, None] * (1 + eps[None, :])).reshape(-1)
+    return np.concatenate([vals, -vals])
+
+
+def test_f64_to_bf16_rounds_once():
+    rng = np.random.default_rng(11)
+    x = np.concatenate([_double_rounding_cases(), rng.standard_normal(2000) * 10.0 ** rng.integers(-40, 38, 2000),
+                        [0.0, -0.0, 3.3961e38, 3.4e38, 1e300, -1e300, 2.0 ** -140, 2.0 ** -134 * 1.5]])
+    got = N.f64_to_bf16_bits(x)
+    for v, g in zip(x.tolist(), got.tolist()):
+        f32 = np.float32  # bf16 is the top half of float32: round the exact value among bf16 values
+        from fractions import Fraction
+
+        a = abs(Fraction(v))
+        lo = np.float32(min(float(a), 3.4028234663852886e38))
+        while Fraction(float(lo)) > a:
+            lo = np.nextafter(lo, f32(0))
+        lo_b = int(np.array([lo], f32).view(np.uint32)[0]) >> 16
+        lo_v = Fraction(float(np.array([lo_b << 16], np.uint32).view(f32)[0]))
+        hi_v = Fraction(2) ** 128 if lo_b == 0x7F7F else \
+            Fraction(float(np.array([(lo_b + 1) << 16], np.uint32).view(f32)[0]))
+        up = lo_v != a and ((hi_v - a) < (a - lo_v) or ((hi_v - a) == (a - lo_v) and lo_b & 1))
+        want = (lo_b + up) | (0x8000 if v < 0 or (v == 0 and np.signbit(v)) else 0)
+        assert g == want, (v, hex(g), hex(want))
+    nan = N.f64_to_bf16_bits(np.array([np.nan, np.inf, -np.inf]))
+    assert (nan[0] & 0x7F80) == 0x7F80 and (nan[0] & 0x7F) and nan[1:].tolist() == [0x7F80, 0xFF80]
+
+
+def test_f64_to_f16_rounds_once():
+    """numpy converts float64 to half directly; held to it here, including values whose float32
+    rounding lands on a half tie and half's subnormals."""
+    rng = np.random.default_rng(12)
+    x = np.concatenate([_double_rounding_cases(), rng.standard_normal(2000) * 10.0 ** rng.integers(-9, 5, 2000),
+                        [2.0 ** -25 * (1 + 2.0 ** -40), 2.0 ** -25, 65519.99, 65520.0]])
+    got = N.f64_to_f16_bits(x)
+    for v, g in zip(x.tolist(), got.tolist()):
+        assert g == _neighbours_round(v, np.float16), (v, hex(g))
+    # a whole array (numpy's vectorized loop) agrees with the scalar path
+    np.testing.assert_array_equal(N.f64_to_f16_bits(np.tile(x, 3)), np.tile(got, 3))

@@ -30,6 +30,10 @@ __all__ = [
     "f32_to_bf16_bits",
     "bf16_bits_to_f32",
     "round_to_bf16",
+    "f64_to_bf16_bits",
+    "f64_to_f16_bits",
+    "round_f64",
+    "bf16_round_into",
     "FP4_E2M1_VALUES",
     "E8M0_BIAS",
     "MXFP4_BLOCK",
@@ -125,6 +129,69 @@ def bf16_bits_to_f32(u16: np.ndarray) -> np.ndarray:
 def round_to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 values rounded to the nearest bfloat16 (RNE), returned as float32."""
     return bf16_bits_to_f32(f32_to_bf16_bits(x))
+
+
+def bf16_round_into(acc: np.ndarray, tmp: np.ndarray, out: np.ndarray) -> None:
+    """float32 bit patterns (uint32) -> bf16 bit patterns in ``out`` (uint16), round to nearest
+    even, for finite values (the caller checks): the fast path of :func:`f32_to_bf16_bits`
+    with caller-owned buffers (``tmp`` has ``acc``'s shape)."""
+    np.right_shift(acc, 16, out=tmp)
+    np.bitwise_and(tmp, 1, out=tmp)
+    np.add(tmp, 0x7FFF, out=tmp)
+    np.add(tmp, acc, out=tmp)
+    np.right_shift(tmp, 16, out=tmp)
+    np.copyto(out, tmp, casting="unsafe")
+
+
+def _f64_to_f32_odd(x: np.ndarray) -> np.ndarray:
+    """float64 -> float32 rounded to odd (truncate toward zero, then set the last bit if the
+    value was inexact), as uint32 bit patterns. Rounding to odd with 24 bits and then to nearest
+    with 8 (or 11) gives the correctly rounded result: no double-rounding error (Boldo and
+    Melquiond, "When double rounding is odd", 2005)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = x.astype(np.float32)
+    bits = t.view(np.uint32).copy()
+    back = t.astype(np.float64)
+    finite_in = np.isfinite(x)
+    inexact = finite_in & (back != x)
+    over = inexact & ~np.isfinite(t)  # past float32's range: the largest finite float32, odd
+    bits[over] = (bits[over] & np.uint32(0x80000000)) | np.uint32(0x7F7FFFFF)
+    fix = inexact & ~over & ((bits & np.uint32(1)) == 0)
+    if fix.any():
+        away = np.abs(back) > np.abs(x)  # rounded away from zero: step back toward zero
+        bits[fix & away] -= np.uint32(1)
+        bits[fix & ~away] += np.uint32(1)
+    return bits
+
+
+def f64_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float64 -> bfloat16 bit patterns (uint16), rounded once to nearest even (a float64 ->
+    float32 -> bf16 conversion rounds twice and is wrong when the float32 value lands on a bf16
+    tie). Overflow rounds to +-Inf, NaN stays NaN (quiet)."""
+    x = np.asarray(x, dtype=np.float64)
+    odd = _f64_to_f32_odd(x)
+    return f32_to_bf16_bits(odd.view(np.float32))
+
+
+def f64_to_f16_bits(x: np.ndarray) -> np.ndarray:
+    """float64 -> IEEE half bit patterns (uint16), rounded once to nearest even. numpy converts
+    float64 to float16 directly (not through float32); tests/test_numerics.py holds it to that
+    on double-rounding cases."""
+    with np.errstate(over="ignore"):
+        return np.asarray(x, dtype=np.float64).astype(np.float16).view(np.uint16)
+
+
+def round_f64(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float64 values rounded once (nearest even) to ``dtype``: "bf16" and "f16" as uint16 bit
+    patterns, "f32" as float32."""
+    if dtype == "bf16":
+        return f64_to_bf16_bits(x)
+    if dtype == "f16":
+        return f64_to_f16_bits(x)
+    if dtype == "f32":
+        with np.errstate(over="ignore"):
+            return np.asarray(x, dtype=np.float64).astype(np.float32)
+    raise FormatError(f"round_f64: unknown output type {dtype!r} (bf16, f16 or f32)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,194 @@
+"""The merge arithmetic: every merged element is ``W + sum_t s_t * (B_t @ A_t)``, computed
+exactly enough to be rounded once, to nearest even, to the output type. Pure numpy, no state.
+
+The rule (:data:`RULE`, recorded in run.json), element by element: with each LoRA term's scale
+folded into its B factor (``bs = s * B`` in float64, one rounding per factor element, the same
+values whatever layout the element ends up in), the merged value is
+
+    S = W + add + a_1 * bs_1 + ... + a_K * bs_K      (each product a float64 number)
+
+the exact sum of the base value, an optional constant (Gemma stores norms as ``w + 1``) and the
+float64 products over every rank index of every LoRA term, rounded once to bf16, f16 or f32.
+S does not depend on the order of anything, so the bytes do not depend on BLAS, the CPU,
+threads, tile sizes or which route computed them.
+
+How it is computed fast. ``V = W + left @ right`` goes through BLAS in float64 (``left`` holds
+the ``bs`` rows, ``right`` the ``a`` columns, or the other way round: the products are the
+same). Whatever BLAS's summation order, blocking or FMA use, ``|V - S| <= E`` with
+``E = (K + 8) * 2**-52 * (max|V| + sum_k max|left_k| * max|right_k|)`` (the classic bound
+gamma_K * sum|products| for any summation order, plus the roundings of the additions, with a
+factor two to spare). Where the interval ``V +- E`` holds no rounding boundary of the output
+type, round(V) == round(S) by monotonicity. The rare elements where it may hold one are found
+cheaply (for bf16, from the float32 bits of V: within two float32 steps of a bf16 tie, or so
+small that E is not far below a float32 step), then either rounded from V directly in one
+rounding, or, when ``V +- E`` really straddles a boundary, summed exactly (:func:`exact_round`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from . import numerics
+
+RULE = ("each merged element is the exact sum of W and the float64 products a * (scale * b) over every "
+        "rank index of every LoRA term (computed in float64; summed exactly wherever the float64 result "
+        "is within its error bound of a rounding boundary), rounded once, to nearest even, to the output "
+        "type; the bytes do not depend on the CPU, BLAS, threads or tiling")
+
+#: rows per tile: 32 rows x 2880 columns x 8 bytes = 737 KB of float64, within the L2 cache
+TILE_ROWS = 32
+
+_U = 2.0 ** -52
+DTYPES = ("bf16", "f16", "f32")
+
+# W tile source: (first row, last row + 1, float32 buffer of (rows, m)) -> float32 (rows, m)
+TileSource = Callable[[int, int, np.ndarray], np.ndarray]
+
+
+class Work:
+    """Per-thread scratch buffers of :func:`merge_block`, reused from call to call."""
+
+    def __init__(self):
+        self._bufs: dict[tuple[str, int, str], np.ndarray] = {}
+
+    def get(self, key: str, n: int, dtype) -> np.ndarray:
+        dt = np.dtype(dtype)
+        buf = self._bufs.get((key, n, dt.str))
+        if buf is None:
+            buf = self._bufs[(key, n, dt.str)] = np.empty(n, dt)
+        return buf
+
+
+def exact_round(values, dtype: str):
+    """The exact sum of ``values`` (float64 numbers) rounded once to ``dtype`` (a numpy scalar of
+    :func:`numerics.round_f64`'s type). ``math.fsum`` gives the sum rounded to float64, C; when C
+    is itself a rounding boundary of ``dtype``, the sign of the exact remainder says which side the
+    sum lies on (C's float64 neighbour on that side rounds the same way as the sum)."""
+    vals = [float(v) for v in values]
+    c = math.fsum(vals)
+    down = numerics.round_f64(np.array([math.nextafter(c, -math.inf)]), dtype)
+    up = numerics.round_f64(np.array([math.nextafter(c, math.inf)]), dtype)
+    if _bits(down) == _bits(up):
+        return numerics.round_f64(np.array([c]), dtype)[0]
+    rest = math.fsum(vals + [-c])  # the exact sum minus C, rounded: its sign is exact
+    side = math.nextafter(c, math.inf if rest > 0 else -math.inf) if rest else c
+    return numerics.round_f64(np.array([side]), dtype)[0]
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32)
+
+
+def _bf16_candidates(bits: np.ndarray, tmp: np.ndarray, err: float) -> np.ndarray:
+    """Flat indices of the elements whose bf16 rounding from these float32 bits (of V) may differ
+    from the single rounding of C: within two float32 steps of a bf16 tie (low 16 bits 0x7FFF,
+    0x8000 or 0x8001; 0x8000 is also where rounding through float32 rounds twice), or small
+    enough that ``err`` may reach a quarter float32 step (|x| < err * 2**26)."""
+    np.subtract(bits, np.uint32(0x7FFF), out=tmp)
+    np.bitwise_and(tmp, np.uint32(0xFFFF), out=tmp)
+    cand = tmp <= 2
+    if err > 0:
+        thr = np.float32(min(err * 2.0 ** 26, 3.0e38))
+        np.bitwise_and(bits, np.uint32(0x7FFFFFFF), out=tmp)
+        cand |= tmp < thr.view(np.uint32)
+    return np.flatnonzero(cand)
+
+
+def _settle(v: np.ndarray, flat_out: np.ndarray, idx: np.ndarray, err: float, vabs: float, dtype: str,
+            exact: Callable[[int], np.generic]) -> None:
+    """The candidates ``idx`` (flat): rounded once from V where V +- err holds no rounding boundary,
+    else the exact sum rounded once (``exact(i)``)."""
+    vals = v.reshape(-1)[idx]
+    e2 = err + _U * (vabs + err)  # the two additions below may round inward by half a float64 step
+    lo = numerics.round_f64(vals - e2, dtype)
+    hi = numerics.round_f64(vals + e2, dtype)
+    same = _bits(lo) == _bits(hi)
+    rounded = numerics.round_f64(vals, dtype)
+    for h in np.flatnonzero(~same):
+        rounded[h] = exact(int(idx[h]))
+    flat_out[idx] = rounded
+
+
+def merge_block(w: np.ndarray | TileSource, shape: tuple[int, int], left: np.ndarray | None,
+                right: np.ndarray | None, dtype: str, *, out: np.ndarray, add: float = 0.0,
+                work: Work | None = None) -> bool:
+    """Merge one block of rows and round it into ``out`` by the rule above.
+
+    ``w``: the base values, float32 (or float64) of ``shape`` (n, m), or a function giving them a
+    tile of rows at a time (so a transposing gather stays in the cache); ``left`` (n, K) and
+    ``right`` (K, m) float64 with ``left @ right`` the sum of the LoRA deltas in this block's
+    layout (None or K = 0: no delta); ``add``: a constant added to every element; ``out``:
+    (n, m) uint16 bit patterns for bf16/f16, float32 for f32.
+
+    Returns False (``out`` then undefined) when a merged value is NaN or Inf; the caller finds
+    the cause."""
+    if dtype not in DTYPES:
+        raise ValueError(f"merge_block: output type {dtype!r} is not one of {DTYPES}")
+    n, m = shape
+    work = work or Work()
+    k = 0 if left is None else left.shape[1]
+    extra = 1 if add else 0
+    tile = max(1, min(n, TILE_ROWS))
+    d_all = work.get("d", tile * m, np.float64)
+    w_all = work.get("w", tile * m, np.float32)
+    x_all = work.get("x", tile * m, np.float32)
+    t_all = work.get("t", tile * m, np.uint32)
+    right_max = np.abs(right).max(axis=1) if k else None
+    for r0 in range(0, n, tile):
+        r1 = min(n, r0 + tile)
+        rows = r1 - r0
+        d = d_all[: rows * m].reshape(rows, m)
+        if callable(w):
+            wt = w(r0, r1, w_all[: rows * m].reshape(rows, m))
+        else:
+            wt = w[r0:r1]
+        with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf are reported by the return value
+            if k:
+                np.matmul(left[r0:r1], right, out=d)
+                np.add(d, wt, out=d)
+            else:
+                np.copyto(d, wt)
+            if add:
+                np.add(d, add, out=d)
+            hi, lo = d.max(), d.min()
+        if not (math.isfinite(hi) and math.isfinite(lo)):
+            return False
+        vabs = max(abs(hi), abs(lo))
+        err = 0.0
+        if k or extra:
+            s = float(np.dot(np.abs(left[r0:r1]).max(axis=0), right_max)) if k else 0.0
+            err = (k + extra + 8) * _U * (vabs + s)
+        o = out[r0:r1]
+        if dtype == "bf16":
+            x = x_all[: rows * m].reshape(rows, m)
+            with np.errstate(over="ignore"):
+                np.copyto(x, d, casting="unsafe")
+            bits = x.view(np.uint32)
+            t = t_all[: rows * m].reshape(rows, m)
+            numerics.bf16_round_into(bits, t, o)
+            idx = _bf16_candidates(bits, t, err)
+        else:
+            with np.errstate(over="ignore"):
+                if dtype == "f16":
+                    np.copyto(o, d.astype(np.float16).view(np.uint16))
+                else:
+                    np.copyto(o, d, casting="unsafe")
+            if err == 0.0:
+                continue
+            e2 = err + _U * (vabs + err)
+            ft = np.float16 if dtype == "f16" else np.float32
+            with np.errstate(over="ignore"):
+                idx = np.flatnonzero((d - e2).astype(ft) != (d + e2).astype(ft))
+        if idx.size:
+            base = np.asarray(wt, np.float64)
+
+            def exact(i: int, _r0=r0, _base=base):
+                row, col = divmod(i, m)
+                products = left[_r0 + row] * right[:, col] if k else ()
+                return exact_round([_base[row, col], add, *products], dtype)
+
+            _settle(d, o.reshape(-1), idx, err, vabs, dtype, exact)
+    return True
