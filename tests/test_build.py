@@ -136,20 +136,21 @@ def test_bf16_output_within_one_ulp_of_peft(built, peft_merged):
     assert total > 0 and exact / total > 0.999
 
 
-def test_fused_route_writes_the_same_file(built, tiny_base, tiny_adapter, tmp_path):
-    """Without --save-merged, the experts are merged by the fused BF16 kernel (bf16_merge), one output
-    tensor at a time, and the file is streamed with direct writes (seqwrite): the bytes are the generic
-    route's (the `built` fixture asks for --save-merged, which takes the generic route), and the
-    SHA-256 recorded while streaming is the file's."""
+def test_same_bytes_with_any_thread_count(built, tiny_base, tiny_adapter, tmp_path):
+    """The merge is correctly rounded (merge.RULE), so the bytes depend on nothing but the inputs:
+    1 and 2 worker threads (and the `built` fixture's run, which also wrote --save-merged) write
+    the same file, and the SHA-256 recorded while streaming is the file's."""
     result, _, _ = built
-    fused = build(tiny_base, tiny_adapter, tmp_path / "fused", name="tiny", nthread=2)
-    stats = json.loads((fused.out_dir / "run.json").read_text())["stages"]["build"]
-    generic_stats = json.loads((result.out_dir / "run.json").read_text())["stages"]["build"]
-    assert stats["fused_slabs"] > 0 and generic_stats["fused_slabs"] == 0
-    data = (fused.out_dir / "tiny-BF16.gguf").read_bytes()
-    assert data == (result.out_dir / "tiny-BF16.gguf").read_bytes()
-    recorded = {o["file"]: o["sha256"] for o in json.loads((fused.out_dir / "run.json").read_text())["outputs"]}
-    assert recorded["tiny-BF16.gguf"] == hashlib.sha256(data).hexdigest()
+    want = (result.out_dir / "tiny-BF16.gguf").read_bytes()
+    for threads in (1, 2):
+        res = build(tiny_base, tiny_adapter, tmp_path / f"t{threads}", name="tiny", nthread=threads)
+        data = (res.out_dir / "tiny-BF16.gguf").read_bytes()
+        assert data == want, f"{threads} thread(s) wrote other bytes"
+        record = json.loads((res.out_dir / "run.json").read_text())
+        assert record["stages"]["build"]["threads"] == threads
+        recorded = {o["file"]: o["sha256"] for o in record["outputs"]}
+        assert recorded["tiny-BF16.gguf"] == hashlib.sha256(data).hexdigest()
+    assert "rounded once" in record["rounding"] and "do not depend on the CPU" in record["rounding"]
 
 
 def _gguf_name(hf: str, part: str, layer: str | None) -> str:
@@ -258,3 +259,29 @@ def test_narrow_rows_fallback_is_reported(built):
     fake_k = {n: ("Q5_0" if t == "Q8_0" else t) for n, t in types.items()}
     note = fallback_note("Q4_K_M", fake_k, shapes)
     assert note and "not a multiple of 256" in note and "MXFP4_MOE" in note and "Q5_0" in note
+
+
+@pytest.fixture(scope="module")
+def rslora_adapter(tmp_path_factory, tiny_base):
+    """rsLoRA with a rank pattern and an alpha pattern (on attention and on an expert parameter)."""
+    return synth.make_adapter(tiny_base, tmp_path_factory.mktemp("rslora_adapter"), r=4, lora_alpha=8,
+                              use_rslora=True, rank_pattern={"v_proj": 8, "o_proj": 2},
+                              alpha_pattern={"k_proj": 3, "mlp.experts.gate_up_proj": 5})
+
+
+@pytest.mark.parametrize("which", ["plain", "rslora_patterns"])
+def test_equals_float64_reference_merge_through_llama_cpp(which, built, rslora_adapter, tiny_base, tiny_adapter,
+                                                          reference_llama_cpp, tmp_path):
+    """The correctly rounded merge, end to end: PEFT's merge_and_unload on the base loaded in
+    float64, rounded once to bf16 (with our own tested rounding; torch's rounds twice), converted
+    by llama.cpp's convert_hf_to_gguf.py, is the BF16 GGUF lora2gguf writes, byte for byte: every
+    tensor and every key."""
+    from reference import assert_same_gguf, run_converter
+
+    adapter = tiny_adapter if which == "plain" else rslora_adapter
+    if which == "plain":
+        ours = built[0].out_dir / "tiny-BF16.gguf"
+    else:
+        ours = build(tiny_base, adapter, tmp_path / "ours", name="tiny").out_dir / "tiny-BF16.gguf"
+    model_dir = synth.write_reference_merge(tiny_base, adapter, tmp_path / "reference")
+    assert_same_gguf(ours, run_converter(reference_llama_cpp, model_dir, tmp_path / "ref.gguf"))

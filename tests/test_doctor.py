@@ -429,10 +429,14 @@ def test_truncated_shard_is_a_blocker(tiny_base, np_adapter, tmp_path):
 
 def test_unsupported_architecture_is_a_blocker(tiny_base, np_adapter, tmp_path):
     base = copy_base(tiny_base, tmp_path / "base")
-    edit_json(base / "config.json", architectures=["LlamaForCausalLM"], model_type="llama")
+    edit_json(base / "config.json", architectures=["FalconForCausalLM"], model_type="falcon")
     report = doctor.run(base, np_adapter, free_bytes=10**12)
     f = one(report, "ARCH_UNSUPPORTED")
-    assert "LlamaForCausalLM" in f.what and "GptOssForCausalLM" in f.what
+    # names what it found and every family it supports
+    assert "FalconForCausalLM" in f.what
+    for supported in ("GptOssForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                      "Qwen3ForCausalLM"):
+        assert supported in f.what
     assert report.architecture is None
 
 

@@ -85,11 +85,17 @@ def test_expert_delta_matches_peft_param_wrapper():
 
 def test_layout_split_and_transpose_known_values():
     x = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # (E, in, 2n) with n = 2
-    gate, up = layout.transpose_split_interleaved(x)
+    gate, up = layout.Split(2, interleaved=True, transpose=True).apply({}, x)
     assert gate.shape == up.shape == (2, 2, 3)
     assert gate[0].tolist() == [[0, 4, 8], [2, 6, 10]]
     assert up[1].tolist() == [[13, 17, 21], [15, 19, 23]]
-    (down,) = layout.transpose_last2(x)
+    (down,) = layout.Transpose().apply({}, x)
     assert down.shape == (2, 4, 3) and down[1, 3, 2] == x[1, 2, 3]
-    g, u = layout.split_interleaved_last(np.array([[1, 2, 3, 4]], np.float32))
+    g, u = layout.Split(2, interleaved=True, axis="cols").apply({}, np.array([[1, 2, 3, 4]], np.float32))
     assert g.tolist() == [[1, 3]] and u.tolist() == [[2, 4]]
+    lo, hi = layout.Split(2, interleaved=False).apply({}, np.arange(8, dtype=np.float32).reshape(4, 2))
+    assert lo.tolist() == [[0, 1], [2, 3]] and hi.tolist() == [[4, 5], [6, 7]]
+    (q,) = layout.PermuteHeads("h").apply({"h": 1}, np.arange(4, dtype=np.float32))  # a bias: one head of 4
+    assert q.tolist() == [0, 2, 1, 3]
+    (n,) = layout.AddOne().apply({}, np.zeros(3, np.float32))
+    assert n.tolist() == [1, 1, 1]

@@ -146,7 +146,7 @@ def test_mxfp4_base_builds_the_same_gguf_as_its_bf16_decoding(mxfp4_pair, tiny_a
 
 
 def test_mxfp4_expert_slabs_bound_memory(mxfp4_pair, tiny_adapter):
-    """The plan decodes MXFP4 experts a slab of experts at a time, within the BF16 path's slab budget."""
+    """The plan decodes MXFP4 experts one expert at a time, in units within the slab budget."""
     from lora2gguf import arch as arch_registry
     from lora2gguf.adapter import load_adapter
     from lora2gguf.plan import make_plan
@@ -160,15 +160,21 @@ def test_mxfp4_expert_slabs_bound_memory(mxfp4_pair, tiny_adapter):
         sources = logical_tensors(Checkpoint.open(folder))
         adapter = load_adapter(tiny_adapter, {n: s.shape for n, s in sources.items()}, arch)
         plans[key] = make_plan(arch, config, sources, adapter, "bf16", slab_bytes=100_000)
-    steps = {s.source.name: s for s in plans["mx"].steps if s.source.storage == "MXFP4"}
-    assert steps and all(0 < s.slab_rows < s.source.shape[0] for s in steps.values())
-    # reading one slab gives exactly the same rows as the BF16 base holds
+    tps = [t for t in plans["mx"].tensors if t.inputs and t.inputs[0].source.storage == "MXFP4"]
+    assert tps
     ck = Checkpoint.open(bf)
-    for name, step in steps.items():
-        sl = slice(1, 1 + step.slab_rows)
-        ref = numerics.bf16_bits_to_f32(read_raw(ck.tensors[name], rows=sl))
-        np.testing.assert_array_equal(step.source.read(sl), ref)
-    assert plans["mx"].peak_slab_bytes <= 100_000 * 2
+    for t in tps:
+        src = t.inputs[0].source
+        # one output matrix per expert, each made from its own expert: a unit decodes one expert
+        assert [p.matrix for p in t.parts] == list(range(src.shape[0]))
+        units = t.blocks()
+        assert len(units) >= len(t.parts) and len({(m, r.start) for m, r in units}) == len(units)
+        # the unit's rows keep its float32 work within the slab budget (or are a single row)
+        cols = t.tensor.shape[-1]
+        assert t.block_rows == 1 or t.block_rows * cols * 4 * (3 + src.slab_cost) <= 100_000
+        # reading one expert gives exactly the values the BF16 base holds
+        ref = numerics.bf16_bits_to_f32(read_raw(ck.tensors[src.name], rows=slice(1, 2)))
+        np.testing.assert_array_equal(src.read(slice(1, 2)), ref)
 
 
 def test_keep_mxfp4_experts_equal_llama_cpp_converter(kept, mxfp4_pair, attn_adapter, reference_llama_cpp,

@@ -27,7 +27,8 @@ from .gguf_out import GGUFStream, sha256_file, tensor_types
 from . import hparams, jsonfile
 from .hparams import write_hparams
 from .jsonfile import read_json_object
-from .plan import make_plan
+from .merge import RULE as MERGE_RULE
+from .plan import make_plan, merged_plan
 from .quantize import parse_quants, quantize, type_counts
 from .runstate import RunLock, RunState, input_fingerprint, remove_partials, stage_key
 from .safetensors_io import Checkpoint
@@ -124,8 +125,9 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
     name = name or default_name(adapter_dir)
     stages: dict[str, Any] = {}
 
-    config = read_json(base_dir / "config.json", "the base model's config")
-    arch = arch_registry.for_config(config, where=str(base_dir / "config.json"))
+    raw_config = read_json(base_dir / "config.json", "the base model's config")
+    arch = arch_registry.for_config(raw_config, where=str(base_dir / "config.json"))
+    config = arch.normalize_config(raw_config)
     hparams.validate(arch, config, str(base_dir / "config.json"))
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,25 +195,30 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
             progress("build", 1, 1, "unchanged since the last run: skipped")
     else:
         require_space(out_dir, plan.gguf_tensor_bytes + 64 * 1024 * 1024)
+        if save_merged and plan.kept_mxfp4:
+            raise InputError("--save-merged with --keep-mxfp4: the merged safetensors need the experts decoded; "
+                             "run --save-merged without --keep-mxfp4")
         with _gc_paused():
             stream = GGUFStream(main_file, arch.gguf_arch_name, add_metadata, plan.outputs)
         jsonfile.forget()  # tokenizer.json, parsed once for doctor and the vocabulary
-        merged = MergedShards.create(Path(save_merged), plan) if save_merged else None
 
         def on_progress(done: int, total: int, what: str) -> None:
             if progress:
                 progress("build", done, total, what)
 
-        stats = execute(plan, stream, merged=merged, progress=on_progress, threads=nthread)
+        stats = execute(plan, stream, progress=on_progress, threads=nthread)
         stream.finish()
         merged_files: list[Path] = []
-        if merged is not None:
+        if save_merged:
+            mplan = merged_plan(plan)
+            merged = MergedShards.create(Path(save_merged), mplan)
+            execute(mplan, merged, threads=nthread)
             merged.finish(base_dir)
             merged_files = sorted(p for p in Path(save_merged).iterdir() if p.is_file())
         build_seconds = time.perf_counter() - t0
         stages["build"] = {"seconds": round(build_seconds, 3), "bytes_read": stats.bytes_read,
                            "bytes_written": stats.bytes_written, "threads": stats.threads,
-                           "fused_slabs": stats.fused_slabs, "peak_rss_bytes": _peak_rss()}
+                           "merged_units": stats.merged_units, "peak_rss_bytes": _peak_rss()}
         out = _describe(main_file, outtype.upper(), build_seconds, None, None, sha256=stream.sha256)
         outputs = [out]
         state.record("build", build_key, {main_file: out.sha256, **{p: None for p in merged_files}},
@@ -264,6 +271,7 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         },
         "base_storage": dict(type_counts({n: s.storage for n, s in sources.items()})),
         "keep_mxfp4": {"requested": keep_mxfp4, "tensors": plan.kept_mxfp4},
+        "rounding": MERGE_RULE,
         "notes": list(plan.notes),
         "outputs": [o.to_json() for o in outputs],
         "stages": stages,

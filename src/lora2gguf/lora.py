@@ -1,4 +1,4 @@
-"""LoRA math: pure functions over numpy arrays, computed in float32.
+"""LoRA math: pure functions over numpy arrays, computed in float64.
 
 Facts (PEFT's conventions):
 - Linear layers: W (out, in) += s * B @ A with A (r, in), B (out, r); with fan_in_fan_out the
@@ -9,6 +9,8 @@ Facts (PEFT's conventions):
   GPT-OSS stores its experts): A is saved as (r*E, in) and read as (E, r, in); B is saved as
   (out, r*E) and read as (out, r, E): the expert index is the slow axis of A's rows but the
   fast axis of B's columns. delta[e] = s * (A_e^T @ B_e^T) with shape (in, out).
+- A delta is handed to the merge as two factors (left, right) with the scale folded into B:
+  layout views cut them (layout.View.factors) and merge.merge_block adds left @ right.
 """
 
 from __future__ import annotations
@@ -35,21 +37,24 @@ def pattern_value(patterns: Mapping[str, float], key: str, default: float) -> fl
     return default
 
 
+def linear_factors(a: np.ndarray, b: np.ndarray, scale: float, *, fan_in_fan_out: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(left, right), float64, with ``left @ right`` the delta of a Linear weight in its stored
+    layout: (out, in), or (in, out) with fan_in_fan_out. The scale is folded into B, one float64
+    product per element of B (the values merge.RULE sums, whatever layout they end up in)."""
+    a = np.asarray(a, dtype=np.float64)
+    bs = np.asarray(b, dtype=np.float64) * scale  # (out, r)
+    if fan_in_fan_out:  # stored (in, out): delta^T = A^T @ (sB)^T
+        return a.T, bs.T
+    return bs, a
+
+
 def linear_delta(a: np.ndarray, b: np.ndarray, scale: float, *, fan_in_fan_out: bool = False,
                  rows: slice | None = None) -> np.ndarray:
-    """s * B @ A for a Linear weight, float32, shape (out, in) (or (in, out) with fan_in_fan_out).
-
-    `rows` selects a slab of the leading axis of the stored weight, so a large weight can be
-    merged slab by slab.
-    """
-    a = np.asarray(a, dtype=np.float32)
-    b = np.asarray(b, dtype=np.float32)
-    if fan_in_fan_out:
-        # stored (in, out): delta^T = A^T @ B^T; rows index `in`
-        at = a.T if rows is None else a.T[rows]
-        return (at @ b.T) * np.float32(scale)
-    bb = b if rows is None else b[rows]
-    return (bb @ a) * np.float32(scale)
+    """s * B @ A for a Linear weight, float64, shape (out, in) (or (in, out) with fan_in_fan_out);
+    ``rows`` selects a slab of the stored weight's leading axis."""
+    left, right = linear_factors(a, b, scale, fan_in_fan_out=fan_in_fan_out)
+    return (left if rows is None else left[rows]) @ right
 
 
 def expert_factors(a: np.ndarray, b: np.ndarray, num_experts: int, e: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,22 +70,19 @@ def expert_factors(a: np.ndarray, b: np.ndarray, num_experts: int, e: int) -> tu
     return a.reshape(num_experts, r, n_in)[e], b.reshape(n_out, r, num_experts)[:, :, e]
 
 
+def expert_matrix_factors(a: np.ndarray, b: np.ndarray, scale: float, num_experts: int, e: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """(left, right), float64, with ``left @ right`` the delta of expert ``e`` of a parameter
+    stored (E, in, out) as PEFT's ParamWrapper computes it: A_e^T @ (s B_e)^T, shape (in, out)."""
+    a_e, b_e = expert_factors(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), num_experts, e)
+    return a_e.T, (b_e * scale).T
+
+
 def expert_delta(a: np.ndarray, b: np.ndarray, scale: float, num_experts: int,
                  experts: slice | None = None) -> np.ndarray:
-    """Delta for an expert parameter of shape (E, in, out), as PEFT's ParamWrapper computes it.
-
-    a: (r*E, in), b: (out, r*E). Returns float32 (e, in, out) for the selected experts.
-    """
-    a = np.asarray(a, dtype=np.float32)
-    b = np.asarray(b, dtype=np.float32)
-    n_in, n_out = a.shape[1], b.shape[0]
+    """Delta for an expert parameter of shape (E, in, out), float64 (e, in, out) for the selected experts."""
     sel = range(num_experts)[experts] if experts is not None else range(num_experts)
-    out = np.empty((len(sel), n_in, n_out), dtype=np.float32)
-    for i, e in enumerate(sel):
-        a_e, b_e = expert_factors(a, b, num_experts, e)
-        np.matmul(a_e.T, b_e.T, out=out[i])  # (in, r) @ (r, out)
-    out *= np.float32(scale)
-    return out
+    return np.stack([np.matmul(*expert_matrix_factors(a, b, scale, num_experts, e)) for e in sel])
 
 
 def expert_rank(a_rows: int, num_experts: int) -> int:

@@ -1,17 +1,24 @@
-"""The plan: for every source tensor, the LoRA terms that touch it, the layout transform, the GGUF
-tensors it becomes (names, shapes, types) and the slab size. Decided before a byte is read."""
+"""The plan: every GGUF tensor decided before a byte is read.
+
+For each output tensor: its name, shape and type; the source tensors it is made of (with the
+LoRA terms that touch each); per output matrix, the source matrix and the :class:`layout.View`
+that cuts it out (which also says what happens to the LoRA factors); a constant to add
+(Gemma's norms); or, for tensors made from the config alone (Llama 3's ``rope_freqs``), the
+values. The stream (stream.py) executes it block by block; nothing here reads tensor data.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import gguf
 import numpy as np
 
+from . import layout
 from .adapter import Adapter, LoraTerm
-from .arch import Architecture, block_id
+from .arch import Family, block_id
 from .errors import InputError, UnsupportedError
 from .sources import Source
 
@@ -27,14 +34,6 @@ FILE_TYPES: dict[str, gguf.LlamaFileType] = {
 }
 DEFAULT_SLAB_BYTES = 64 * 1024 * 1024
 
-# --keep-mxfp4: MXFP4 is stored output-major, (E, out, in) rows, which is GGUF's orientation, so
-# the transform a decoded expert tensor needs (transpose, or split + transpose) becomes a plain
-# row operation on the repacked ggml blocks (E, rows, G*17).
-PACKED_TRANSFORMS = {
-    "transpose": lambda x: (x,),
-    "transpose_split_interleaved": lambda x: (np.ascontiguousarray(x[:, 0::2]), np.ascontiguousarray(x[:, 1::2])),
-}
-
 
 @dataclass(frozen=True)
 class OutTensor:
@@ -48,34 +47,70 @@ class OutTensor:
         return math.prod(self.shape) // block * size
 
     @property
+    def matrix_nbytes(self) -> int:
+        """Bytes of one matrix (one expert of a 3-D tensor; the whole tensor otherwise)."""
+        return self.nbytes // layout.matrix_count(self.shape)
+
+    @property
     def row_nbytes(self) -> int:
-        """Bytes per index of the leading axis."""
-        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
+        """Bytes of one row of a matrix (one element of a vector)."""
+        rows = layout.matrix_shape(self.shape)[0] if self.shape else 1
+        return self.matrix_nbytes // max(rows, 1)
 
 
 @dataclass(frozen=True)
-class Step:
+class Input:
+    """A source tensor and the LoRA terms that change it."""
+
     source: Source
-    terms: tuple[LoraTerm, ...]
-    transform: str
-    outputs: tuple[OutTensor, ...]
-    slab_rows: int  # rows of the leading axis per slab (0: the whole tensor at once)
+    terms: tuple[LoraTerm, ...] = ()
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    tensor: OutTensor
+    inputs: tuple[Input, ...]
+    parts: tuple[layout.Part, ...]  # one per output matrix; () for generated tensors
+    add: float = 0.0
+    values: np.ndarray | None = None  # generated tensors: the float32 values
     packed: bool = False  # --keep-mxfp4: ggml MXFP4 blocks repacked from the source, never decoded
+    block_rows: int = 0  # output rows per unit of work (0: a whole matrix)
+    op: str = "Copy"  # the layout operation, for the record
+
+    @property
+    def touched(self) -> bool:
+        return any(i.terms for i in self.inputs)
+
+    @property
+    def out_rows(self) -> int:
+        return layout.matrix_shape(self.tensor.shape)[0] if self.tensor.shape else 1
+
+    def blocks(self) -> list[tuple[int, slice]]:
+        """(matrix, output rows) units in file order."""
+        if self.values is not None or not self.parts:
+            return [(0, slice(0, self.out_rows))]
+        n = self.out_rows
+        step = self.block_rows or n
+        return [(e, slice(a, min(n, a + step))) for e in range(len(self.parts)) for a in range(0, n, step)]
 
 
 @dataclass
 class Plan:
-    arch: Architecture
+    family: Family
     config: Mapping
     outtype: str
-    steps: list[Step]
+    tensors: list[TensorPlan]
     adapter: Adapter | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
+    def arch(self) -> Family:
+        return self.family
+
+    @property
     def kept_mxfp4(self) -> list[str]:
         """Source tensors written as MXFP4 without decoding (--keep-mxfp4)."""
-        return [s.source.name for s in self.steps if s.packed]
+        return sorted({i.source.name for t in self.tensors if t.packed for i in t.inputs})
 
     @property
     def file_type(self) -> gguf.LlamaFileType:
@@ -84,27 +119,26 @@ class Plan:
 
     @property
     def outputs(self) -> list[OutTensor]:
-        return [o for s in self.steps for o in s.outputs]
+        return [t.tensor for t in self.tensors]
+
+    @property
+    def sources(self) -> list[Source]:
+        seen: dict[str, Source] = {}
+        for t in self.tensors:
+            for i in t.inputs:
+                seen.setdefault(i.source.name, i.source)
+        return list(seen.values())
 
     @property
     def bytes_to_read(self) -> int:
-        return sum(s.source.stored_bytes for s in self.steps)
+        return sum(s.stored_bytes for s in self.sources)
 
     @property
     def gguf_tensor_bytes(self) -> int:
         return sum(o.nbytes for o in self.outputs)
 
-    @property
-    def peak_slab_bytes(self) -> int:
-        peak = 0
-        for s in self.steps:
-            rows = s.slab_rows or (s.source.shape[0] if s.source.shape else 1)
-            row = _packed_row_bytes(s.source) * 3 if s.packed else s.source.row_bytes_f32() * (3 + s.source.slab_cost)
-            peak = max(peak, rows * row)
-        return peak
 
-
-def gguf_name(arch: Architecture, name_map: gguf.TensorNameMap, hf_name: str) -> tuple[str, gguf.MODEL_TENSOR]:
+def gguf_name(family: Family, name_map: gguf.TensorNameMap, hf_name: str) -> tuple[str, gguf.MODEL_TENSOR]:
     for suffix in (".weight", ".bias"):
         if hf_name.endswith(suffix):
             stem = hf_name[: -len(suffix)]
@@ -114,25 +148,20 @@ def gguf_name(arch: Architecture, name_map: gguf.TensorNameMap, hf_name: str) ->
     found = name_map.get_type_and_name(stem)
     if found is None:
         raise UnsupportedError(
-            f"tensor {hf_name!r} has no GGUF name for architecture {arch.gguf_arch_name}; this checkpoint has "
+            f"tensor {hf_name!r} has no GGUF name for architecture {family.gguf_arch_name}; this checkpoint has "
             "tensors lora2gguf does not know (a different model variant?)"
         )
     kind, name = found
     return name + suffix, kind
 
 
-def output_qtype(arch: Architecture, name: str, kind: gguf.MODEL_TENSOR, ndim: int, outtype: str) -> gguf.GGMLQuantizationType:
+def output_qtype(family: Family, name: str, kind: gguf.MODEL_TENSOR | None, ndim: int,
+                 outtype: str) -> gguf.GGMLQuantizationType:
     """The rule llama.cpp's converter applies: 1-D tensors, norms, non-weights and some
-    architecture-specific tensors (the MoE router) stay F32; the rest take the output type."""
-    if ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or kind in arch.f32_tensors:
+    family-specific tensors (MoE routers) stay F32; the rest take the output type."""
+    if ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or kind in family.f32_tensors:
         return gguf.GGMLQuantizationType.F32
     return OUTTYPES[outtype]
-
-
-def _packed_row_bytes(src: Source) -> int:
-    """Bytes of one leading-axis index (one expert) of an MXFP4 source repacked as ggml blocks."""
-    rows = src.shape[0] if src.shape else 1
-    return sum(t.nbytes for t in src.stored) // max(rows, 1)
 
 
 def _check_keep_mxfp4(sources: Mapping[str, Source], terms: Mapping[str, tuple[LoraTerm, ...]]) -> list[str]:
@@ -156,53 +185,116 @@ def _check_keep_mxfp4(sources: Mapping[str, Source], terms: Mapping[str, tuple[L
     return kept
 
 
-def make_plan(arch: Architecture, config: Mapping, sources: Mapping[str, Source], adapter: Adapter | None,
+def _block_rows(t: OutTensor, source: Source, slab_bytes: int, packed: bool) -> int:
+    """Output rows per unit of work: about ``slab_bytes`` of float32 work per unit."""
+    rows, cols = layout.matrix_shape(t.shape) if t.shape else (1, 1)
+    per_row = (t.row_nbytes * 3) if packed else cols * 4 * (3 + source.slab_cost)
+    return max(1, min(rows, slab_bytes // max(per_row, 1)))
+
+
+def _sorted_names(names) -> list[str]:
+    return sorted(names, key=lambda n: (block_id(n) if block_id(n) is not None else -1, n))
+
+
+def make_plan(family: Family, config: Mapping, sources: Mapping[str, Source], adapter: Adapter | None,
               outtype: str = "bf16", slab_bytes: int = DEFAULT_SLAB_BYTES, keep_mxfp4: bool = False) -> Plan:
+    """The plan for a (normalized) config, the base's sources and the adapter's terms."""
     if outtype not in OUTTYPES:
         raise InputError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     n_layers = int(config.get("num_hidden_layers", 0))
-    name_map = gguf.get_tensor_name_map(arch.gguf_arch, n_layers)
+    name_map = gguf.get_tensor_name_map(family.gguf_arch, n_layers)
     terms = dict(adapter.terms) if adapter else {}
     keep = set(_check_keep_mxfp4(sources, terms)) if keep_mxfp4 else set()
-    steps: list[Step] = []
+    tensors: list[TensorPlan] = []
     seen: dict[str, str] = {}
-    for name in sorted(sources, key=lambda n: (block_id(n) if block_id(n) is not None else -1, n)):
+    embeddings: list[tuple[str, TensorPlan]] = []
+
+    def claim(gname: str, what: str) -> None:
+        if gname in seen:
+            raise InputError(f"tensors {seen[gname]!r} and {what!r} both map to GGUF tensor {gname!r}")
+        seen[gname] = what
+
+    for gname, values in (family.generated(config) if family.generated else {}).items():
+        claim(gname, "(generated from config.json)")
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        tensors.append(TensorPlan(OutTensor(gname, tuple(values.shape), gguf.GGMLQuantizationType.F32), (), (),
+                                  values=values, op="generated"))
+
+    for name in _sorted_names(sources):
+        if name.endswith(family.skip_suffixes):
+            continue
         src = sources[name]
-        found = arch.rule_for(name)
+        found = family.rule_for(name)
         if found:
             prefix, rule = found
-            hf_outs, transform = [prefix + o for o in rule.outputs], rule.transform
+            op = rule.op
+            hf_outs = [prefix + o for o in rule.outputs] if rule.outputs else [name]
         else:
-            hf_outs, transform = [name], "copy"
-        probe = arch.transforms[transform](np.zeros((0,) + tuple(src.shape[1:]), np.float32)) if src.shape else None
-        outs = []
-        for i, hf_out in enumerate(hf_outs):
-            gname, kind = gguf_name(arch, name_map, hf_out)
-            if gname in seen:
-                raise InputError(f"tensors {seen[gname]!r} and {name!r} both map to GGUF tensor {gname!r}")
-            seen[gname] = name
-            shape = (src.shape[0],) + probe[i].shape[1:] if src.shape else ()
-            outs.append(OutTensor(gname, tuple(shape), output_qtype(arch, gname, kind, len(shape), outtype)))
+            op, hf_outs = layout.Copy(), [name]
+        outs = op.outputs(config, [src.shape])
+        if len(outs) != len(hf_outs):
+            raise UnsupportedError(f"{family.name}: the rule for {name!r} names {len(hf_outs)} outputs, its "
+                                   f"operation makes {len(outs)}")
+        inp = Input(src, tuple(terms.pop(name, ())))
         packed = name in keep
-        if packed:
-            if transform not in PACKED_TRANSFORMS:
-                raise UnsupportedError(f"--keep-mxfp4: no repacked layout for {name!r} (transform {transform!r})")
-            outs = [OutTensor(o.name, o.shape, gguf.GGMLQuantizationType.MXFP4) for o in outs]
-            row = _packed_row_bytes(src) * 3  # raw blocks+scales, the repacked copy, the split pieces
-            slab_rows = max(1, min(src.shape[0], slab_bytes // max(row, 1)))
-        elif len(src.shape) <= 1:
-            slab_rows = 0
-        else:
-            row = src.row_bytes_f32() * (1 + src.slab_cost)
-            slab_rows = max(1, min(src.shape[0], slab_bytes // max(row, 1)))
-        steps.append(Step(src, tuple(terms.pop(name, ())), transform, tuple(outs), slab_rows, packed))
+        for hf_out, o in zip(hf_outs, outs):
+            gname, kind = gguf_name(family, name_map, hf_out)
+            claim(gname, name)
+            qtype = output_qtype(family, gname, kind, len(o.shape), outtype)
+            if packed:
+                for part in o.parts:
+                    layout.packed_rows(part.view)
+                qtype = gguf.GGMLQuantizationType.MXFP4
+            t = OutTensor(gname, tuple(o.shape), qtype)
+            tensors.append(TensorPlan(t, (inp,), o.parts, o.add, packed=packed,
+                                      block_rows=_block_rows(t, src, slab_bytes, packed), op=op.describe()))
+            if kind in (gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.OUTPUT):
+                embeddings.append((name, tensors[-1]))
     if terms:
         target = next(iter(terms))
         raise InputError(f"the adapter changes {target!r}, which the base checkpoint does not hold")
-    plan = Plan(arch, config, outtype, steps, adapter)
+    _check_embeddings(embeddings, config)
+    plan = Plan(family, config, outtype, tensors, adapter)
     if keep:
-        n_out = sum(len(s.outputs) for s in steps if s.packed)
+        n_out = sum(1 for t in tensors if t.packed)
         plan.notes.append(
             f"--keep-mxfp4: the MoE experts ({n_out} tensors) are written as MXFP4, repacked from the base "
             "without decoding (the adapter does not change them); general.file_type is MOSTLY_MXFP4_MOE")
     return plan
+
+
+def _check_embeddings(embeddings: list[tuple[str, TensorPlan]], config: Mapping) -> None:
+    """The token embedding and the output matrix are (vocab_size, hidden_size): a config that
+    says otherwise (edited, or from another model) would give a GGUF llama.cpp cannot load."""
+    from .hparams import find
+
+    hidden = find(config, ("hidden_size", "n_embd", "dim"), "config.json", required=False)
+    vocab = config.get("vocab_size")
+    for name, tp in embeddings:
+        shape = tp.tensor.shape
+        if len(shape) != 2:
+            continue
+        if hidden is not None and shape[1] != hidden:
+            raise InputError(
+                f"config.json: hidden_size is {hidden} (or absent and defaulted), but the checkpoint's {name!r} is "
+                f"{list(shape)}: the config and the weights do not belong together. Use the config.json that came "
+                "with these safetensors files.")
+        if isinstance(vocab, int) and shape[0] != vocab:
+            raise InputError(
+                f"config.json: vocab_size is {vocab}, but the checkpoint's {name!r} has {shape[0]} rows (one per "
+                "token): the config and the weights do not belong together. Use the config.json that came with "
+                "these safetensors files.")
+
+
+def merged_plan(plan: Plan, slab_bytes: int = DEFAULT_SLAB_BYTES) -> Plan:
+    """--save-merged: the merged model in the Hugging Face layout, every tensor of the base in
+    the output type, merged by the same arithmetic as the GGUF."""
+    qtype = OUTTYPES[plan.outtype]
+    tensors = []
+    for s in plan.sources:
+        inp = next(i for t in plan.tensors for i in t.inputs if i.source.name == s.name)
+        t = OutTensor(s.name, tuple(s.shape), qtype)
+        n = layout.matrix_count(s.shape)
+        parts = tuple(layout.Part(0, e, layout.View()) for e in range(n))
+        tensors.append(TensorPlan(t, (inp,), parts, block_rows=_block_rows(t, s, slab_bytes, False)))
+    return replace(plan, tensors=tensors, notes=[])

@@ -724,20 +724,22 @@ def make_adapter_numpy(
 # references through transformers + PEFT
 
 
-def load_base_model(base_dir: str | os.PathLike[str]):
-    """The base as ``GptOssForCausalLM`` in float32 (eager attention), in eval mode."""
+def load_base_model(base_dir: str | os.PathLike[str], dtype: str = "float32"):
+    """The base through transformers' AutoModelForCausalLM in float32 (or float64; eager
+    attention), in eval mode."""
     try:
         import torch
-        from transformers import GptOssForCausalLM
+        from transformers import AutoModelForCausalLM
     except ImportError as e:
         raise UnsupportedError("loading the base needs torch and transformers: pip install 'lora2gguf[reference]'") from e
-    model = GptOssForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="eager")
+    td = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=td, attn_implementation="eager")
     model.eval()
     return model
 
 
-def _peft_model(base_dir, adapter_dir):
-    model = load_base_model(base_dir)
+def _peft_model(base_dir, adapter_dir, dtype: str = "float32"):
+    model = load_base_model(base_dir, dtype)
     if adapter_dir is None:
         return model
     from peft import PeftModel
@@ -746,14 +748,50 @@ def _peft_model(base_dir, adapter_dir):
     return pm
 
 
-def peft_merged_state_dict(base_dir: str | os.PathLike[str], adapter_dir: str | os.PathLike[str]
-                           ) -> dict[str, np.ndarray]:
-    """The merged model's state dict (HF names, float32) from PEFT's ``merge_and_unload()``."""
+def peft_merged_state_dict(base_dir: str | os.PathLike[str], adapter_dir: str | os.PathLike[str],
+                           dtype: str = "float32") -> dict[str, np.ndarray]:
+    """The merged model's state dict (HF names) from PEFT's ``merge_and_unload()`` on the base
+    loaded in ``dtype`` ("float32", or "float64" for the correctly rounded reference)."""
     import torch
-    pm = _peft_model(base_dir, adapter_dir)
+    pm = _peft_model(base_dir, adapter_dir, dtype)
     with torch.no_grad():
         merged = pm.merge_and_unload()
-        return {k: v.detach().to(torch.float32).cpu().numpy().copy() for k, v in merged.state_dict().items()}
+        out_dtype = torch.float64 if dtype == "float64" else torch.float32
+        return {k: v.detach().to(out_dtype).cpu().numpy().copy() for k, v in merged.state_dict().items()}
+
+
+def write_reference_merge(base_dir: str | os.PathLike[str], adapter_dir: str | os.PathLike[str],
+                          dest_dir: str | os.PathLike[str], *, tokenizer_dir: str | os.PathLike[str] | None = None
+                          ) -> Path:
+    """The float64 reference merge as a model folder llama.cpp's converter can read: PEFT's
+    ``merge_and_unload()`` on the base loaded in float64, every tensor rounded once to bf16 with
+    :func:`numerics.f64_to_bf16_bits` (torch's float64 -> bfloat16 rounds twice, through float32),
+    written as bf16 safetensors beside the base's config and the tokenizer files of
+    ``tokenizer_dir`` (default: the adapter's, else the base's). Tied tensors appear once, under
+    the names the base's checkpoint uses."""
+    base, dest = Path(base_dir), Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    state = peft_merged_state_dict(base, adapter_dir, "float64")
+    stored = set(_checkpoint_names(base))
+    specs = [(k, tuple(v.shape), "bfloat16") for k, v in sorted(state.items()) if k in stored]
+    bits = {k: numerics.f64_to_bf16_bits(state[k]) for k, _, _ in specs}
+    write_safetensors_streamed(dest / "model.safetensors", specs, lambda k: iter([bits[k].reshape(-1)]))
+    for fname in ("config.json", "generation_config.json"):
+        if (base / fname).exists():
+            shutil.copy(base / fname, dest / fname)
+    tok = Path(tokenizer_dir) if tokenizer_dir is not None else Path(adapter_dir)
+    if not any((tok / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        tok = base
+    for f in tok.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "added_tokens")) and f.is_file():
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+def _checkpoint_names(folder: Path) -> list[str]:
+    from .safetensors_io import Checkpoint
+
+    return list(Checkpoint.open(folder).tensors)
 
 
 def peft_logits(base_dir: str | os.PathLike[str], adapter_dir: str | os.PathLike[str] | None,

@@ -1,102 +1,152 @@
 """Architecture registry: what lora2gguf knows about each model family, as data.
 
-An architecture module defines an `Architecture` value and registers it; adding a family
-means adding one module here (and its fixture test), not editing the pipeline.
+A family module (``arch/llama.py``, ``arch/qwen.py``, ...) defines one or more :class:`Family`
+values and registers them; adding a family means adding one module here (and its fixture
+tests), not editing the pipeline. A family is data plus a few named override points:
+
+- ``rules``: which Hugging Face tensors need a layout operation (layout.py) and which GGUF
+  tensors they become (names through gguf-py's TensorNameMap); every other tensor is a rename;
+- ``config_defaults`` / ``derived``: the values transformers' config class fills in when a key
+  is absent from config.json (llama.cpp's converter reads the config through ``AutoConfig``, so
+  they decide the GGUF as much as config.json does);
+- ``hparams``: the GGUF keys beyond the ones every text model gets (:mod:`lora2gguf.hparams`);
+- ``generated``: tensors made from the config alone (Llama 3's ``rope_freqs``), written first;
+- ``f32_tensors``: tensors kept in F32 whatever the output type (routers);
+- ``expert_params``: 3-D expert parameters PEFT can target (``target_parameters``), in the order
+  the HF module registers them (PEFT nests its ParamWrappers in that order);
+- ``chat_format`` and its end-of-generation tokens; ``vocab``: tokenizer options.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import gguf
 import numpy as np
 
 from ..errors import UnsupportedError
-
-# A layout transform takes a float32 slab of the source tensor (a run of its leading axis)
-# and returns one slab per output tensor, in the order of `Rule.outputs`.
-Transform = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+from ..layout import LayoutOp
 
 
 @dataclass(frozen=True)
 class Rule:
-    """How one kind of source tensor becomes GGUF tensors.
-
-    `suffix` is matched against the end of the HF tensor name; `outputs` are HF-style names
-    (relative to the same prefix) that gguf-py's TensorNameMap turns into GGUF names.
-    """
+    """HF tensors whose name ends with ``suffix`` go through ``op``; ``outputs`` are HF-style names
+    (relative to the same prefix) that gguf-py's TensorNameMap turns into GGUF names, one per
+    output of the op (empty: the tensor's own name)."""
 
     suffix: str
-    transform: str
-    outputs: tuple[str, ...]
+    op: LayoutOp
+    outputs: tuple[str, ...] = ()
+
+
+# config -> {GGUF name: float32 values}: tensors made from the config alone
+Generated = Callable[[Mapping[str, Any]], dict[str, np.ndarray]]
+# (config, put) -> None: extra GGUF keys; put(method, value, config key) checks and writes
+HParams = Callable[[Mapping[str, Any], Callable[[str, Any, str], None]], None]
 
 
 @dataclass(frozen=True)
-class Architecture:
-    name: str  # our key, e.g. "gpt_oss"
+class Family:
+    name: str  # our key, e.g. "llama"
     hf_architectures: tuple[str, ...]
-    model_type: str
+    model_types: tuple[str, ...]
     gguf_arch: gguf.MODEL_ARCH
-    rules: tuple[Rule, ...]
-    transforms: Mapping[str, Transform]
-    # 3-D expert parameters PEFT can target, in the order the HF module registers them:
-    # PEFT nests its ParamWrappers in this order (the first is the innermost `base_layer`).
-    expert_params: tuple[str, ...]
-    # (gguf writer method, config keys to try in order, required)
-    hparams: tuple[tuple[str, tuple[str, ...], bool], ...]
-    # tensors kept in F32 whatever the output type (beyond 1-D tensors and norms)
+    rules: tuple[Rule, ...] = ()
+    config_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # (key, function of the config) filled in when the key is absent or None, in order
+    derived: tuple[tuple[str, Callable[[Mapping[str, Any]], Any]], ...] = ()
+    hparams: HParams | None = None
+    generated: Generated | None = None
     f32_tensors: frozenset[gguf.MODEL_TENSOR] = field(default_factory=frozenset)
-    chat_format: str = "generic"
-    # names of the end-of-generation tokens the chat format needs
+    expert_params: tuple[str, ...] = ()
+    # HF tensor name suffixes that are not model weights (llama.cpp's converter skips them too)
+    skip_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
+    chat_format: str = "jinja"
+    # end-of-generation tokens the chat format itself needs (Harmony's), and its EOS
     eog_tokens: tuple[str, ...] = ()
     eos_token: str | None = None
-    hparam_extras: Callable[[Mapping, "gguf.GGUFWriter"], None] | None = None
+    vocab: Any = None  # tokenizer options for lora2gguf.vocab (None: its defaults)
+    checked: str = ""  # what the tests check for this family (README's table)
 
     @property
     def gguf_arch_name(self) -> str:
         return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
 
     def rule_for(self, hf_name: str) -> tuple[str, Rule] | None:
-        """(prefix, rule) for an HF tensor name that needs a layout transform, else None."""
+        """(prefix, rule) for an HF tensor name that needs a layout operation, else None."""
         for rule in self.rules:
-            if hf_name.endswith("." + rule.suffix):
-                return hf_name[: -len(rule.suffix)], rule
+            if hf_name.endswith("." + rule.suffix) or hf_name == rule.suffix:
+                return hf_name[: len(hf_name) - len(rule.suffix)], rule
         return None
 
+    def normalize_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """config.json as llama.cpp's converter sees it through transformers' AutoConfig: the
+        family's defaults for absent keys, derived values (head_dim), a text_config lifted up."""
+        cfg = dict(config)
+        text = cfg.get("text_config")
+        if isinstance(text, dict):
+            cfg = {**cfg, **text}
+        for key, value in self.config_defaults.items():
+            if key not in cfg:
+                cfg[key] = value
+        for key, fn in self.derived:
+            if cfg.get(key) is None:
+                try:
+                    cfg[key] = fn(cfg)
+                except (KeyError, TypeError, ZeroDivisionError):
+                    pass  # hparams' validation names the missing field
+        return cfg
 
-_REGISTRY: dict[str, Architecture] = {}
+
+_REGISTRY: dict[str, Family] = {}
+_MODULES = ("gpt_oss", "llama", "qwen")
 
 
-def register(arch: Architecture) -> Architecture:
-    _REGISTRY[arch.name] = arch
-    return arch
+def register(family: Family) -> Family:
+    _REGISTRY[family.name] = family
+    return family
 
 
-def known() -> dict[str, Architecture]:
+def known() -> dict[str, Family]:
     _load_builtin()
     return dict(_REGISTRY)
 
 
-def for_config(config: Mapping, *, where: str = "config.json") -> Architecture:
-    """The architecture of a Hugging Face config, or UnsupportedError naming what is supported."""
+def supported_text() -> str:
+    """The supported families, for messages: 'LlamaForCausalLM (llama), ...'."""
+    return ", ".join(f"{', '.join(a.hf_architectures)} ({a.name})" for a in known().values())
+
+
+def for_config(config: Mapping, *, where: str = "config.json") -> Family:
+    """The family of a Hugging Face config, or UnsupportedError naming what is supported."""
     _load_builtin()
     archs = config.get("architectures") or []
     model_type = config.get("model_type")
-    for arch in _REGISTRY.values():
-        if any(a in arch.hf_architectures for a in archs) or model_type == arch.model_type:
-            return arch
-    supported = ", ".join(f"{a.hf_architectures[0]} ({a.model_type})" for a in _REGISTRY.values())
+    for fam in _REGISTRY.values():
+        if any(a in fam.hf_architectures for a in archs):
+            return fam
+    if not archs:
+        for fam in _REGISTRY.values():
+            if model_type in fam.model_types:
+                return fam
     raise UnsupportedError(
-        f"{where}: architecture {archs or model_type!r} is not supported by lora2gguf yet. Supported: {supported}."
+        f"{where}: architecture {archs or model_type!r} is not supported by lora2gguf yet. Supported: "
+        f"{supported_text()}."
     )
 
 
 def _load_builtin() -> None:
     if not _REGISTRY:
-        from . import gpt_oss  # noqa: F401  (registers itself)
+        import importlib
 
+        for mod in _MODULES:
+            importlib.import_module(f"{__name__}.{mod}")  # each registers itself
+
+
+# Architecture is the old name of Family (the registry's values)
+Architecture = Family
 
 LAYER_RE = re.compile(r"\.(\d+)\.")
 

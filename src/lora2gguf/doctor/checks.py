@@ -640,7 +640,7 @@ def estimate_resources(base: BaseInfo, adapter: AdapterInfo, arch, outputs: Iter
         for name in shapes:
             hf = name
             hit = arch.rule_for(name)
-            if hit is not None:  # a fused / renamed HF tensor: its first GGUF output names its kind
+            if hit is not None and hit[1].outputs:  # a fused / renamed HF tensor: its first output names its kind
                 hf = hit[0] + hit[1].outputs[0]
             t = tmap.get_type_and_name(hf, try_suffixes=(".weight", ".bias"))
             if t is not None:
