@@ -7,7 +7,10 @@
 Numbers: next-token distributions of every GGUF (llama.cpp) on a fixed evaluation text against the
 reference (the fine-tune through PEFT, or the unquantized GGUF): KL divergence, top-1 agreement,
 perplexity (:mod:`.metrics`). Behaviour: the prompt suite (:mod:`.suite`), greedy and seeded
-samples, on the reference and every GGUF (:mod:`.runner`). Speed: llama.cpp tokens/s. Everything
+samples, on the reference and every GGUF (:mod:`.runner`), each check judged against the
+reference's result (:mod:`.judge`): a GGUF fails a check where the fine-tune passes it and the
+GGUF does not; a check the fine-tune fails too is a fact about the fine-tune, reported and not
+counted (unless the suite marks it ``against: absolute``). Speed: llama.cpp tokens/s. Everything
 goes into run.json's ``verify`` section; :mod:`lora2gguf.report` renders it.
 """
 
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import InputError, OutputError
-from . import harmony, metrics
+from . import harmony, judge, metrics
 from .logits import (choose_reference, default_threads, gguf_logits, load_reference_model,
                      reference_logits)
 from .runner import GGUFEngine, PeftEngine, measure_speed, prompt_tokens, run_suite
@@ -93,8 +96,14 @@ class VerifyResult:
     def report_path(self) -> Path | None:
         return self.report_md
 
+    @property
+    def fine_tune_facts(self) -> list[dict[str, Any]]:
+        """The checks the reference fails: facts about the fine-tune, not counted against the files."""
+        return list(self.section.get("fine_tune_facts") or [])
+
     def summary(self) -> str:
-        """A few lines for a terminal: one per file, then the failures and the report's path."""
+        """A few lines for a terminal: one per file, the facts about the fine-tune, the failures
+        and the report's path."""
         v = self.section
         lines = [f"verify: reference {v['reference']['label']}; {v['threads']} thread(s)"]
         for f in v["files"]:
@@ -103,10 +112,18 @@ class VerifyResult:
             speed = f", {sp['pp_tokens_per_s']:.0f}/{sp['tg_tokens_per_s']:.1f} tok/s pp/tg" if sp else ""
             bad = sum(1 for x in self.failures if x["file"] == f["file"])
             lines.append(f"  {f['file']}: {num}{speed}; " + ("ok" if not bad else f"{bad} required check(s) failed"))
+        facts = self.fine_tune_facts
+        if facts:
+            lines.append(f"FACTS ABOUT THE FINE-TUNE: {facts[0]['who']} fails {len(facts)} check(s) itself. "
+                         "They say what the fine-tune does, not that a conversion is broken, and count against "
+                         "no GGUF unless the suite marks them `against: absolute`:")
+            for x in facts:
+                lines.append(f"  ! [{x['prompt']}] {x['fact']} ({x['check']}: {x['consequence']})")
         for x in self.failures:
             lines.append(f"  FAIL {x['file']}: {x['check']}" + (f" [{x['prompt']}]" if x.get("prompt") else "")
-                         + f": {x['detail']}")
-        lines.append(("passed" if self.passed else "FAILED") + (f"; report: {self.report_md}" if self.report_md else ""))
+                         + f": {x['detail']}" + (f" ({x['why']})" if x.get("why") else ""))
+        verdict = "passed" if self.passed else f"FAILED: {len(self.failures)} required check(s) failed"
+        lines.append(verdict + (f"; report: {self.report_md}" if self.report_md else ""))
         return "\n".join(lines)
 
 
@@ -171,6 +188,56 @@ def _eval_text(text: str | os.PathLike[str] | None) -> tuple[str, str]:
         return Path(text).read_text(encoding="utf-8"), str(text)
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read the evaluation text {text}: {e}") from e
+
+
+def _judge_checks(st: Suite, ref_runs: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]], ref,
+                  failures: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One row per (prompt, check): each model's greedy result and sample pass count, and each
+    file's :class:`~.judge.Judgement`; the required checks a file fails are appended to
+    ``failures``. Returns (rows, facts about the fine-tune: the checks the reference fails)."""
+    if ref.kind == "peft":
+        subject, who = "the fine-tune itself", "the fine-tune (transformers + PEFT)"
+    else:
+        subject = f"the reference {ref.file} (the fine-tune itself was not run: {ref.reason})"
+        who = f"the reference {ref.file}"
+    rows, facts = [], []
+    for p in st.prompts:
+        for ci, c in enumerate(p.checks):
+            row = {"prompt": p.id, "check": c.label, "type": c.type, "required": c.required, "against": c.against,
+                   "results": {}}
+            for fname, gl in [("reference", ref_runs)] + list(runs.items()):
+                mine = [g for g in gl if g["prompt"] == p.id]
+                greedy = next(g for g in mine if g["mode"] == "greedy")
+                samp = [g for g in mine if g["mode"] == "sample"]
+                res = greedy["checks"][ci]
+                row["results"][fname] = {"passed": res["passed"], "detail": res["detail"],
+                                         "samples_passed": sum(g["checks"][ci]["passed"] for g in samp),
+                                         "samples": len(samp)}
+            ref_res = row["results"]["reference"]
+            ref_res["outcome"] = judge.REFERENCE
+            for fname in runs:
+                r = row["results"][fname]
+                j = judge.judge(c, ref_res, r)
+                r.update(j.to_dict())
+                if j.counts:
+                    failures.append({"file": fname, "check": c.label, "prompt": p.id, "against": c.against,
+                                     "detail": r["detail"], "why": j.reason})
+            row["reference_fails"] = not ref_res["passed"]
+            if row["reference_fails"]:
+                if not c.required:
+                    consequence = "optional: reported only"
+                elif c.against == "absolute":
+                    consequence = "required and absolute: counted against every GGUF that fails it"
+                else:
+                    consequence = "required, not counted against the GGUFs"
+                facts.append({"prompt": p.id, "title": p.title, "check": c.label, "type": c.type,
+                              "required": c.required, "against": c.against, "who": who,
+                              "fact": judge.fine_tune_fact(c, ref_res["detail"], subject=subject),
+                              "detail": ref_res["detail"], "consequence": consequence,
+                              "samples_passed": ref_res["samples_passed"], "samples": ref_res["samples"],
+                              "files_also_failing": [f for f in runs if not row["results"][f]["passed"]]})
+            rows.append(row)
+    return rows, facts
 
 
 def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | None = None,
@@ -274,24 +341,12 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
                       "seconds": round(time.perf_counter() - t0, 3)})
         if gate["passed"] is False and gate.get("required", True):
             failures.append({"file": o["file"], "check": "agreement with the reference", "prompt": None,
-                             "detail": gate["detail"]})
+                             "against": "reference", "detail": gate["detail"],
+                             "why": f"its next-token distributions are outside the {o.get('type')} gate"})
 
-    # --- checks: greedy decides; samples are reported as a pass count
-    checks = []
-    for p in st.prompts:
-        for ci, c in enumerate(p.checks):
-            row = {"prompt": p.id, "check": c.label, "type": c.type, "required": c.required, "results": {}}
-            for fname, gl in [("reference", [g.to_dict() for g in ref_runs])] + list(runs.items()):
-                mine = [g for g in gl if g["prompt"] == p.id]
-                greedy = next(g for g in mine if g["mode"] == "greedy")
-                samp = [g for g in mine if g["mode"] == "sample"]
-                res = greedy["checks"][ci]
-                row["results"][fname] = {"passed": res["passed"], "detail": res["detail"],
-                                         "samples_passed": sum(g["checks"][ci]["passed"] for g in samp),
-                                         "samples": len(samp)}
-                if fname != "reference" and c.required and not res["passed"]:
-                    failures.append({"file": fname, "check": c.label, "prompt": p.id, "detail": res["detail"]})
-            checks.append(row)
+    # --- checks, judged against the reference (judge): a file fails a check where the reference
+    # passes it and the file does not; one the reference fails too is a fact about the fine-tune
+    checks, fine_tune_facts = _judge_checks(st, [g.to_dict() for g in ref_runs], runs, ref, failures)
 
     section = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -308,9 +363,11 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
         "reference_runs": [g.to_dict() for g in ref_runs],
         "runs": runs,
         "checks": checks,
+        "fine_tune_facts": fine_tune_facts,
         "failures": failures,
         "passed": not failures,
     }
+
     section["seconds"] = round(time.perf_counter() - t_start, 3)
     rec["verify"] = section
     rec.setdefault("stages", {})["verify"] = {"seconds": section["seconds"]}
