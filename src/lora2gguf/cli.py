@@ -130,6 +130,8 @@ def verify_kwargs(args: argparse.Namespace) -> dict:
             kwargs[name] = value
     if getattr(args, "no_speed", False):
         kwargs["speed"] = False
+    if getattr(args, "rehash", False):
+        kwargs["rehash"] = True
     return kwargs
 
 
@@ -205,6 +207,9 @@ def make_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="run the GGUFs of an output folder in llama.cpp and write the report")
     v.add_argument("out", help="output folder of a build (holds run.json)")
     add_verify_options(v)
+    v.add_argument("--rehash", action="store_true",
+                   help="first re-check the full SHA-256 of every output against the one recorded when it was "
+                        "written (a rerun confirms unchanged files by size, times, inode and sampled bytes only)")
     v.set_defaults(func=cmd_verify)
 
     d = sub.add_parser("demo", help="the seed report's story on a built-in model trained on this CPU")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import InputError, OutputError
+from ..errors import InputError, OutputError, VerifyError
 from . import harmony, judge, metrics
 from .logits import (choose_reference, default_threads, gguf_logits, load_reference_model,
                      reference_logits)
@@ -240,21 +240,81 @@ def _judge_checks(st: Suite, ref_runs: list[dict[str, Any]], runs: dict[str, lis
     return rows, facts
 
 
+def rehash_outputs(out_dir: Path, rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The full SHA-256 of every output against the one recorded when it was written: the run
+    manifest's outputs (every stage's: GGUFs, merged shards, report files) and run.json's GGUFs.
+    A stage whose output differs is forgotten in the manifest, so the next `lora2gguf build`
+    redoes it. Returns one ``{file, stage, result, sha256, recorded}`` per file; raises
+    VerifyError naming every file that differs or is missing (the last verify's report files
+    excepted: this verify rewrites them)."""
+    from ..gguf_out import sha256_file
+    from ..runstate import RunState
+
+    state = RunState.load(out_dir)
+    checked = {r.file: r for r in state.rehash()}
+    rows = [{"file": r.file, "stage": r.stage, "result": r.result, "sha256": r.sha256, "recorded": r.recorded}
+            for r in checked.values()]
+    for o in rec["outputs"]:
+        name = o.get("file", "")
+        if name in checked:
+            r = checked[name]
+            if r.result == "ok" and o.get("sha256") and o["sha256"] != r.sha256:
+                rows.append({"file": name, "stage": "run.json", "result": "differs", "sha256": r.sha256,
+                             "recorded": o["sha256"]})
+            continue
+        if not o.get("sha256"):
+            rows.append({"file": name, "stage": None, "result": "no SHA-256 recorded", "sha256": None,
+                         "recorded": None})
+            continue
+        path = out_dir / name
+        try:
+            sha = sha256_file(path)
+        except OSError:
+            rows.append({"file": name, "stage": "run.json", "result": "missing", "sha256": None,
+                         "recorded": o["sha256"]})
+            continue
+        rows.append({"file": name, "stage": "run.json", "result": "ok" if sha == o["sha256"] else "differs",
+                     "sha256": sha, "recorded": o["sha256"]})
+    for r in rows:  # the report files of the last verify: this verify writes them again
+        if r["stage"] == "verify" and r["result"] in ("differs", "missing"):
+            r["result"] += " (rewritten by this verify)"
+    bad = [r for r in rows if r["result"] in ("differs", "missing")]
+    if bad:
+        lines = []
+        for r in bad:
+            path = out_dir / r["file"] if not Path(r["file"]).is_absolute() else Path(r["file"])
+            if r["result"] == "missing":
+                lines.append(f"  {path}: missing (recorded by stage {r['stage']})")
+            else:
+                lines.append(f"  {path}: SHA-256 {r['sha256'][:16]}... is not the {str(r['recorded'])[:16]}... "
+                             f"recorded when it was written ({r['stage']})")
+        raise VerifyError(
+            f"verify --rehash: {len(bad)} output(s) in {out_dir} changed after they were written:\n"
+            + "\n".join(lines)
+            + "\nTheir stages are marked for redoing: rerun the same `lora2gguf build` command to rewrite them, "
+            "then verify again.")
+    return rows
+
+
 def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | None = None,
            suite: str | os.PathLike[str] | Suite | None = None, reference: str = "auto",
            samples: int | None = None, max_tokens: int | None = None, n_threads: int | None = None,
-           speed: bool = True, report: bool = True, progress: ProgressFn | None = None) -> VerifyResult:
+           speed: bool = True, report: bool = True, rehash: bool = False,
+           progress: ProgressFn | None = None) -> VerifyResult:
     """Verify every GGUF listed in ``OUT_DIR/run.json`` and write the report.
 
     ``text``: the evaluation text, or a file holding it (default :data:`EVAL_TEXT`); ``suite``: a suite YAML
     file or a :class:`Suite` (default: the built-in one); ``reference``: "auto", "peft" or "gguf";
     ``samples``/``max_tokens`` override the suite's; ``n_threads``: llama.cpp threads (default:
-    all CPUs this process may use). Returns a :class:`VerifyResult`; run.json gets a ``verify``
-    section, and REPORT.md, report.html and a Modelfile per GGUF are written next to the files.
+    all CPUs this process may use); ``rehash``: first re-check the full SHA-256 of every output
+    against the one recorded when it was written (:func:`rehash_outputs`; raises VerifyError naming
+    a file that differs). Returns a :class:`VerifyResult`; run.json gets a ``verify`` section, and
+    REPORT.md, report.html and a Modelfile per GGUF are written next to the files.
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
     rec = _read_run(out)
+    rehashed = rehash_outputs(out, rec) if rehash else None
     st = suite if isinstance(suite, Suite) else load_suite(suite)
     if samples is not None:
         st.samples = int(samples)
@@ -367,7 +427,8 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
         "failures": failures,
         "passed": not failures,
     }
-
+    if rehashed is not None:
+        section["rehash"] = rehashed
     section["seconds"] = round(time.perf_counter() - t_start, 3)
     rec["verify"] = section
     rec.setdefault("stages", {})["verify"] = {"seconds": section["seconds"]}
