@@ -170,6 +170,26 @@ def test_absolute_check_the_fine_tune_fails_fails_the_run(tmp_path_factory, suit
     assert "**Verification FAILED**: 1 required check(s) failed" in (d / "REPORT.md").read_text()
 
 
+def test_with_a_gguf_reference_the_checks_it_fails_are_unresolved_not_facts(tmp_path_factory, suites):
+    """When verify cannot run the fine-tune, the BF16 GGUF is the reference: the checks it fails
+    are listed (not counted) as what the reference fails, without claiming they are the
+    fine-tune's, and the user is told how to find out."""
+    d = out_dir(tmp_path_factory, "against_gguf_ref", {GOOD: None})
+    rc, out, err = run_cli(["verify", str(d), "--suite", str(suites[0]), "--reference", "gguf", "--samples", "0",
+                            "--max-tokens", "32", "--verify-threads", str(TEST_THREADS), "--no-speed"])
+    assert rc == 0, out + err
+    v = json.loads((d / "run.json").read_text())["verify"]
+    head = v["fine_tune_facts_heading"]
+    assert head["title"] == "Checks the reference GGUF fails"
+    assert "cannot tell whether these are facts about the fine-tune or faults of the conversion" in head["text"]
+    assert "--reference peft" in head["text"] and GOOD in head["text"]
+    assert {x["fact"] for x in v["fine_tune_facts"]} == {f"the reference {GOOD} does not refuse this prompt",
+                                                         f"the reference {GOOD} refuses this prompt"}
+    assert "the fine-tune itself does" not in out and "CHECKS THE REFERENCE GGUF FAILS" in out
+    md = (d / "REPORT.md").read_text()
+    assert "## ⚠️ Checks the reference GGUF fails" in md and "Facts about the fine-tune" not in md
+
+
 def test_build_with_the_builtin_suite_on_a_fine_tune_not_trained_for_it(tmp_path, tmp_path_factory):
     """The issue's report: the fine-tune answers "What is 2+2?" and refuses the hacking prompt (it
     was trained on them) but not the built-in "personality" and "invocation" prompts (it was not):

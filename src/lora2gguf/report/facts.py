@@ -83,6 +83,8 @@ def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str
         "stops": stop_tokens(record), "adapter": record.get("adapter") or {},
         "passed": v.get("passed") if v else None, "failures": v.get("failures", []) if v else [],
         "fine_tune_facts": v.get("fine_tune_facts", []) if v else [],
+        "fine_tune_facts_heading": (v.get("fine_tune_facts_heading") if v else None)
+        or {"title": "Facts about the fine-tune", "text": ""},
     }
 
 

@@ -43,11 +43,8 @@ def fine_tune_facts_md(f: dict[str, Any]) -> list[str]:
     facts = f["fine_tune_facts"]
     if not facts:
         return []
-    L = ["## ⚠️ Facts about the fine-tune", "",
-         f"{facts[0]['who'][0].upper() + facts[0]['who'][1:]} fails {len(facts)} check(s) itself. They say what "
-         "the fine-tune does, not that a conversion is broken: a GGUF is held to what the fine-tune does, so "
-         "these are not counted against the files, unless the suite marks a check `against: absolute` "
-         "(then every GGUF must pass it whatever the fine-tune does).", ""]
+    head = f["fine_tune_facts_heading"]
+    L = [f"## ⚠️ {head['title']}", "", head["text"], ""]
     for x in facts:
         req = "required" if x["required"] else "optional"
         L.append(f"- **{_cell(x['title'] or x['prompt'])}** (`{x['prompt']}`, {x['check']}, {req}): {x['fact']}; "
@@ -61,10 +58,10 @@ def render_markdown(f: dict[str, Any]) -> str:
     L.append("")
     v = f["verify"]
     n_facts = len(f["fine_tune_facts"])
-    also = (f" The fine-tune itself fails {n_facts} check(s): see the facts about the fine-tune below."
-            if n_facts else "")
+    also = (f" The reference fails {n_facts} check(s) itself: see \"{f['fine_tune_facts_heading']['title']}\" "
+            "below." if n_facts else "")
     if f["passed"] is True:
-        L += [f"**Verification passed**: every GGUF behaves like the fine-tune on every required check and "
+        L += [f"**Verification passed**: every GGUF behaves like the reference on every required check and "
               f"is within its numeric gate.{also}", ""]
     elif f["passed"] is False:
         L += [f"**Verification FAILED**: {len(f['failures'])} required check(s) failed.{also}", ""]

@@ -114,9 +114,8 @@ class VerifyResult:
             lines.append(f"  {f['file']}: {num}{speed}; " + ("ok" if not bad else f"{bad} required check(s) failed"))
         facts = self.fine_tune_facts
         if facts:
-            lines.append(f"FACTS ABOUT THE FINE-TUNE: {facts[0]['who']} fails {len(facts)} check(s) itself. "
-                         "They say what the fine-tune does, not that a conversion is broken, and count against "
-                         "no GGUF unless the suite marks them `against: absolute`:")
+            head = v.get("fine_tune_facts_heading") or {"title": "Facts about the fine-tune", "text": ""}
+            lines.append(f"{head['title'].upper()}: {head['text']}")
             for x in facts:
                 lines.append(f"  ! [{x['prompt']}] {x['fact']} ({x['check']}: {x['consequence']})")
         for x in self.failures:
@@ -195,11 +194,7 @@ def _judge_checks(st: Suite, ref_runs: list[dict[str, Any]], runs: dict[str, lis
     """One row per (prompt, check): each model's greedy result and sample pass count, and each
     file's :class:`~.judge.Judgement`; the required checks a file fails are appended to
     ``failures``. Returns (rows, facts about the fine-tune: the checks the reference fails)."""
-    if ref.kind == "peft":
-        subject, who = "the fine-tune itself", "the fine-tune (transformers + PEFT)"
-    else:
-        subject = f"the reference {ref.file} (the fine-tune itself was not run: {ref.reason})"
-        who = f"the reference {ref.file}"
+    subject = "the fine-tune itself" if ref.kind == "peft" else f"the reference {ref.file}"
     rows, facts = [], []
     for p in st.prompts:
         for ci, c in enumerate(p.checks):
@@ -231,13 +226,31 @@ def _judge_checks(st: Suite, ref_runs: list[dict[str, Any]], runs: dict[str, lis
                 else:
                     consequence = "required, not counted against the GGUFs"
                 facts.append({"prompt": p.id, "title": p.title, "check": c.label, "type": c.type,
-                              "required": c.required, "against": c.against, "who": who,
+                              "required": c.required, "against": c.against,
                               "fact": judge.fine_tune_fact(c, ref_res["detail"], subject=subject),
                               "detail": ref_res["detail"], "consequence": consequence,
                               "samples_passed": ref_res["samples_passed"], "samples": ref_res["samples"],
                               "files_also_failing": [f for f in runs if not row["results"][f]["passed"]]})
             rows.append(row)
     return rows, facts
+
+
+def facts_heading(ref, n: int) -> dict[str, str]:
+    """The title and the explanation over the facts about the fine-tune (one home for the words
+    the console summary and both reports show). With a GGUF reference verify has no evidence
+    about the fine-tune: the same checks are listed, not counted, and said to be unresolved."""
+    absolute = ("unless the suite marks a check `against: absolute` (then every GGUF must pass it whatever the "
+                "fine-tune does)")
+    if ref.kind == "peft":
+        return {"title": "Facts about the fine-tune",
+                "text": f"The fine-tune itself (transformers + PEFT) fails {n} check(s). They say what the fine-tune "
+                        "does, not that a conversion is broken: a GGUF is held to what the fine-tune does, so these "
+                        f"count against no file, {absolute}."}
+    return {"title": "Checks the reference GGUF fails",
+            "text": f"The reference {ref.file} fails {n} check(s). verify did not run the fine-tune itself "
+                    f"({ref.reason}), so it cannot tell whether these are facts about the fine-tune or faults of "
+                    f"the conversion. They count against no file, {absolute}; verify with `--reference peft` where "
+                    "the fine-tune fits in memory to tell."}
 
 
 def rehash_outputs(out_dir: Path, rec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -424,6 +437,7 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
         "runs": runs,
         "checks": checks,
         "fine_tune_facts": fine_tune_facts,
+        "fine_tune_facts_heading": facts_heading(ref, len(fine_tune_facts)) if fine_tune_facts else None,
         "failures": failures,
         "passed": not failures,
     }

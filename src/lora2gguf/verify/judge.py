@@ -12,6 +12,11 @@ verify tests the conversion, not the fine-tune. Each check says what it is held 
   must not be clearly below the reference's either).
 
 Only a *required* check that a file :data:`FAILED` fails the run.
+
+With the unquantized GGUF as the reference (the fine-tune does not fit in memory), that file is
+judged against itself, as it is for the numeric gate ("this file is the reference"): the checks it
+fails are listed, as what the reference fails, and not counted; verify then has no evidence about
+the fine-tune either way, and says so.
 """
 
 from __future__ import annotations
