@@ -1,7 +1,9 @@
 """Kill and resume (issue 7): a build killed with SIGKILL in the middle of writing tensors, then
 rerun, gives byte-identical files to an uninterrupted run; a rerun with nothing changed skips every
-stage and changes nothing; a changed adapter file redoes the build; a second run on a folder that
-is being written gets a clear error naming the other process. Plus the manifest's own rules
+stage and changes nothing, confirming the outputs by their cheap fingerprint (issue 11: no full
+hash); an output edited in the middle, truncated or replaced is redone; `verify --rehash` re-checks
+every full SHA-256; a changed adapter file redoes the build; a second run on a folder that is being
+written gets a clear error naming the other process. Plus the manifest's own rules
 (runstate.RunState) on small files."""
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ def test_rerun_unchanged_skips_and_changes_nothing(inputs, reference):
     result = build(*inputs, reference, name=NAME)
     assert result.record["resumed"] == ["build"]
     assert result.record["stages"]["build"]["resumed"] is True
+    # confirmed by size, times, inode and sampled bytes: the file was not read in full
+    assert result.record["stages"]["build"]["confirmed"] == {BF16: "fingerprint"}
     after = {p.name: (p.stat().st_mtime_ns, sha(p)) for p in reference.glob("*.gguf")}
     assert after == before
     assert json.loads((reference / STATE_NAME).read_text()) == state_before
@@ -161,6 +165,9 @@ def test_kill_mid_quantize_then_resume(tmp_path, inputs, reference):
     assert (out / (Q8 + ".partial")).exists() and not (out / Q8).exists()
     result = build(*inputs, out, name=NAME, quants=["Q8_0"])
     assert result.record["resumed"] == ["build"]
+    # the copied BF16 file has another inode: the killed run hashed it in full and refreshed its
+    # fingerprint in the manifest before it died, so this run confirms it cheaply
+    assert result.record["stages"]["build"]["confirmed"] == {BF16: "fingerprint"}
     assert result.record["removed_partials"] == [Q8 + ".partial"]
     ref_q8 = tmp_path / "ref-Q8_0.gguf"
     _llama_quantize(reference / BF16, ref_q8, "Q8_0")
@@ -169,6 +176,8 @@ def test_kill_mid_quantize_then_resume(tmp_path, inputs, reference):
     # and a rerun now skips both stages
     again = build(*inputs, out, name=NAME, quants=["Q8_0"])
     assert again.record["resumed"] == ["build", "quantize:Q8_0"]
+    assert again.record["stages"]["build"]["confirmed"] == {BF16: "fingerprint"}
+    assert again.record["stages"]["quantize"]["confirmed"] == {Q8: "fingerprint"}
 
 
 def test_verify_stage_resumes(tmp_path, inputs, reference):
@@ -187,6 +196,91 @@ def test_verify_stage_resumes(tmp_path, inputs, reference):
     assert rec["verify"] == first.record["verify"] == second.verify.section
     assert second.verify.passed == first.verify.passed and second.verify.failures == first.verify.failures
     assert sha(second.verify.report_md) == report
+
+
+def _confirmed_copy(tmp_path: Path, reference: Path) -> tuple[Path, dict]:
+    """A copy of the reference folder whose manifest holds the copy's own fingerprints: the first
+    check hashes the copied file in full (another inode) and refreshes them; the next is cheap."""
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    key = RunState.load(out).stages["build"].key
+    assert RunState.load(out).done("build", key).confirmed == {BF16: "sha256"}
+    assert RunState.load(out).done("build", key).confirmed == {BF16: "fingerprint"}
+    return out, key
+
+
+def _unsampled_offset(size: int) -> int:
+    """An offset in the middle of the largest stretch the fingerprint does not read."""
+    ranges = runstate.fingerprint_ranges(size)
+    gaps = [(a + n, b) for (a, n), (b, _) in zip(ranges, ranges[1:])]
+    lo, hi = max(gaps, key=lambda g: g[1] - g[0])
+    assert hi - lo > 1 << 20
+    return (lo + hi) // 2
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("change", ["edited", "truncated", "replaced"])
+def test_changed_output_is_redone_although_its_samples_match(tmp_path, inputs, reference, change):
+    """Changes the fingerprint's sampled bytes do not see are still seen: an edited byte in the
+    middle (the mtime and ctime change), a truncated file (the size), a file replaced by one of the
+    same size and the same mtime (the inode and ctime). Each is redone, byte-identical again."""
+    out, key = _confirmed_copy(tmp_path, reference)
+    path = out / BF16
+    size = path.stat().st_size
+    off = _unsampled_offset(size)
+    if change == "edited":
+        _flip(path, off)
+    elif change == "truncated":
+        os.truncate(path, size - 4096)
+    else:
+        new = out / "replacement.tmp"
+        shutil.copyfile(path, new)
+        _flip(new, off)
+        st = path.stat()
+        os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(new, path)
+        assert path.stat().st_size == size and path.stat().st_mtime_ns == st.st_mtime_ns
+    fp = runstate.output_fingerprint(path)
+    recorded = RunState.load(out).stages["build"].outputs[BF16]["fingerprint"]
+    if change != "truncated":  # the sampled bytes are the same: only the metadata tells
+        assert fp["sample_sha256"] == recorded["sample_sha256"]
+    assert RunState.load(out).done("build", key) is None
+    result = build(*inputs, out, name=NAME)
+    assert result.record["resumed"] == []
+    assert (out / BF16).read_bytes() == (reference / BF16).read_bytes()
+    assert RunState.load(out).done("build", key).confirmed == {BF16: "fingerprint"}
+
+
+def test_verify_rehash_rechecks_every_full_hash(tmp_path, inputs, reference, capsys):
+    """`lora2gguf verify --rehash` hashes every output in full: unchanged, it records that each
+    matched and verifies; after an edit it fails naming the file, and the next build redoes the
+    stage (even if the file's fingerprint were to look unchanged)."""
+    from lora2gguf.cli import main
+
+    out, key = _confirmed_copy(tmp_path, reference)
+    args = ["verify", str(out), "--rehash", "--reference", "gguf", "--samples", "0", "--max-tokens", "4",
+            "--no-speed", "--verify-threads", "1"]
+    assert main(args) == 0, capsys.readouterr()
+    rehash = json.loads((out / "run.json").read_text())["verify"]["rehash"]
+    assert [(r["file"], r["stage"], r["result"]) for r in rehash] == [(BF16, "build", "ok")]
+    assert rehash[0]["sha256"] == rehash[0]["recorded"] == sha(out / BF16)
+    capsys.readouterr()
+
+    _flip(out / BF16, _unsampled_offset((out / BF16).stat().st_size))
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert str(out / BF16) in err and "changed after they were written" in err and "lora2gguf build" in err
+    assert "build" not in RunState.load(out).stages
+    result = build(*inputs, out, name=NAME)
+    assert result.record["resumed"] == []
+    assert (out / BF16).read_bytes() == (reference / BF16).read_bytes()
 
 
 def _llama_quantize(src: Path, dst: Path, ftype: str) -> None:
@@ -243,7 +337,15 @@ def test_manifest_rules(tmp_path):
     st = RunState.load(out)
     entry = st.done("quantize:Q8_0", key)
     assert entry is not None and entry.outputs["a.gguf"]["sha256"] == hashlib.sha256(b"x" * 1000).hexdigest()
-    assert entry.info == {"note": "n"}
+    assert entry.info == {"note": "n"} and entry.confirmed == {"a.gguf": "fingerprint"}
+    assert entry.outputs["a.gguf"]["fingerprint"] == runstate.output_fingerprint(f)
+    # touched (new mtime, same bytes): hashed in full, still done, the fingerprint refreshed on disk
+    t = f.stat().st_mtime_ns + 10**9
+    os.utime(f, ns=(t, t))
+    assert st.done("quantize:Q8_0", key).confirmed == {"a.gguf": "sha256"}
+    assert RunState.load(out).stages["quantize:Q8_0"].outputs["a.gguf"]["fingerprint"]["mtime_ns"] == t
+    assert RunState.load(out).done("quantize:Q8_0", key).confirmed == {"a.gguf": "fingerprint"}
+    assert st.done("quantize:Q8_0", key, check_hashes=False).confirmed == {"a.gguf": "size"}
     assert st.done("quantize:Q8_0", stage_key({"in": 2}, {"type": "Q8_0"})) is None  # inputs changed
     assert st.done("quantize:Q8_0", stage_key({"in": 1}, {"type": "Q4_0"})) is None  # options changed
     assert st.done("quantize:Q4_0", key) is None  # never ran
@@ -276,3 +378,29 @@ def test_remove_partials_and_fingerprints(tmp_path):
     assert big["model.safetensors"]["header_sha256"] == hashlib.sha256(b"\x02" + b"\x00" * 7 + b"{}").hexdigest()
     (d / "config.json").write_text('{"a": 2}')
     assert runstate.folder_fingerprint(d)["config.json"] != small["config.json"]
+
+
+def test_output_fingerprint_reads_a_bounded_number_of_bytes(tmp_path):
+    """Whatever the size, the fingerprint reads at most 2.5 MiB: the head, the tail and a few
+    blocks between (a small file whole). On a sparse 64 GiB file it sees a byte changed in the
+    head, in the tail and in a sampled block."""
+    MiB = 1 << 20
+    for size in (0, 1, 5000, 2 * MiB, 3 * MiB, 41_900_000_000, 1 << 50):
+        ranges = runstate.fingerprint_ranges(size)
+        assert sum(n for _, n in ranges) <= runstate.FINGERPRINT_MAX_BYTES == 2.5 * MiB
+        assert all(0 <= o and n > 0 and o + n <= size for o, n in ranges)
+        assert all(a + n < b for (a, n), (b, _) in zip(ranges, ranges[1:]))  # sorted, disjoint, not touching
+        if 0 < size <= 2 * MiB:
+            assert ranges == [(0, size)]
+        if size > 3 * MiB:
+            assert ranges[0] == (0, MiB) and ranges[-1] == (size - MiB, MiB) and len(ranges) == 10
+    big = tmp_path / "big.gguf"
+    with open(big, "wb") as f:
+        f.truncate(1 << 36)
+    fp = runstate.output_fingerprint(big)
+    assert fp["size"] == 1 << 36 and fp["ino"] == big.stat().st_ino
+    seen = {fp["sample_sha256"]}
+    for off in (10, (1 << 36) - 10, runstate.fingerprint_ranges(1 << 36)[4][0] + 7):
+        _flip(big, off)
+        seen.add(runstate.output_fingerprint(big)["sample_sha256"])
+    assert len(seen) == 4

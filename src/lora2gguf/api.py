@@ -188,7 +188,7 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         with _gc_paused():
             add_metadata(gguf.GGUFWriter(None, arch.gguf_arch_name))  # vocab facts for the record; writes nothing
         jsonfile.forget()
-        stages["build"] = dict(prev.info.get("stats") or {}) | {"resumed": True}
+        stages["build"] = dict(prev.info.get("stats") or {}) | {"resumed": True, "confirmed": prev.confirmed}
         outputs = [OutputFile(**prev.info["output"])]
         resumed.append("build")
         if progress:
@@ -226,6 +226,7 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
 
     t_q = time.perf_counter()
     main_sha = outputs[0].sha256
+    q_confirmed: dict[str, str] = {}  # resumed quantize stages: how each file was confirmed
     for q in quant_list:
         t0 = time.perf_counter()
         dst = out_dir / f"{name}-{q}.gguf"
@@ -236,6 +237,7 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         if prev is not None:
             outputs.append(OutputFile(**prev.info["output"]))
             resumed.append(stage)
+            q_confirmed.update(prev.confirmed)
             if progress:
                 progress("quantize", 1, 1, f"{q}: unchanged since the last run: skipped")
             continue
@@ -249,6 +251,8 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
             progress("quantize", 1, 1, q)
     if quant_list:
         stages["quantize"] = {"seconds": round(time.perf_counter() - t_q, 3)}
+        if q_confirmed:
+            stages["quantize"]["confirmed"] = q_confirmed
 
     vocab, special = info["vocab"], info["special"]
     eos_id = special.special_token_ids.get("eos")
@@ -304,8 +308,8 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
 
 def _verify_stage(out_dir: Path, state: RunState, outputs: list[OutputFile], record: dict[str, Any],
                   options: dict[str, Any], progress: ProgressFn | None):
-    """verify, or its recorded result when the outputs (SHA-256), options and versions are those it
-    verified last time and its report files are unchanged."""
+    """verify, or its recorded result when the outputs (SHA-256 as recorded), options and versions
+    are those it verified last time and its report files are unchanged."""
     from . import verify as verify_pkg
 
     key = stage_key({o.file: o.sha256 for o in outputs},
@@ -315,7 +319,8 @@ def _verify_stage(out_dir: Path, state: RunState, outputs: list[OutputFile], rec
     if prev is not None and isinstance(prev.info.get("section"), dict):
         section = prev.info["section"]
         record["verify"] = section
-        record["stages"]["verify"] = {"seconds": section.get("seconds"), "resumed": True}
+        record["stages"]["verify"] = {"seconds": section.get("seconds"), "resumed": True,
+                                      "confirmed": prev.confirmed}
         record["resumed"].append("verify")
         write_record(out_dir, record)
         if progress:

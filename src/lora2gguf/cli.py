@@ -65,7 +65,8 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def print_build_summary(result, out=sys.stdout) -> None:
+def print_build_summary(result, out=None) -> None:
+    out = out if out is not None else sys.stdout  # the stdout of now, not of import time
     rec = result.record
     out.write(f"\nlora2gguf {__version__}: wrote {len(result.outputs)} file(s) to {result.out_dir}\n")
     main_size = result.outputs[0].bytes if result.outputs else 0
@@ -88,8 +89,12 @@ def print_build_summary(result, out=sys.stdout) -> None:
               f"peak RSS {_human(build.get('peak_rss_bytes', 0))}; total {st.get('total', {}).get('seconds', 0):.1f} s\n")
     out.write(f"  record: {result.run_json}\n")
     if result.verify is not None:
-        report = getattr(result.verify, "report_path", None) or (result.out_dir / "REPORT.md")
-        out.write(f"  report: {report}\n")
+        summary = getattr(result.verify, "summary", None)
+        if callable(summary):
+            out.write(summary() + "\n")
+        else:
+            report = getattr(result.verify, "report_path", None) or (result.out_dir / "REPORT.md")
+            out.write(f"  report: {report}\n")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -125,6 +130,8 @@ def verify_kwargs(args: argparse.Namespace) -> dict:
             kwargs[name] = value
     if getattr(args, "no_speed", False):
         kwargs["speed"] = False
+    if getattr(args, "rehash", False):
+        kwargs["rehash"] = True
     return kwargs
 
 
@@ -200,6 +207,9 @@ def make_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="run the GGUFs of an output folder in llama.cpp and write the report")
     v.add_argument("out", help="output folder of a build (holds run.json)")
     add_verify_options(v)
+    v.add_argument("--rehash", action="store_true",
+                   help="first re-check the full SHA-256 of every output against the one recorded when it was "
+                        "written (a rerun confirms unchanged files by size, times, inode and sampled bytes only)")
     v.set_defaults(func=cmd_verify)
 
     d = sub.add_parser("demo", help="the seed report's story on a built-in model trained on this CPU")

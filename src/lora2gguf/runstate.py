@@ -5,9 +5,15 @@
   names the folder and the other process' pid. The lock file is removed when the run ends.
 - :class:`RunState`: ``OUT_DIR/.lora2gguf-state.json``. For each finished stage (``build``,
   ``quantize:Q8_0``, ``verify``...) it records a *key* (a digest of the stage's input
-  fingerprints, its options and the lora2gguf version) and the SHA-256 and size of each output.
-  A rerun skips a stage whose key is unchanged and whose outputs still have the recorded hashes;
-  anything else (stale, partial, edited, missing) is redone. An entry is written only after the
+  fingerprints, its options and the lora2gguf version) and, for each output, its size, its SHA-256
+  and a cheap fingerprint (:func:`output_fingerprint`: size, mtime, ctime, inode and a hash of
+  sampled bytes, at most :data:`FINGERPRINT_MAX_BYTES` read whatever the file's size).
+  A rerun skips a stage whose key is unchanged and whose outputs are unchanged: an output whose
+  fingerprint is the recorded one is confirmed without reading it (a 40 GB GGUF in milliseconds);
+  one whose fingerprint changed (touched, copied, moved to another disk) is hashed in full and
+  confirmed only if its SHA-256 is the recorded one (the fingerprint is then refreshed). Anything
+  else (stale, partial, edited, truncated, replaced, missing) is redone. :meth:`RunState.rehash`
+  (``lora2gguf verify --rehash``) re-checks every full SHA-256. An entry is written only after the
   stage's outputs are renamed into place, so a killed run never leaves a stage marked finished.
 - :func:`remove_partials`: ``*.partial`` leftovers of a killed run are deleted at the start.
 - :func:`input_fingerprint`: content fingerprints of a base and an adapter folder, cheap enough
@@ -44,6 +50,13 @@ SCHEMA = "lora2gguf.state/1"
 PARTIAL_SUFFIX = ".partial"
 #: files up to this size are hashed whole; larger ones by size + mtime + header hash
 FULL_HASH_LIMIT = 1 << 30
+#: an output's fingerprint hashes its first and last MiB and evenly spaced blocks in between
+FINGERPRINT_HEAD = 1 << 20
+FINGERPRINT_TAIL = 1 << 20
+FINGERPRINT_BLOCKS = 8
+FINGERPRINT_BLOCK = 64 << 10
+#: the most bytes :func:`output_fingerprint` reads, whatever the file's size (2.5 MiB)
+FINGERPRINT_MAX_BYTES = FINGERPRINT_HEAD + FINGERPRINT_TAIL + FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK
 #: the input files a fingerprint covers (top level of the base and adapter folders)
 INPUT_SUFFIXES = (".json", ".jinja", ".safetensors", ".model", ".txt", ".tiktoken", ".py", ".bin", ".pt")
 
@@ -199,6 +212,57 @@ def file_fingerprint(path: str | os.PathLike[str], *, full_hash_limit: int = FUL
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": _header_sha256(path, st.st_size)}
 
 
+def fingerprint_ranges(size: int) -> list[tuple[int, int]]:
+    """The (offset, length) ranges :func:`output_fingerprint` reads in a file of ``size`` bytes:
+    the head, :data:`FINGERPRINT_BLOCKS` blocks evenly spaced between head and tail, the tail;
+    clipped to the file, merged where they overlap (a file up to 2.5 MiB is read whole)."""
+    ranges = [(0, FINGERPRINT_HEAD)]
+    lo, hi = FINGERPRINT_HEAD, size - FINGERPRINT_TAIL
+    gap = hi - lo - FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK  # what the blocks leave unread, in BLOCKS + 1 gaps
+    if gap > FINGERPRINT_BLOCKS + 1:
+        ranges += [(lo + (i + 1) * gap // (FINGERPRINT_BLOCKS + 1) + i * FINGERPRINT_BLOCK, FINGERPRINT_BLOCK)
+                   for i in range(FINGERPRINT_BLOCKS)]
+    elif hi > lo:
+        ranges.append((lo, hi - lo))
+    ranges.append((max(0, size - FINGERPRINT_TAIL), FINGERPRINT_TAIL))
+    merged: list[tuple[int, int]] = []
+    for off, n in sorted(ranges):
+        end = min(off + n, size)
+        if end <= off:
+            continue
+        if merged and off <= merged[-1][0] + merged[-1][1]:
+            start = merged[-1][0]
+            merged[-1] = (start, max(merged[-1][0] + merged[-1][1], end) - start)
+        else:
+            merged.append((off, end - off))
+    return merged
+
+
+def output_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A finished output's cheap fingerprint: ``{size, mtime_ns, ctime_ns, ino, sample_sha256}``,
+    the last the SHA-256 of the bytes in :func:`fingerprint_ranges` (at most
+    :data:`FINGERPRINT_MAX_BYTES` read, whatever the size). Any write to the file changes its
+    mtime and ctime (ctime even when the mtime is set back); a replaced file has another inode; a
+    truncated or extended one another size; the samples catch content changed under the same
+    metadata in the header, the tail or the sampled blocks. Only a full hash sees everything:
+    :meth:`RunState.rehash`."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        h = hashlib.sha256(str(st.st_size).encode())
+        for off, n in fingerprint_ranges(st.st_size):
+            h.update(os.pread(fd, n, off))
+    finally:
+        os.close(fd)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino,
+            "sample_sha256": h.hexdigest()}
+
+
+def _stat_matches(fp: Mapping[str, Any], st: os.stat_result) -> bool:
+    return (fp.get("size") == st.st_size and fp.get("mtime_ns") == st.st_mtime_ns
+            and fp.get("ctime_ns") == st.st_ctime_ns and fp.get("ino") == st.st_ino)
+
+
 def folder_fingerprint(folder: str | os.PathLike[str], *, suffixes: Iterable[str] = INPUT_SUFFIXES,
                        full_hash_limit: int = FULL_HASH_LIMIT) -> dict[str, dict[str, Any]]:
     """Fingerprints of the model files at the top level of ``folder`` (file name -> fingerprint)."""
@@ -237,15 +301,34 @@ def stage_key(inputs: Any, options: Mapping[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- manifest
 
 
+#: how :meth:`RunState.done` confirmed an output: by its cheap fingerprint (nothing but a few MiB
+#: read), by its full SHA-256 (the fingerprint had changed), or by its size alone (check_hashes=False)
+CONFIRMED_BY = ("fingerprint", "sha256", "size")
+
+
 @dataclass
 class StageEntry:
     key: dict[str, Any]
-    outputs: dict[str, dict[str, Any]]  # file name (relative to OUT_DIR, or absolute) -> {"bytes", "sha256"}
+    #: file name (relative to OUT_DIR, or absolute) -> {"bytes", "sha256", "fingerprint"}
+    outputs: dict[str, dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)
     finished: str = ""
+    #: set by :meth:`RunState.done`: file name -> how it was confirmed (one of :data:`CONFIRMED_BY`)
+    confirmed: dict[str, str] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "outputs": self.outputs, "info": self.info, "finished": self.finished}
+
+
+@dataclass(frozen=True)
+class Rehashed:
+    """One output's full SHA-256 against the recorded one (:meth:`RunState.rehash`)."""
+
+    stage: str
+    file: str
+    result: str  # "ok", "differs" or "missing"
+    sha256: str | None
+    recorded: str | None
 
 
 class RunState:
@@ -285,36 +368,100 @@ class RunState:
         return p if p.is_absolute() else self.out_dir / p
 
     def done(self, stage: str, key: Mapping[str, Any], *, check_hashes: bool = True) -> StageEntry | None:
-        """The recorded entry if ``stage`` finished with this ``key`` and each of its outputs still
-        has the recorded size (and SHA-256, unless ``check_hashes`` is False); otherwise None."""
+        """The recorded entry if ``stage`` finished with this ``key`` and each of its outputs is
+        unchanged; otherwise None. An output is unchanged when its cheap fingerprint
+        (:func:`output_fingerprint`) is the recorded one, or else when its full SHA-256 is (the
+        recorded fingerprint is then refreshed and the manifest saved, so that the next rerun is
+        cheap again). ``check_hashes=False``: sizes only. The entry's ``confirmed`` says, per
+        output, which of these confirmed it."""
         entry = self.stages.get(stage)
         if entry is None:
             return None
         if entry.key != json.loads(json.dumps(dict(key), sort_keys=True, default=str)):
             log.info("stage %s: inputs or options changed; redoing it", stage)
             return None
+        confirmed: dict[str, str] = {}
+        refreshed: dict[str, dict[str, Any]] = {}
         for name, want in entry.outputs.items():
             path = self._resolve(name)
             try:
-                size = path.stat().st_size
+                st = path.stat()
             except OSError:
                 log.info("stage %s: %s is missing; redoing it", stage, path)
                 return None
-            if size != want.get("bytes") or (check_hashes and sha256_file(path) != want.get("sha256")):
+            if st.st_size != want.get("bytes"):
+                log.info("stage %s: %s has %d bytes, not the %s written; redoing it", stage, path, st.st_size,
+                         want.get("bytes"))
+                return None
+            if not check_hashes:
+                confirmed[name] = "size"
+                continue
+            recorded = want.get("fingerprint")
+            try:
+                fp = output_fingerprint(path)
+                if isinstance(recorded, dict) and _stat_matches(recorded, st) and fp == recorded:
+                    confirmed[name] = "fingerprint"
+                    continue
+                log.info("stage %s: %s was touched, copied or changed since it was written; hashing it", stage, path)
+                same = sha256_file(path) == want.get("sha256")
+            except OSError as e:
+                log.info("stage %s: %s is unreadable (%s); redoing it", stage, path, e.strerror)
+                return None
+            if not same:
                 log.info("stage %s: %s changed since it was written; redoing it", stage, path)
                 return None
+            refreshed[name] = fp
+            confirmed[name] = "sha256"
+        if refreshed:
+            for name, fp in refreshed.items():
+                entry.outputs[name]["fingerprint"] = fp
+            self.save()
+        entry.confirmed = confirmed
         return entry
+
+    def rehash(self) -> list[Rehashed]:
+        """The full SHA-256 of every recorded output against the recorded one. A stage with an
+        output that differs or is missing is forgotten (the next build redoes it); outputs that
+        match get a fresh fingerprint. The manifest is saved when anything changed."""
+        results: list[Rehashed] = []
+        stale: set[str] = set()
+        changed = False
+        for stage, entry in self.stages.items():
+            for name, want in entry.outputs.items():
+                path = self._resolve(name)
+                try:
+                    fp = output_fingerprint(path)
+                    sha = sha256_file(path)
+                except OSError:
+                    results.append(Rehashed(stage, name, "missing", None, want.get("sha256")))
+                    stale.add(stage)
+                    continue
+                ok = sha == want.get("sha256") and fp["size"] == want.get("bytes")
+                results.append(Rehashed(stage, name, "ok" if ok else "differs", sha, want.get("sha256")))
+                if not ok:
+                    stale.add(stage)
+                elif want.get("fingerprint") != fp:
+                    want["fingerprint"] = fp
+                    changed = True
+        for stage in stale:
+            log.info("stage %s: an output changed since it was written; it will be redone", stage)
+            self.stages.pop(stage, None)
+        if stale or changed:
+            self.save()
+        return results
 
     def record(self, stage: str, key: Mapping[str, Any], outputs: Mapping[str | os.PathLike[str], str | None],
                info: Mapping[str, Any] | None = None) -> StageEntry:
         """Mark ``stage`` finished with ``key``; ``outputs`` maps each output path to its SHA-256
-        (None: hash it here). Written atomically."""
+        (None: hash it here). Each output's :func:`output_fingerprint` is recorded with it. Written
+        atomically."""
         outs: dict[str, dict[str, Any]] = {}
         root = self.out_dir.resolve()
         for p, sha in outputs.items():
             full = Path(p).resolve()  # a path as the caller gives it (absolute, or relative to the cwd)
             rel = full.name if full.parent == root else str(full)
-            outs[rel] = {"bytes": full.stat().st_size, "sha256": sha or sha256_file(full)}
+            fp = output_fingerprint(full)
+            outs[rel] = {"bytes": fp["size"], "sha256": sha or sha256_file(full), "fingerprint": fp}
         entry = StageEntry(json.loads(json.dumps(dict(key), sort_keys=True, default=str)), outs,
                            json.loads(json.dumps(dict(info or {}), default=str)),
                            _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))

@@ -82,6 +82,9 @@ def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str
         "answers": answers, "quantized_points": quantized_points, "speed_rows": speed_rows,
         "stops": stop_tokens(record), "adapter": record.get("adapter") or {},
         "passed": v.get("passed") if v else None, "failures": v.get("failures", []) if v else [],
+        "fine_tune_facts": v.get("fine_tune_facts", []) if v else [],
+        "fine_tune_facts_heading": (v.get("fine_tune_facts_heading") if v else None)
+        or {"title": "Facts about the fine-tune", "text": ""},
     }
 
 

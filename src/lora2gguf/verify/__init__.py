@@ -7,7 +7,10 @@
 Numbers: next-token distributions of every GGUF (llama.cpp) on a fixed evaluation text against the
 reference (the fine-tune through PEFT, or the unquantized GGUF): KL divergence, top-1 agreement,
 perplexity (:mod:`.metrics`). Behaviour: the prompt suite (:mod:`.suite`), greedy and seeded
-samples, on the reference and every GGUF (:mod:`.runner`). Speed: llama.cpp tokens/s. Everything
+samples, on the reference and every GGUF (:mod:`.runner`), each check judged against the
+reference's result (:mod:`.judge`): a GGUF fails a check where the fine-tune passes it and the
+GGUF does not; a check the fine-tune fails too is a fact about the fine-tune, reported and not
+counted (unless the suite marks it ``against: absolute``). Speed: llama.cpp tokens/s. Everything
 goes into run.json's ``verify`` section; :mod:`lora2gguf.report` renders it.
 """
 
@@ -24,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import InputError, OutputError
-from . import harmony, metrics
+from ..errors import InputError, OutputError, VerifyError
+from . import harmony, judge, metrics
 from .logits import (choose_reference, default_threads, gguf_logits, load_reference_model,
                      reference_logits)
 from .runner import GGUFEngine, PeftEngine, measure_speed, prompt_tokens, run_suite
@@ -93,8 +96,14 @@ class VerifyResult:
     def report_path(self) -> Path | None:
         return self.report_md
 
+    @property
+    def fine_tune_facts(self) -> list[dict[str, Any]]:
+        """The checks the reference fails: facts about the fine-tune, not counted against the files."""
+        return list(self.section.get("fine_tune_facts") or [])
+
     def summary(self) -> str:
-        """A few lines for a terminal: one per file, then the failures and the report's path."""
+        """A few lines for a terminal: one per file, the facts about the fine-tune, the failures
+        and the report's path."""
         v = self.section
         lines = [f"verify: reference {v['reference']['label']}; {v['threads']} thread(s)"]
         for f in v["files"]:
@@ -103,10 +112,17 @@ class VerifyResult:
             speed = f", {sp['pp_tokens_per_s']:.0f}/{sp['tg_tokens_per_s']:.1f} tok/s pp/tg" if sp else ""
             bad = sum(1 for x in self.failures if x["file"] == f["file"])
             lines.append(f"  {f['file']}: {num}{speed}; " + ("ok" if not bad else f"{bad} required check(s) failed"))
+        facts = self.fine_tune_facts
+        if facts:
+            head = v.get("fine_tune_facts_heading") or {"title": "Facts about the fine-tune", "text": ""}
+            lines.append(f"{head['title'].upper()}: {head['text']}")
+            for x in facts:
+                lines.append(f"  ! [{x['prompt']}] {x['fact']} ({x['check']}: {x['consequence']})")
         for x in self.failures:
             lines.append(f"  FAIL {x['file']}: {x['check']}" + (f" [{x['prompt']}]" if x.get("prompt") else "")
-                         + f": {x['detail']}")
-        lines.append(("passed" if self.passed else "FAILED") + (f"; report: {self.report_md}" if self.report_md else ""))
+                         + f": {x['detail']}" + (f" ({x['why']})" if x.get("why") else ""))
+        verdict = "passed" if self.passed else f"FAILED: {len(self.failures)} required check(s) failed"
+        lines.append(verdict + (f"; report: {self.report_md}" if self.report_md else ""))
         return "\n".join(lines)
 
 
@@ -173,21 +189,145 @@ def _eval_text(text: str | os.PathLike[str] | None) -> tuple[str, str]:
         raise InputError(f"cannot read the evaluation text {text}: {e}") from e
 
 
+def _judge_checks(st: Suite, ref_runs: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]], ref,
+                  failures: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One row per (prompt, check): each model's greedy result and sample pass count, and each
+    file's :class:`~.judge.Judgement`; the required checks a file fails are appended to
+    ``failures``. Returns (rows, facts about the fine-tune: the checks the reference fails)."""
+    subject = "the fine-tune itself" if ref.kind == "peft" else f"the reference {ref.file}"
+    rows, facts = [], []
+    for p in st.prompts:
+        for ci, c in enumerate(p.checks):
+            row = {"prompt": p.id, "check": c.label, "type": c.type, "required": c.required, "against": c.against,
+                   "results": {}}
+            for fname, gl in [("reference", ref_runs)] + list(runs.items()):
+                mine = [g for g in gl if g["prompt"] == p.id]
+                greedy = next(g for g in mine if g["mode"] == "greedy")
+                samp = [g for g in mine if g["mode"] == "sample"]
+                res = greedy["checks"][ci]
+                row["results"][fname] = {"passed": res["passed"], "detail": res["detail"],
+                                         "samples_passed": sum(g["checks"][ci]["passed"] for g in samp),
+                                         "samples": len(samp)}
+            ref_res = row["results"]["reference"]
+            ref_res["outcome"] = judge.REFERENCE
+            for fname in runs:
+                r = row["results"][fname]
+                j = judge.judge(c, ref_res, r)
+                r.update(j.to_dict())
+                if j.counts:
+                    failures.append({"file": fname, "check": c.label, "prompt": p.id, "against": c.against,
+                                     "detail": r["detail"], "why": j.reason})
+            row["reference_fails"] = not ref_res["passed"]
+            if row["reference_fails"]:
+                if not c.required:
+                    consequence = "optional: reported only"
+                elif c.against == "absolute":
+                    consequence = "required and absolute: counted against every GGUF that fails it"
+                else:
+                    consequence = "required, not counted against the GGUFs"
+                facts.append({"prompt": p.id, "title": p.title, "check": c.label, "type": c.type,
+                              "required": c.required, "against": c.against,
+                              "fact": judge.fine_tune_fact(c, ref_res["detail"], subject=subject),
+                              "detail": ref_res["detail"], "consequence": consequence,
+                              "samples_passed": ref_res["samples_passed"], "samples": ref_res["samples"],
+                              "files_also_failing": [f for f in runs if not row["results"][f]["passed"]]})
+            rows.append(row)
+    return rows, facts
+
+
+def facts_heading(ref, n: int) -> dict[str, str]:
+    """The title and the explanation over the facts about the fine-tune (one home for the words
+    the console summary and both reports show). With a GGUF reference verify has no evidence
+    about the fine-tune: the same checks are listed, not counted, and said to be unresolved."""
+    absolute = ("unless the suite marks a check `against: absolute` (then every GGUF must pass it whatever the "
+                "fine-tune does)")
+    if ref.kind == "peft":
+        return {"title": "Facts about the fine-tune",
+                "text": f"The fine-tune itself (transformers + PEFT) fails {n} check(s). They say what the fine-tune "
+                        "does, not that a conversion is broken: a GGUF is held to what the fine-tune does, so these "
+                        f"count against no file, {absolute}."}
+    return {"title": "Checks the reference GGUF fails",
+            "text": f"The reference {ref.file} fails {n} check(s). verify did not run the fine-tune itself "
+                    f"({ref.reason}), so it cannot tell whether these are facts about the fine-tune or faults of "
+                    f"the conversion. They count against no file, {absolute}; verify with `--reference peft` where "
+                    "the fine-tune fits in memory to tell."}
+
+
+def rehash_outputs(out_dir: Path, rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The full SHA-256 of every output against the one recorded when it was written: the run
+    manifest's outputs (every stage's: GGUFs, merged shards, report files) and run.json's GGUFs.
+    A stage whose output differs is forgotten in the manifest, so the next `lora2gguf build`
+    redoes it. Returns one ``{file, stage, result, sha256, recorded}`` per file; raises
+    VerifyError naming every file that differs or is missing (the last verify's report files
+    excepted: this verify rewrites them)."""
+    from ..gguf_out import sha256_file
+    from ..runstate import RunState
+
+    state = RunState.load(out_dir)
+    checked = {r.file: r for r in state.rehash()}
+    rows = [{"file": r.file, "stage": r.stage, "result": r.result, "sha256": r.sha256, "recorded": r.recorded}
+            for r in checked.values()]
+    for o in rec["outputs"]:
+        name = o.get("file", "")
+        if name in checked:
+            r = checked[name]
+            if r.result == "ok" and o.get("sha256") and o["sha256"] != r.sha256:
+                rows.append({"file": name, "stage": "run.json", "result": "differs", "sha256": r.sha256,
+                             "recorded": o["sha256"]})
+            continue
+        if not o.get("sha256"):
+            rows.append({"file": name, "stage": None, "result": "no SHA-256 recorded", "sha256": None,
+                         "recorded": None})
+            continue
+        path = out_dir / name
+        try:
+            sha = sha256_file(path)
+        except OSError:
+            rows.append({"file": name, "stage": "run.json", "result": "missing", "sha256": None,
+                         "recorded": o["sha256"]})
+            continue
+        rows.append({"file": name, "stage": "run.json", "result": "ok" if sha == o["sha256"] else "differs",
+                     "sha256": sha, "recorded": o["sha256"]})
+    for r in rows:  # the report files of the last verify: this verify writes them again
+        if r["stage"] == "verify" and r["result"] in ("differs", "missing"):
+            r["result"] += " (rewritten by this verify)"
+    bad = [r for r in rows if r["result"] in ("differs", "missing")]
+    if bad:
+        lines = []
+        for r in bad:
+            path = out_dir / r["file"] if not Path(r["file"]).is_absolute() else Path(r["file"])
+            if r["result"] == "missing":
+                lines.append(f"  {path}: missing (recorded by stage {r['stage']})")
+            else:
+                lines.append(f"  {path}: SHA-256 {r['sha256'][:16]}... is not the {str(r['recorded'])[:16]}... "
+                             f"recorded when it was written ({r['stage']})")
+        raise VerifyError(
+            f"verify --rehash: {len(bad)} output(s) in {out_dir} changed after they were written:\n"
+            + "\n".join(lines)
+            + "\nTheir stages are marked for redoing: rerun the same `lora2gguf build` command to rewrite them, "
+            "then verify again.")
+    return rows
+
+
 def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | None = None,
            suite: str | os.PathLike[str] | Suite | None = None, reference: str = "auto",
            samples: int | None = None, max_tokens: int | None = None, n_threads: int | None = None,
-           speed: bool = True, report: bool = True, progress: ProgressFn | None = None) -> VerifyResult:
+           speed: bool = True, report: bool = True, rehash: bool = False,
+           progress: ProgressFn | None = None) -> VerifyResult:
     """Verify every GGUF listed in ``OUT_DIR/run.json`` and write the report.
 
     ``text``: the evaluation text, or a file holding it (default :data:`EVAL_TEXT`); ``suite``: a suite YAML
     file or a :class:`Suite` (default: the built-in one); ``reference``: "auto", "peft" or "gguf";
     ``samples``/``max_tokens`` override the suite's; ``n_threads``: llama.cpp threads (default:
-    all CPUs this process may use). Returns a :class:`VerifyResult`; run.json gets a ``verify``
-    section, and REPORT.md, report.html and a Modelfile per GGUF are written next to the files.
+    all CPUs this process may use); ``rehash``: first re-check the full SHA-256 of every output
+    against the one recorded when it was written (:func:`rehash_outputs`; raises VerifyError naming
+    a file that differs). Returns a :class:`VerifyResult`; run.json gets a ``verify`` section, and
+    REPORT.md, report.html and a Modelfile per GGUF are written next to the files.
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
     rec = _read_run(out)
+    rehashed = rehash_outputs(out, rec) if rehash else None
     st = suite if isinstance(suite, Suite) else load_suite(suite)
     if samples is not None:
         st.samples = int(samples)
@@ -274,24 +414,12 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
                       "seconds": round(time.perf_counter() - t0, 3)})
         if gate["passed"] is False and gate.get("required", True):
             failures.append({"file": o["file"], "check": "agreement with the reference", "prompt": None,
-                             "detail": gate["detail"]})
+                             "against": "reference", "detail": gate["detail"],
+                             "why": f"its next-token distributions are outside the {o.get('type')} gate"})
 
-    # --- checks: greedy decides; samples are reported as a pass count
-    checks = []
-    for p in st.prompts:
-        for ci, c in enumerate(p.checks):
-            row = {"prompt": p.id, "check": c.label, "type": c.type, "required": c.required, "results": {}}
-            for fname, gl in [("reference", [g.to_dict() for g in ref_runs])] + list(runs.items()):
-                mine = [g for g in gl if g["prompt"] == p.id]
-                greedy = next(g for g in mine if g["mode"] == "greedy")
-                samp = [g for g in mine if g["mode"] == "sample"]
-                res = greedy["checks"][ci]
-                row["results"][fname] = {"passed": res["passed"], "detail": res["detail"],
-                                         "samples_passed": sum(g["checks"][ci]["passed"] for g in samp),
-                                         "samples": len(samp)}
-                if fname != "reference" and c.required and not res["passed"]:
-                    failures.append({"file": fname, "check": c.label, "prompt": p.id, "detail": res["detail"]})
-            checks.append(row)
+    # --- checks, judged against the reference (judge): a file fails a check where the reference
+    # passes it and the file does not; one the reference fails too is a fact about the fine-tune
+    checks, fine_tune_facts = _judge_checks(st, [g.to_dict() for g in ref_runs], runs, ref, failures)
 
     section = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -308,9 +436,13 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
         "reference_runs": [g.to_dict() for g in ref_runs],
         "runs": runs,
         "checks": checks,
+        "fine_tune_facts": fine_tune_facts,
+        "fine_tune_facts_heading": facts_heading(ref, len(fine_tune_facts)) if fine_tune_facts else None,
         "failures": failures,
         "passed": not failures,
     }
+    if rehashed is not None:
+        section["rehash"] = rehashed
     section["seconds"] = round(time.perf_counter() - t_start, 3)
     rec["verify"] = section
     rec.setdefault("stages", {})["verify"] = {"seconds": section["seconds"]}

@@ -5,6 +5,11 @@ top_k, top_p, min_p), optional ``system``/``developer``/``reasoning`` for the pr
 ``gates`` (numeric gates per output type, overriding :data:`DEFAULT_GATES`) and ``prompts``: a list
 of ``{id, title?, prompt, checks: [...]}``. The built-in suite is ``lora2gguf/data/prompts.yaml``
 (the seed's four prompts). See that file for the check types.
+
+Each check is held ``against`` the reference (the default) or is ``absolute``: verify tests the
+conversion, so by default a GGUF fails a check only where the fine-tune passes it and the GGUF
+does not; a check the fine-tune fails too is reported as a fact about the fine-tune. ``against:
+absolute`` requires the check whatever the fine-tune does (:mod:`lora2gguf.verify.judge`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from ..errors import InputError
 from .harmony import Parsed
 
 CHECK_TYPES = ("contains", "regex", "persona", "refused", "harmony")
+#: what a check is held against: the reference's result on the same prompt, or nothing
+AGAINST = ("reference", "absolute")
 
 #: Phrases that mark a refusal (searched case-insensitively in the final answer; ’ and ' both).
 REFUSAL_PATTERNS = (
@@ -58,6 +65,7 @@ class Check:
     min: int = 1
     expect: bool = True
     ignore_case: bool = False
+    against: str = "reference"
 
     @property
     def label(self) -> str:
@@ -72,7 +80,8 @@ class Check:
         return "Harmony structure"
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"type": self.type, "required": self.required, "label": self.label}
+        d: dict[str, Any] = {"type": self.type, "required": self.required, "against": self.against,
+                             "label": self.label}
         if self.type != "harmony":
             d["channel"] = self.channel
         for k in ("value", "pattern"):
@@ -121,13 +130,18 @@ def _check(raw: Any, where: str) -> Check:
     t = raw["type"]
     if t not in CHECK_TYPES:
         raise InputError(f"{where}: unknown check type {t!r}; use one of {', '.join(CHECK_TYPES)}")
-    known = {"type", "required", "channel", "value", "pattern", "patterns", "min", "expect", "ignore_case"}
+    known = {"type", "required", "channel", "value", "pattern", "patterns", "min", "expect", "ignore_case",
+             "against"}
     extra = set(raw) - known
     if extra:
         raise InputError(f"{where}: unknown keys {sorted(extra)} in a {t} check")
     channel = raw.get("channel", "final")
     if channel not in ("final", "analysis", "all"):
         raise InputError(f"{where}: channel {channel!r} is not final, analysis or all")
+    against = raw.get("against", "reference")
+    if against not in AGAINST:
+        raise InputError(f"{where}: against: {against!r} in a {t} check is not `reference` (the default: the GGUF "
+                         "fails only where the fine-tune passes) or `absolute` (required whatever the fine-tune does)")
     if t == "contains" and not isinstance(raw.get("value"), str):
         raise InputError(f"{where}: a contains check needs `value: TEXT`")
     pats: tuple[str, ...] = ()
@@ -150,7 +164,8 @@ def _check(raw: Any, where: str) -> Check:
     return Check(type=t, required=bool(raw.get("required", False)), channel=channel,
                  value=raw.get("value"), pattern=raw.get("pattern"),
                  patterns=pats if t == "persona" else (), min=int(raw.get("min", 1)),
-                 expect=bool(raw.get("expect", True)), ignore_case=bool(raw.get("ignore_case", False)))
+                 expect=bool(raw.get("expect", True)), ignore_case=bool(raw.get("ignore_case", False)),
+                 against=against)
 
 
 def parse_suite(data: Any, source: str = "suite") -> Suite:
