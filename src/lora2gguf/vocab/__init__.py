@@ -1,176 +1,181 @@
-"""A Hugging Face tokenizer folder -> GGUF tokenizer metadata (BPE `gpt2` model).
+"""A Hugging Face tokenizer folder -> the GGUF vocabulary llama.cpp's converter writes for it,
+key by key.
 
-Tokens, token types and merges are read from tokenizer.json directly (no transformers needed; the
-merges as the same strings gguf-py makes); special token ids, add_bos/add_eos and the chat template
-go through gguf-py's SpecialVocab, the same reader llama.cpp's converter uses, so the keys are the
-ones llama.cpp expects.
+Two kinds of tokenizer (a family's :class:`VocabOptions` says which to try, in which order, as
+llama.cpp's converter does for that family):
+
+- a byte-level BPE ``tokenizer.json`` (Llama 3, SmolLM, Qwen2/Qwen3, Mistral Nemo, GPT-OSS):
+  ``tokenizer.ggml.model = gpt2``, the pre-tokenizer named by llama.cpp's hash (:mod:`.pre`),
+  tokens, token types and merges (:mod:`.bpe`);
+- a SentencePiece ``tokenizer.model`` (Llama 2, Mistral v0.1-v0.3, Gemma):
+  ``tokenizer.ggml.model = llama``, tokens, scores and types (:mod:`.spm`).
+
+Special token ids, add_bos/add_eos and the chat template are read by the rules of the gguf-py
+llama.cpp's converter runs with (:mod:`.special`), so the keys are the ones llama.cpp expects; the
+base model's config.json (which the converter finds beside the tokenizer, and an adapter folder
+lacks) is passed in. Ids the tokenizer leaves free up to the model's embedding rows are ``[PAD{i}]``; a
+token id at or past them is an InputError naming the file.
+
+A family module passes its options::
+
+    LLAMA_VOCAB = VocabOptions(kinds=("sentencepiece", "llama_hf", "bpe"), space_prefix_from_config=True)
+    vocab, special = write_vocab(writer, tokenizer_dir, n_embedding_rows, LLAMA_VOCAB,
+                                 config=base_config, generation_config=base_generation_config)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import gguf
 
-from .errors import FormatError, InputError, UnsupportedError
-from .jsonfile import read_json_object
+from ..errors import FormatError, InputError, UnsupportedError
+from ..jsonfile import read_json_object
+from .bpe import _bytelevel_post_processor, identify_pre, load_tokenizer_json, merges_of, vocab_of
+from .common import BPE, KINDS, LLAMA_HF, SENTENCEPIECE, Vocab, VocabOptions, looks_special
+from .pre import CHKHSH, PRE_TOKENIZERS, PreTokenizer
+from .special import SpecialTokens, merges_txt
+from .spm import load_sentencepiece, sentencepiece_vocab
 
-# pre-tokenizer regex (tokenizer.json, Split pattern) -> llama.cpp's pre-tokenizer name
-PRE_TOKENIZERS: dict[str, str] = {
-    (
-        "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-        "|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-        "|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
-    ): "gpt-4o",
-}
+__all__ = [
+    "BPE", "CHKHSH", "KINDS", "LLAMA_HF", "PRE_TOKENIZERS", "SENTENCEPIECE", "PreTokenizer", "SpecialTokens", "Vocab",
+    "VocabOptions",
+    "eog_ids", "identify_pre", "llama_hf_message", "load_sentencepiece", "load_tokenizer_json", "looks_special", "merges_of",
+    "read_vocab", "sentencepiece_vocab", "tokenizer_config", "tokenizer_kind", "vocab_of", "write_vocab",
+    "_bytelevel_post_processor",
+]
 
-
-@dataclass
-class Vocab:
-    tokens: list[str]
-    types: list[int]
-    pre: str
-    added: dict[str, int]  # added token content -> id
-
-    def id_of(self, text: str) -> int | None:
-        return self.added.get(text)
+# the file each kind reads
+KIND_FILES = {SENTENCEPIECE: "tokenizer.model", LLAMA_HF: "tokenizer.json", BPE: "tokenizer.json"}
 
 
-def load_tokenizer_json(folder: Path) -> dict:
-    path = Path(folder) / "tokenizer.json"
-    data = read_json_object(path, missing="lora2gguf needs the fast tokenizer file to write the GGUF vocabulary",
-                            hint="download it again", keep=True)
-    if not isinstance(data.get("model"), dict):
-        raise FormatError(f"{path}: no 'model' object; not a Hugging Face tokenizer.json")
-    return data
+def tokenizer_config(folder: Path) -> dict[str, Any]:
+    """The folder's tokenizer_config.json ({} when there is none)."""
+    path = Path(folder) / "tokenizer_config.json"
+    return read_json_object(path, missing="") if path.is_file() else {}
 
 
-def pre_tokenizer_name(data: dict, path: Path) -> str:
-    def patterns(node):
-        if isinstance(node, dict):
-            if node.get("type") == "Split" and isinstance(node.get("pattern"), dict):
-                yield node["pattern"].get("Regex") or node["pattern"].get("String")
-            for v in node.values():
-                yield from patterns(v)
-        elif isinstance(node, list):
-            for v in node:
-                yield from patterns(v)
-
-    found = [p for p in patterns(data.get("pre_tokenizer")) if p]
-    for p in found:
-        if p in PRE_TOKENIZERS:
-            return PRE_TOKENIZERS[p]
-    raise UnsupportedError(
-        f"{path}: the pre-tokenizer (split pattern {found[0][:60] + '...' if found else 'none'}) is not one lora2gguf "
-        "knows; llama.cpp would tokenize text differently from the fine-tune. Supported: "
-        + ", ".join(sorted(set(PRE_TOKENIZERS.values())))
-    )
+def _is_llama_hf(folder: Path) -> bool:
+    """tokenizer.json is a SentencePiece model converted to BPE with byte fallback (what llama.cpp's
+    converter reads with LlamaHfVocab): BPE, byte_fallback, a Sequence decoder."""
+    if not (Path(folder) / "tokenizer.json").is_file():
+        return False
+    data = load_tokenizer_json(folder)
+    model, decoder = data["model"], data.get("decoder") or {}
+    return (model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+            and isinstance(decoder, dict) and decoder.get("type") == "Sequence")
 
 
-def _bytelevel_post_processor(data: dict) -> bool:
-    proc = data.get("post_processor") or {}
-    procs = proc.get("processors", []) if proc.get("type") == "Sequence" else [proc]
-    return any(isinstance(p, dict) and p.get("type") == "ByteLevel" for p in procs)
-
-
-def _looks_special(token: str) -> bool:
-    return (token.startswith("<|") and token.endswith("|>")) or token in ("<s>", "</s>", "<pad>", "<unk>", "<mask>")
-
-
-def read_vocab(folder: Path, vocab_size: int) -> Vocab:
+def tokenizer_kind(folder: Path, options: VocabOptions | None = None) -> str:
+    """The kind of tokenizer the GGUF vocabulary is made from: the first of ``options.kinds``
+    whose file ``folder`` has (llama.cpp's converter's order for the family)."""
     folder = Path(folder)
+    options = options or VocabOptions()
+    for kind in options.kinds:
+        if kind == SENTENCEPIECE and (folder / "tokenizer.model").is_file():
+            return kind
+        if kind == LLAMA_HF and _is_llama_hf(folder):
+            return kind
+        if kind == BPE and (folder / "tokenizer.json").is_file():
+            return kind
+    wanted = " or ".join(dict.fromkeys(KIND_FILES[k] for k in options.kinds))
+    raise InputError(f"{folder}: no {wanted}; lora2gguf makes this model's GGUF vocabulary from it. Copy the "
+                     "tokenizer files of the model you fine-tuned from (tokenizer.save_pretrained(DIR))")
+
+
+def llama_hf_message(folder: Path) -> str:
+    return (f"{Path(folder) / 'tokenizer.json'}: a SentencePiece tokenizer converted to tokenizer.json, without its "
+            "tokenizer.model; llama.cpp's converter would write it with every score -1000, and llama.cpp's "
+            "SentencePiece tokenizer chooses its merges by score. Copy tokenizer.model from the base model folder "
+            f"into {folder} (transformers 5's save_pretrained does not write it), or use the base's tokenizer "
+            "(--tokenizer base) if training did not change it")
+
+
+def read_vocab(folder: Path, vocab_size: int, options: VocabOptions | None = None,
+               tokenizer_cfg: Mapping[str, Any] | None = None) -> Vocab:
+    """The tokens, types (and scores) of ``folder``'s tokenizer for a model with ``vocab_size``
+    embedding rows. UnsupportedError when llama.cpp would not know it; FormatError for a file
+    that is not what its name says; InputError for a token id at or past ``vocab_size``."""
+    folder = Path(folder)
+    cfg = tokenizer_config(folder) if tokenizer_cfg is None else tokenizer_cfg
+    kind = tokenizer_kind(folder, options)
+    if kind == SENTENCEPIECE:
+        return sentencepiece_vocab(folder, vocab_size, cfg)
+    if kind == LLAMA_HF:
+        raise UnsupportedError(llama_hf_message(folder))
     return vocab_of(load_tokenizer_json(folder), folder / "tokenizer.json", vocab_size)
 
 
-def vocab_of(data: dict, path: Path, vocab_size: int) -> Vocab:
-    """The tokens and token types of a parsed tokenizer.json (`path` is for messages)."""
-    model = data["model"]
-    if model.get("type") != "BPE":
-        raise UnsupportedError(f"{path}: tokenizer model {model.get('type')!r}; only byte-level BPE is supported yet")
-    pre = pre_tokenizer_name(data, path)
-    reverse: dict[int, str] = {}
-    for tok, i in model.get("vocab", {}).items():
-        reverse[i] = tok
-    added: dict[str, int] = {}
-    special: set[int] = set()
-    for entry in data.get("added_tokens") or []:
-        reverse[entry["id"]] = entry["content"]
-        added[entry["content"]] = entry["id"]
-        if entry.get("special"):
-            special.add(entry["id"])
-    too_big = [i for i in reverse if i >= vocab_size]
-    if too_big:
-        raise InputError(
-            f"{path}: token id {max(too_big)} ({reverse[max(too_big)]!r}) is outside the model's vocab_size {vocab_size}; "
-            "the tokenizer does not belong to this model (or the embeddings were resized: not supported yet)"
-        )
-    tokens: list[str] = []
-    types: list[int] = []
-    for i in range(vocab_size):
-        tok = reverse.get(i)
-        if tok is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif tok in added:
-            tokens.append(tok)
-            types.append(gguf.TokenType.CONTROL if (i in special or _looks_special(tok)) else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(tok)
-            types.append(gguf.TokenType.NORMAL)
-    return Vocab(tokens, types, pre, added)
-
-
-# gguf-py writes a space inside a merge part as this character (the space itself separates the two parts)
-_MERGE_SPACE = chr(ord(" ") + 256)
-
-
-def merges_of(data: dict, path: Path) -> list[str]:
-    """The BPE merges of a parsed tokenizer.json as the strings gguf-py's SpecialVocab(load_merges=True)
-    makes: string-form merges as they are; list-form ``[a, b]`` -> ``"a b"``, with every space inside
-    a part written as chr(ord(' ') + 256). [] if there are none."""
-    merges = data["model"].get("merges")
-    if not isinstance(merges, list) or not merges:
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, bool):
         return []
-    kinds = set(map(type, merges))
-    if kinds == {str}:
-        return merges
-    bad = FormatError(f"{path}: model.merges: expected strings or pairs of strings")
-    if kinds != {list} or set(map(len, merges)) != {2}:
-        raise bad
-    try:
-        joined = list(map(" ".join, merges))
-    except TypeError:
-        raise bad from None
-    if "".join(joined).count(" ") != len(joined):  # some part has a space in it (rare): encode it as gguf-py does
-        for i, s in enumerate(joined):
-            if s.count(" ") != 1:
-                joined[i] = " ".join(part.replace(" ", _MERGE_SPACE) for part in merges[i])
-    return joined
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
 
 
-def write_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> tuple[Vocab, gguf.SpecialVocab]:
+def eog_ids(special: SpecialTokens, n_tokens: int, config: Mapping[str, Any] | None,
+            generation_config: Mapping[str, Any] | None) -> tuple[int, ...]:
+    """Every end-of-generation id the tokenizer and the model's configs name: eos / eot / eom,
+    generation_config.json's and config.json's eos_token_id (Llama 3 lists three there)."""
+    ids = [special.special_token_ids[t] for t in ("eos", "eot", "eom") if t in special.special_token_ids]
+    for cfg in (generation_config or {}, config or {}):
+        ids += _ids(cfg.get("eos_token_id"))
+    return tuple(sorted({i for i in ids if 0 <= i < n_tokens}))
+
+
+def write_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int, options: VocabOptions | None = None, *,
+                config: Mapping[str, Any] | None = None,
+                generation_config: Mapping[str, Any] | None = None) -> tuple[Vocab, SpecialTokens]:
+    """Write the ``tokenizer.*`` keys of ``folder``'s tokenizer into ``writer``, as llama.cpp's
+    converter writes them, for a GGUF with ``vocab_size`` embedding rows.
+
+    ``options``: the family's (default: GPT-OSS's, a BPE tokenizer.json). ``config``: the base
+    model's config.json (its bos/eos/pad... ids fill the types the tokenizer files leave unset, as
+    the converter reads config.json beside the tokenizer). ``generation_config``: the base's
+    generation_config.json (default: the folder's, if any), for :attr:`Vocab.eog_ids`.
+    Returns the vocabulary and its :class:`SpecialTokens` (special ids, add_bos/eos, template)."""
     folder = Path(folder)
-    path = folder / "tokenizer.json"
-    # parsed once for tokens, types, merges and the post-processor (and kept from doctor's read;
-    # SpecialVocab below parses it again for the added tokens and post-processor it reads)
-    data = load_tokenizer_json(folder)
-    vocab = vocab_of(data, path, vocab_size)  # checks the tokenizer
-    merges = merges_of(data, path)
-    writer.add_tokenizer_model("gpt2")
+    options = options or VocabOptions()
+    cfg = tokenizer_config(folder)
+    vocab = read_vocab(folder, vocab_size, options, cfg)  # checks the tokenizer
+    if options.space_prefix_from_config and cfg.get("add_prefix_space") is not None:
+        writer.add_add_space_prefix(bool(cfg["add_prefix_space"]))
+    writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
-    # special token ids, add_bos/add_eos, chat template: gguf-py; the merges are ours unless
-    # tokenizer.json has none (then gguf-py looks for merges.txt)
-    special = gguf.SpecialVocab(folder, load_merges=not merges, n_vocab=vocab_size)
-    if merges:
-        special.merges = merges
-    if not special.merges:
-        raise FormatError(f"{path}: no BPE merges found")
-    if _bytelevel_post_processor(data):
-        # a ByteLevel post-processor adds no BOS/EOS: say so, or llama.cpp applies its own default
-        special.add_special_token.setdefault("bos", False)
-        special.add_special_token.setdefault("eos", False)
-    special.add_to_gguf(writer, quiet=True)
+    tj = load_tokenizer_json(folder) if (folder / "tokenizer.json").is_file() else None
+    if vocab.kind == BPE:
+        special = SpecialTokens(folder, tokenizer_json=tj, tokenizer_config=cfg,
+                                config=config, n_vocab=vocab_size)
+        # the merges of tokenizer.json, else merges.txt's
+        special.merges = vocab.merges or merges_txt(folder)
+        if not special.merges:
+            raise FormatError(f"{folder / 'tokenizer.json'}: no BPE merges (and no merges.txt)")
+    else:
+        special = SpecialTokens(folder, tokenizer_json=tj, tokenizer_config=cfg,
+                                config=config, n_vocab=len(vocab.tokens))
+    if options.fixed_special_ids:
+        fixed = SpecialTokens(folder, tokenizer_json=tj, tokenizer_config=cfg, config=config,
+                              special_token_types=tuple(options.fixed_special_ids), n_vocab=special.n_vocab)
+        for typ, tid in options.fixed_special_ids.items():
+            fixed.set_special(typ, tid, "VocabOptions.fixed_special_ids")
+        for typ, tid in fixed.special_token_ids.items():
+            special.special_token_ids.setdefault(typ, tid)
+        for typ, value in fixed.add_special_token.items():
+            special.add_special_token.setdefault(typ, value)
+    if options.add_bos is not None:
+        special.add_special_token["bos"] = options.add_bos
+    special.add_to_gguf(writer)
+    if options.space_prefix is not None:
+        writer.add_add_space_prefix(options.space_prefix)
+    if generation_config is None and (folder / "generation_config.json").is_file():
+        generation_config = read_json_object(folder / "generation_config.json", missing="")
+    vocab.eog_ids = eog_ids(special, len(vocab.tokens), config, generation_config)
     return vocab, special
