@@ -132,6 +132,10 @@ def test_gpt_oss_pre_tokenizer_by_hash(o200k_tokenizer_dir):
     vocab = read_vocab(o200k_tokenizer_dir, 201_088, GPT_OSS)
     assert (vocab.pre, vocab.pre_how, vocab.chkhsh) == (
         "gpt-4o", "chkhsh", "ccc2ef013c104be7bae2965776d611e1d7a8a2a9c547dd93a682c9a9fc80352e")
+    (info,) = check_vocab(inspect_tokenizer(o200k_tokenizer_dir), {"vocab_size": 201_088}, GPT_OSS,
+                          generation_config={"eos_token_id": [200002, 199999, 200012]})
+    assert info.code == "TOKENIZER_VOCAB" and info.data["pre"] == "gpt-4o" and info.data["pre_how"] == "chkhsh"
+    assert info.data["eog_tokens"] == ["<|endoftext|>", "<|return|>", "<|call|>"]
 
 
 def test_reduced_probe_gives_the_whole_tokenizers_ids(bpe_tokenizers):
