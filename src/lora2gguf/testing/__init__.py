@@ -1,2 +1,2 @@
-"""What only tests, benchmarks and the demo use: small models and offline tokenizers made
-locally. Nothing in the converter's path imports this package."""
+"""What only the tests, the demo and the benchmark use (offline tokenizer folders...), kept apart
+from the converter's own modules so that the shipped path is easy to see."""
