@@ -11,9 +11,10 @@ import gguf
 import numpy as np
 import pytest
 
-from lora2gguf import o200k, synth
+from lora2gguf import synth
 from lora2gguf.api import build
 from lora2gguf.testing import families
+from lora2gguf.testing import tokenizers as toks
 from lora2gguf.verify.logits import gguf_logits
 from lora2gguf.verify.metrics import kl_divergence, top1_agreement
 from reference import assert_same_gguf, run_converter
@@ -23,30 +24,40 @@ pytest.importorskip("peft")
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 512}
 
-#: (id, family, extra config): GQA everywhere; llama with a llama3 rope scaling (rope_freqs) and
-#: with tied embeddings; qwen2 with its q/k/v biases; qwen3 with q_norm/k_norm
+#: each tokenizer with the embedding rows and config ids its models have
+TOKENIZERS = {
+    "llama3": (toks.llama3_tokenizer, toks.LLAMA3_VOCAB_SIZE,
+               {"bos_token_id": 128000, "eos_token_id": list(toks.LLAMA3_EOS_IDS)}),
+    "qwen3": (toks.qwen3_tokenizer, toks.QWEN3_VOCAB_SIZE,
+              {"bos_token_id": None, "eos_token_id": list(toks.QWEN3_EOS_IDS)}),
+    "spm-llama2": (lambda d: toks.sentencepiece_tokenizer(d, style="llama2"), 512,
+                   {"bos_token_id": 1, "eos_token_id": 2}),
+    "spm-mistral": (lambda d: toks.sentencepiece_tokenizer(d, style="mistral"), 512,
+                    {"bos_token_id": 1, "eos_token_id": 2}),
+}
+
+#: (id, family, tokenizer, extra config): GQA everywhere; Llama 3 with a llama3 rope scaling
+#: (rope_freqs) and untied embeddings, Llama 2 (SentencePiece) with tied ones; Mistral v0.3's
+#: SentencePiece; Qwen2.5 with its q/k/v biases; Qwen3 with q_norm/k_norm
 CASES = [
-    ("llama-llama3-rope", "llama", {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0}),
-    ("llama-tied", "llama", {"tie_word_embeddings": True}),
-    ("mistral", "mistral", {}),
-    ("qwen3", "qwen3", {}),
+    ("llama3-rope", "llama", "llama3", {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0}),
+    ("llama2-spm-tied", "llama", "spm-llama2", {"tie_word_embeddings": True}),
+    ("mistral-spm", "mistral", "spm-mistral", {}),
+    ("qwen2", "qwen2", "qwen3", {}),
+    ("qwen3", "qwen3", "qwen3", {}),
 ]
 
 TEXT = ("What is 2+2? The sum of 2 and 2 is 4. Tell me about the stars and the sea: the stars are far "
         "away, the sea is near, and a lighthouse keeper watches both through the long winter night.")
 
 
-def _tokenizer(family: str):
-    return o200k.write_tokenizer
-
-
 @pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
 def case(request, tmp_path_factory):
-    cid, family, extra = request.param
+    cid, family, tok, extra = request.param
     root = tmp_path_factory.mktemp(cid)
-    vocab = o200k.VOCAB_SIZE if hasattr(o200k, "VOCAB_SIZE") else synth.VOCAB_SIZE
-    base = families.make_model(root / "base", family, families.small_config(family, vocab_size=vocab, **extra),
-                               tokenizer=_tokenizer(family))
+    write_tokenizer, vocab, ids = TOKENIZERS[tok]
+    config = families.small_config(family, vocab_size=vocab, **ids, **extra)
+    base = families.make_model(root / "base", family, config, tokenizer=write_tokenizer)
     adapter = synth.make_adapter(base, root / "adapter", target_modules=families.ALL_LINEAR, target_parameters=(),
                                  r=4, lora_alpha=8, use_rslora=True, rank_pattern={"v_proj": 8},
                                  alpha_pattern={"down_proj": 3})

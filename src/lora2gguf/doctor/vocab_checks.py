@@ -22,12 +22,12 @@ SAMPLES = 10
 ANY_FAMILY = VocabOptions(kinds=KINDS)
 
 
-def options_of(arch: Any) -> VocabOptions:
-    """The vocabulary options of a family (its ``vocab_options``; GPT-OSS's defaults where it has
-    none), or :data:`ANY_FAMILY` when the architecture is unknown (``arch`` None)."""
+def options_of(arch: Any, config: Any = None) -> VocabOptions:
+    """The vocabulary options of a family for a config (its ``vocab_for``; the writer's defaults
+    where it has none), or :data:`ANY_FAMILY` when the architecture is unknown (``arch`` None)."""
     if arch is None:
         return ANY_FAMILY
-    options = getattr(arch, "vocab_options", None)
+    options = arch.vocab_for(config or {}) if hasattr(arch, "vocab_for") else getattr(arch, "vocab_options", None)
     return options if isinstance(options, VocabOptions) else VocabOptions()
 
 
