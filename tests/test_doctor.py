@@ -184,15 +184,31 @@ def test_resized_embeddings_turn_the_id_change_into_a_warning(tiny_base, tmp_pat
     ad = variant_adapter(tiny_base, tmp_path, lambda d: o200k.write_tokenizer(d, extra_tokens=["<|xyrus|>"]))
     tensors = load_tensors(ad / "adapter_model.safetensors")
     h = synth.read_config(tiny_base)["hidden_size"]
+    for key in ("base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"):
+        tensors[key] = np.ones((o200k.VOCAB_SIZE + 1, h), np.float32)  # both resized, as PEFT saves them
+    save_tensors(ad / "adapter_model.safetensors", tensors)
+    edit_json(ad / "adapter_config.json", modules_to_save=["embed_tokens", "lm_head"])
+    report = doctor.run(tiny_base, ad, free_bytes=10**12)
+    assert "TOKENIZER_RESIZED" in warnings_(report)
+    assert "TOKENIZER_MISMATCH" not in codes(report) and "TOKENIZER_TOO_LARGE" not in codes(report)
+    # merged: doctor says what the adapter replaces, and nothing blocks
+    f = one(report, "ADAPTER_FULL_WEIGHTS")
+    assert f"resized: {o200k.VOCAB_SIZE} -> {o200k.VOCAB_SIZE + 1} rows" in f.what
+    assert blockers(report) == set()
+
+
+def test_resized_embedding_without_its_lm_head_is_a_blocker(tiny_base, tmp_path):
+    """Only embed_tokens resized (an adapter no training run writes): the rows would disagree."""
+    ad = variant_adapter(tiny_base, tmp_path, lambda d: o200k.write_tokenizer(d, extra_tokens=["<|xyrus|>"]))
+    tensors = load_tensors(ad / "adapter_model.safetensors")
+    h = synth.read_config(tiny_base)["hidden_size"]
     tensors["base_model.model.model.embed_tokens.modules_to_save.default.weight"] = np.ones(
         (o200k.VOCAB_SIZE + 1, h), np.float32)
     save_tensors(ad / "adapter_model.safetensors", tensors)
     edit_json(ad / "adapter_config.json", modules_to_save=["embed_tokens"])
     report = doctor.run(tiny_base, ad, free_bytes=10**12)
-    assert "TOKENIZER_RESIZED" in warnings_(report)
-    assert "TOKENIZER_MISMATCH" not in codes(report) and "TOKENIZER_TOO_LARGE" not in codes(report)
-    # lora2gguf does not merge modules_to_save yet: that is its own blocker
-    assert "ADAPTER_UNSUPPORTED_FEATURE" in blockers(report)
+    f = one(report, "ADAPTER_BASE_MISMATCH")
+    assert "lm_head.weight" in f.what and "rows" in f.what
 
 
 def test_special_token_settings_are_a_warning(tiny_base, tmp_path):
@@ -603,7 +619,9 @@ def test_size_estimates_follow_the_shapes(tiny_base, np_adapter):
     est = {o.name: o for o in report.resources.outputs}
     shapes = report.inspection.base.logical_shapes
     cfg = synth.read_config(tiny_base)
-    n_router = cfg["num_hidden_layers"] * cfg["num_local_experts"] * cfg["hidden_size"]  # kept F32
+    # kept F32: the routers, and (not being .weight tensors) the 2-D expert biases
+    n_router = cfg["num_hidden_layers"] * cfg["num_local_experts"] * cfg["hidden_size"]
+    n_router += sum(int(np.prod(s)) for n, s in shapes.items() if n.endswith("_bias") and len(s) == 2)
     one_d = sum(int(np.prod(s)) for s in shapes.values() if len(s) == 1)
     two_d = sum(int(np.prod(s)) for s in shapes.values() if len(s) > 1)
     meta = est["BF16"].bytes - (2 * (two_d - n_router) + 4 * (one_d + n_router))

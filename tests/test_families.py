@@ -133,3 +133,60 @@ def test_a_wrong_permute_fails(f32_case, case, tmp_path):
 
 def _arch(reader) -> str:
     return reader.fields["general.architecture"].contents()
+
+
+# --------------------------------------------------------------------------- chat fine-tunes
+
+#: embedding changes chat fine-tunes make: (id, family, tokenizer, extra config, adapter options)
+CHAT_CASES = [
+    # two added tokens, embeddings resized, embed_tokens and lm_head trained in full (modules_to_save)
+    ("llama3-added-tokens", "llama", "llama3", {},
+     dict(resize_vocab=toks.LLAMA3_VOCAB_SIZE + 8, modules_to_save=("embed_tokens", "lm_head"),
+          tokenizer=lambda d: toks.llama3_tokenizer(d, extra_tokens=[("<|persona|>", True), ("<|tool|>", True)]))),
+    # PEFT's trainable tokens: only some rows of the (tied) embedding trained
+    ("qwen3-trainable-tokens", "qwen3", "qwen3", {"tie_word_embeddings": True},
+     dict(trainable_token_indices=[151644, 151645, 9707])),
+    # LoRA on the embedding and the lm_head as well (Unsloth's "embed_tokens", "lm_head" targets)
+    ("llama2-embedding-lora", "llama", "spm-llama2", {},
+     dict(target_modules=(*families.ALL_LINEAR, "embed_tokens", "lm_head"))),
+]
+
+
+@pytest.fixture(scope="module", params=CHAT_CASES, ids=[c[0] for c in CHAT_CASES])
+def chat_case(request, tmp_path_factory):
+    cid, family, tok, extra, opts = request.param
+    root = tmp_path_factory.mktemp(cid)
+    write_tokenizer, vocab, ids = TOKENIZERS[tok]
+    base = families.make_model(root / "base", family, families.small_config(family, vocab_size=vocab, **ids, **extra),
+                               tokenizer=write_tokenizer)
+    kw = dict(target_modules=families.ALL_LINEAR, target_parameters=(), r=4, lora_alpha=8)
+    kw.update(opts)
+    adapter = synth.make_adapter(base, root / "adapter", **kw)
+    return cid, base, adapter, root
+
+
+def test_chat_finetune_embeddings_merged_as_llama_cpp_would(chat_case, reference_llama_cpp):
+    """The GGUF of a fine-tune that changed its embeddings is the converter's on PEFT's float64
+    merge (resized rows and the adapter's tokenizer included), and llama.cpp runs it like
+    transformers + PEFT."""
+    cid, base, adapter, root = chat_case
+    res = build(base, adapter, root / "out", name="m")
+    model_dir = synth.write_reference_merge(base, adapter, root / "reference")
+    assert_same_gguf(root / "out" / "m-BF16.gguf", run_converter(reference_llama_cpp, model_dir, root / "ref.gguf"))
+    rec = res.record
+    if "added" in cid:
+        assert rec["technical"]["vocab_size"] == toks.LLAMA3_VOCAB_SIZE + 8
+        assert any("resize the vocabulary" in n for n in rec["notes"])
+        assert set(rec["adapter"]["full_weights"]) == {"model.embed_tokens.weight", "lm_head.weight"}
+    if "trainable" in cid:
+        assert rec["adapter"]["trained_token_rows"] == {"model.embed_tokens.weight": [151644, 151645, 9707]}
+    build(base, adapter, root / "out32", name="m", outtype="f32")
+    from transformers import AutoTokenizer
+
+    text = TEXT + (" <|persona|> hello <|tool|>" if "added" in cid else "")
+    tok_ids = AutoTokenizer.from_pretrained(str(adapter))(text, add_special_tokens=False)["input_ids"]
+    if "added" in cid:
+        assert max(tok_ids) >= toks.LLAMA3_VOCAB_SIZE  # the added tokens are in the text
+    ref = synth.peft_logits(base, adapter, tok_ids)
+    kl, top1 = _score(root / "out32" / "m-F32.gguf", tok_ids, ref)
+    assert kl < F32_MAX_MEAN_KL and top1 >= F32_MIN_TOP1, (kl, top1)

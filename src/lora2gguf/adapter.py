@@ -1,11 +1,26 @@
 """A PEFT LoRA adapter: its config read strictly, and every adapter tensor matched to the base
 tensor it changes. Nothing is silently ignored: an adapter feature lora2gguf does not merge
-yet stops here with an error that names it."""
+yet stops here with an error that names it.
+
+What an adapter can hold (PEFT's saved keys, prefix ``base_model.model.``):
+- LoRA pairs ``X.lora_A.weight`` / ``X.lora_B.weight`` on Linear layers (and, nested in
+  ``base_layer``, on 3-D expert parameters named in ``target_parameters``);
+- LoRA on an Embedding: ``X.lora_embedding_A`` (r, num_embeddings) and ``X.lora_embedding_B``
+  (dim, r), delta ``(B @ A)^T * scale``;
+- full weights that replace the base's: ``modules_to_save`` (``X.weight``), and the embedding /
+  lm_head ``X.base_layer.weight`` PEFT saves with ``save_embedding_layers`` (a vocabulary resized
+  by the fine-tune: more rows than the base);
+- trainable token rows: ``X.token_adapter.trainable_tokens_delta`` (n, dim), the new values of
+  the rows ``trainable_token_indices`` names (PEFT merges them with ``index_copy``).
+"""
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+
+import numpy as np
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,8 +38,6 @@ KEY_PREFIX = "base_model.model."
 UNSUPPORTED_FEATURES: dict[str, str] = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "LoRA bias terms (lora_bias)",
-    "modules_to_save": "fully trained modules (modules_to_save)",
-    "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
     "layer_replication": "layer replication",
     "use_qalora": "QA-LoRA",
     "use_bdlora": "block-diagonal LoRA",
@@ -45,9 +58,18 @@ class LoraTerm:
     rank: int
     alpha: float
     scale: float
-    kind: str  # "linear" or "experts"
+    kind: str  # "linear", "embedding" or "experts"
     num_experts: int = 1
     fan_in_fan_out: bool = False
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Rows of a base tensor replaced by trained values (PEFT's trainable tokens)."""
+
+    target: str
+    indices: tuple[int, ...]
+    values: TensorInfo
 
 
 @dataclass
@@ -56,6 +78,9 @@ class Adapter:
     config: dict[str, Any]
     checkpoint: Checkpoint
     terms: dict[str, list[LoraTerm]] = field(default_factory=dict)
+    # base tensor name -> the adapter's full tensor that replaces it (modules_to_save, resized embeddings)
+    replaced: dict[str, TensorInfo] = field(default_factory=dict)
+    token_rows: dict[str, TokenRows] = field(default_factory=dict)
 
     @property
     def all_terms(self) -> list[LoraTerm]:
@@ -92,22 +117,57 @@ def check_config(config: Mapping[str, Any], path: Path) -> None:
             raise InputError(f"{path}: field {key!r} is {value!r}, expected an object")
 
 
-def _split_key(key: str) -> tuple[str, str, int]:
-    """'base_model.model.X.base_layer.lora_A.weight' -> ('X', 'A', nesting depth 1)."""
+LORA_SUFFIXES = {".lora_A.weight": ("A", "linear"), ".lora_B.weight": ("B", "linear"),
+                 ".lora_embedding_A": ("A", "embedding"), ".lora_embedding_B": ("B", "embedding")}
+TOKEN_ROWS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+
+
+def _split_key(key: str) -> tuple[str, str, int, str]:
+    """'base_model.model.X.base_layer.lora_A.weight' -> ('X', 'A', nesting depth 1, 'linear');
+    a full weight 'base_model.model.X.weight' (or X.base_layer.weight) -> ('X.weight', 'W', 0, 'full');
+    trainable token rows -> ('X.weight', 'T', 0, 'rows')."""
     name = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
-    for which in ("A", "B"):
-        suffix = f".lora_{which}.weight"
+    for suffix, (which, kind) in LORA_SUFFIXES.items():
         if name.endswith(suffix):
             module = name[: -len(suffix)]
             depth = 0
             while module.endswith(".base_layer"):
                 module = module[: -len(".base_layer")]
                 depth += 1
-            return module, which, depth
+            return module, which, depth, kind
+    if name.endswith(TOKEN_ROWS_SUFFIX):
+        return name[: -len(TOKEN_ROWS_SUFFIX)] + ".weight", "T", 0, "rows"
+    if name.endswith((".weight", ".bias")):
+        module, _, leaf = name.rpartition(".")
+        if re.search(r"\.original_module(\.[^.]+)?$", module):
+            # the wrapper's untrained original, saved beside the trained copy (save_embedding_layers)
+            return f"{module}.{leaf}", "W", 0, "original"
+        # PEFT saves modules_to_save under the module's own name; with save_embedding_layers it also
+        # saves the wrapper's copy as X.modules_to_save[.adapter].weight (the same values)
+        module = re.sub(r"\.modules_to_save(\.[^.]+)?$", "", module)
+        if module.endswith(".base_layer"):
+            module = module[: -len(".base_layer")]
+        return f"{module}.{leaf}", "W", 0, "full"
     raise UnsupportedError(
-        f"adapter tensor {key!r} is not a LoRA A/B matrix (lora_A.weight / lora_B.weight); "
-        "embedding LoRA, extra saved modules and other adapter kinds are not merged yet"
+        f"adapter tensor {key!r} is not a LoRA matrix (lora_A/lora_B, lora_embedding_A/B), a full weight "
+        "(modules_to_save) or trainable token rows; other adapter kinds are not merged yet"
     )
+
+
+def _token_indices(config: Mapping[str, Any], target: str, path: Path) -> tuple[int, ...]:
+    """The rows ``trainable_token_indices`` names for ``target`` (a list applies to the input embedding)."""
+    spec = config.get("trainable_token_indices")
+    module = target[: -len(".weight")]
+    if isinstance(spec, list):
+        ids = spec
+    elif isinstance(spec, dict):
+        ids = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
+    else:
+        ids = None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise InputError(f"{path / CONFIG_NAME}: trainable_token_indices {spec!r} does not list the token ids of "
+                         f"{module!r} as non-negative integers, but the adapter holds trained rows for it")
+    return tuple(ids)
 
 
 def _targets_param(config: Mapping[str, Any], key: str) -> bool:
@@ -131,22 +191,39 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
             "save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors')\""
         )
     ckpt = Checkpoint.open(folder, single_name=WEIGHTS_NAME, index_name="adapter_model.safetensors.index.json")
-    pairs: dict[tuple[str, int], dict[str, tuple[str, TensorInfo]]] = {}
-    for key, info in ckpt.tensors.items():
+    where = folder / WEIGHTS_NAME
+    adapter = Adapter(folder, dict(config), ckpt)
+    pairs: dict[tuple[str, int, str], dict[str, tuple[str, TensorInfo]]] = {}
+    base_shapes = dict(base_shapes)
+    for key, info in sorted(ckpt.tensors.items()):
         try:
-            module, which, depth = _split_key(key)
+            module, which, depth, kind = _split_key(key)
         except UnsupportedError as e:
-            raise UnsupportedError(f"{folder / WEIGHTS_NAME}: {e}") from None
-        pairs.setdefault((module, depth), {})[which] = (key, info)
+            raise UnsupportedError(f"{where}: {e}") from None
+        if kind == "original":
+            continue
+        if kind == "full":
+            if module in adapter.replaced:
+                _same_values(adapter.replaced[module], info, where)
+                continue
+            _replace(adapter, base_shapes, module, key, info, where)
+        elif kind == "rows":
+            adapter.token_rows[module] = TokenRows(module, _token_indices(config, module, folder), info)
+        else:
+            pairs.setdefault((module, depth, kind), {})[which] = (key, info)
+    for target, rows in adapter.token_rows.items():
+        shape = base_shapes.get(target)
+        if shape is None or len(shape) != 2 or rows.values.shape != (len(rows.indices), shape[1]) \
+                or max(rows.indices, default=-1) >= shape[0]:
+            raise InputError(f"{where}: trained token rows {rows.values.name} {rows.values.shape} for rows "
+                             f"{list(rows.indices)[:8]} do not fit {target} {shape}. Is this adapter for another model?")
 
     r0, alpha0 = config["r"], config["lora_alpha"]
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     rslora = bool(config.get("use_rslora"))
     fifo = bool(config.get("fan_in_fan_out"))
-    where = folder / WEIGHTS_NAME
-    adapter = Adapter(folder, dict(config), ckpt)
-    for (module, depth), ab in sorted(pairs.items()):
+    for (module, depth, kind), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             missing = ({"A", "B"} - set(ab)).pop()
             raise FormatError(f"{where}: {module} has lora_{'AB'.replace(missing, '')} but no lora_{missing}")
@@ -154,7 +231,18 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
         if len(a.shape) != 2 or len(b.shape) != 2:
             raise FormatError(f"{where}: {a_key} and {b_key} must be 2-D, got {a.shape} and {b.shape}")
         linear_target = f"{module}.weight"
-        if depth == 0 and linear_target in base_shapes:
+        if kind == "embedding":
+            shape = base_shapes.get(linear_target)
+            r = int(lora.pattern_value(rank_pattern, module, r0))
+            alpha = float(lora.pattern_value(alpha_pattern, module, alpha0))
+            if shape is None or len(shape) != 2 or a.shape != (r, shape[0]) or b.shape != (shape[1], r):
+                raise InputError(
+                    f"{where}: {module}: lora_embedding_A {a.shape} / lora_embedding_B {b.shape} do not fit the base "
+                    f"embedding {linear_target} {shape} with rank {r}. Is this adapter for another model or size?")
+            # delta = (B @ A)^T * s: the fan_in_fan_out form of a Linear pair (A (r, rows), B (cols, r))
+            term = LoraTerm(linear_target, module, a, b, r, alpha, lora.scaling(alpha, r, rslora), "embedding",
+                            fan_in_fan_out=True)
+        elif depth == 0 and linear_target in base_shapes:
             shape = base_shapes[linear_target]
             out_f, in_f = (shape[1], shape[0]) if fifo else (shape[0], shape[1])
             r = int(lora.pattern_value(rank_pattern, module, r0))
@@ -192,6 +280,52 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
             term = LoraTerm(target, a_key.rsplit(".lora_A", 1)[0], a, b, r, alpha,
                             lora.scaling(alpha, r, rslora), "experts", num_experts=n_exp)
         adapter.terms.setdefault(term.target, []).append(term)
-    if not adapter.terms:
+    if not adapter.terms and not adapter.replaced and not adapter.token_rows:
         raise InputError(f"{where}: holds no LoRA tensors")
     return adapter
+
+
+def saved_vocab_rows(folder: Path | str) -> int | None:
+    """The rows of the embedding the adapter saves in full (a fine-tune that resized its
+    vocabulary), from the safetensors header alone; None when it saves none. A reference model
+    must be resized to this before PEFT can load the adapter."""
+    folder = Path(folder)
+    try:
+        ckpt = Checkpoint.open(folder, single_name=WEIGHTS_NAME, index_name="adapter_model.safetensors.index.json")
+    except Exception:  # noqa: BLE001 - doctor reports unreadable adapters; here: no resize
+        return None
+    for key, info in ckpt.tensors.items():
+        name = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+        name = name.replace(".base_layer.", ".")
+        if name.endswith("embed_tokens.weight") and len(info.shape) == 2:
+            return int(info.shape[0])
+    return None
+
+
+#: tensors whose rows are the vocabulary: a fine-tune that added tokens saves them with more rows
+_VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_out.weight")
+
+
+def _same_values(a: TensorInfo, b: TensorInfo, where: Path) -> None:
+    """Two saved copies of one trained module must agree (they are small: embeddings at most)."""
+    from .safetensors_io import read_raw
+
+    if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(read_raw(a), read_raw(b)):
+        raise FormatError(f"{where}: {a.name} and {b.name} are two saved copies of one trained module but differ; "
+                          "save the adapter again with PEFT's save_pretrained")
+
+
+def _replace(adapter: Adapter, base_shapes: dict[str, tuple[int, ...]], target: str, key: str, info: TensorInfo,
+             where: Path) -> None:
+    """A full weight of the adapter replaces the base tensor ``target``; embedding-like tensors may
+    have more (or fewer) rows (a resized vocabulary), every other tensor the base's shape."""
+    shape = base_shapes.get(target)
+    if shape is None:
+        raise InputError(f"{where}: {key} replaces {target!r}, which the base checkpoint does not hold. "
+                         "Is this adapter for another model?")
+    resizable = target.endswith(_VOCAB_ROWS) and len(shape) == 2 and len(info.shape) == 2
+    if tuple(info.shape) != tuple(shape) and not (resizable and info.shape[1] == shape[1]):
+        raise InputError(f"{where}: {key} {info.shape} does not fit the base tensor {target} {shape}. "
+                         "Is this adapter for another model or size?")
+    adapter.replaced[target] = info
+    base_shapes[target] = tuple(info.shape)

@@ -32,7 +32,7 @@ from .plan import make_plan, merged_plan
 from .quantize import parse_quants, quantize, type_counts
 from .runstate import RunLock, RunState, input_fingerprint, remove_partials, stage_key
 from .safetensors_io import Checkpoint
-from .sources import logical_tensors
+from .sources import apply_adapter, logical_tensors
 from .stream import MergedShards, execute, require_space
 from .vocab import write_vocab
 
@@ -162,7 +162,9 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
     ckpt = Checkpoint.open(base_dir)
     sources = logical_tensors(ckpt)
     adapter = load_adapter(adapter_dir, {n: s.shape for n, s in sources.items()}, arch)
+    sources = apply_adapter(sources, adapter)
     plan = make_plan(arch, config, sources, adapter, outtype, keep_mxfp4=keep_mxfp4)
+    config = plan.config  # a vocabulary resized by the adapter's embeddings says so
     vocab_size = int(config.get("vocab_size", 0))
 
     main_file = out_dir / f"{name}-{outtype.upper()}.gguf"
@@ -272,8 +274,10 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         "adapter": {
             "r": adapter.config.get("r"), "lora_alpha": adapter.config.get("lora_alpha"),
             "use_rslora": adapter.use_rslora, "pairs": len(adapter.all_terms),
-            "targets": sorted({t.target.split(".")[-2] if t.kind == "linear" else t.target.split(".")[-1]
+            "targets": sorted({t.target.split(".")[-2] if t.kind != "experts" else t.target.split(".")[-1]
                                for t in adapter.all_terms}),
+            "full_weights": {n: list(info.shape) for n, info in sorted(adapter.replaced.items())},
+            "trained_token_rows": {n: list(r.indices) for n, r in sorted(adapter.token_rows.items())},
         },
         "base_storage": dict(type_counts({n: s.storage for n, s in sources.items()})),
         "keep_mxfp4": {"requested": keep_mxfp4, "tensors": plan.kept_mxfp4},
@@ -372,7 +376,7 @@ def _forgetting_json():
 
 @contextlib.contextmanager
 def _gc_paused():
-    """Reading a tokenizer.json (a 27 MB one for o200k) makes millions of small objects and no
+    """Reading a tokenizer.json (a 27 MB one for a 200k-token vocabulary) makes millions of small objects and no
     reference cycles; the cyclic collector would walk them again and again (~0.15 s a parse)."""
     enabled = gc.isenabled()
     gc.disable()

@@ -8,7 +8,7 @@ columns. That one description serves everything:
 
 - the base tensor: ``view.apply(matrix)``, or a tile of output rows at a time (:meth:`View.source_rows`);
 - the LoRA delta ``left @ right`` (in the source matrix's orientation): ``view.factors(left, right)``
-  gives the factors of the output matrix's delta. A row selection (Llama's q/k permute, GPT-OSS's
+  gives the factors of the output matrix's delta. A row selection (a rotary q/k permute, a fused
   gate/up de-interleave) selects rows of ``left`` and shares ``right``; a transpose swaps the two
   roles; a column selection selects columns of ``right``. The merge (merge.py) and the GGUF LoRA
   adapter export use the same factors;
@@ -222,7 +222,7 @@ class Transpose(LayoutOp):
 class Split(LayoutOp):
     """A fused tensor split in ``parts`` along the rows (after an optional transpose) or the
     columns of each matrix, either interleaved (part j is every parts-th row starting at j, as
-    GPT-OSS stores gate and up) or in consecutive halves (Phi-3 / Qwen-MoE gate_up)."""
+    some fused expert layouts store gate and up) or in consecutive halves (fused gate_up projections)."""
 
     parts: int = 2
     interleaved: bool = True
@@ -259,8 +259,9 @@ def rope_permutation(n_rows: int, n_head: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class PermuteHeads(LayoutOp):
-    """llama.cpp's rotary row order for q_proj / k_proj (weights and biases) of the ``llama``
-    architecture: heads read from the config keys ``heads`` (and ``kv_heads`` when they differ)."""
+    """llama.cpp's rotary row order for q_proj / k_proj (weights and biases) of the families whose
+    GGUF architecture rotates pairs (i, i + d/2) as adjacent rows: heads read from the config keys
+    ``heads`` (and ``kv_heads`` when they differ)."""
 
     heads: str = "num_attention_heads"
     kv_heads: str | None = None

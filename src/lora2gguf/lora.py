@@ -5,8 +5,8 @@ Facts (PEFT's conventions):
   base weight is stored (in, out) and the delta is transposed.
 - Scaling s = alpha / r, or alpha / sqrt(r) with rsLoRA; `rank_pattern` / `alpha_pattern` keys
   match the end of a module key on a dot boundary (regex `(.*\\.)?KEY$`), first key wins.
-- Expert parameters (PEFT's ParamWrapper over a 3-D parameter of shape (E, in, out), as
-  GPT-OSS stores its experts): A is saved as (r*E, in) and read as (E, r, in); B is saved as
+- Expert parameters (PEFT's ParamWrapper over a 3-D parameter of shape (E, in, out), the
+  layout of fused expert tensors in transformers): A is saved as (r*E, in) and read as (E, r, in); B is saved as
   (out, r*E) and read as (out, r, E): the expert index is the slow axis of A's rows but the
   fast axis of B's columns. delta[e] = s * (A_e^T @ B_e^T) with shape (in, out).
 - A delta is handed to the merge as two factors (left, right) with the scale folded into B:

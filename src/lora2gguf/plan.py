@@ -76,6 +76,7 @@ class TensorPlan:
     packed: bool = False  # --keep-mxfp4: ggml MXFP4 blocks repacked from the source, never decoded
     block_rows: int = 0  # output rows per unit of work (0: a whole matrix)
     op: str = "Copy"  # the layout operation, for the record
+    kind: gguf.MODEL_TENSOR | None = None  # gguf-py's tensor kind (TOKEN_EMBD, ATTN_V, ...)
 
     @property
     def touched(self) -> bool:
@@ -217,8 +218,9 @@ def make_plan(family: Family, config: Mapping, sources: Mapping[str, Source], ad
     for gname, values in (family.generated(config) if family.generated else {}).items():
         claim(gname, "(generated from config.json)")
         values = np.ascontiguousarray(values, dtype=np.float32)
+        found = name_map.get_type_and_name(gname[: -len(".weight")] if gname.endswith(".weight") else gname)
         tensors.append(TensorPlan(OutTensor(gname, tuple(values.shape), gguf.GGMLQuantizationType.F32), (), (),
-                                  values=values, op="generated"))
+                                  values=values, op="generated", kind=found[0] if found else None))
 
     for name in _sorted_names(sources):
         if name.endswith(family.skip_suffixes):
@@ -247,20 +249,40 @@ def make_plan(family: Family, config: Mapping, sources: Mapping[str, Source], ad
                 qtype = gguf.GGMLQuantizationType.MXFP4
             t = OutTensor(gname, tuple(o.shape), qtype)
             tensors.append(TensorPlan(t, (inp,), o.parts, o.add, packed=packed,
-                                      block_rows=_block_rows(t, src, slab_bytes, packed), op=op.describe()))
+                                      block_rows=_block_rows(t, src, slab_bytes, packed), op=op.describe(),
+                                      kind=kind))
             if kind in (gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.OUTPUT):
                 embeddings.append((name, tensors[-1]))
     if terms:
         target = next(iter(terms))
         raise InputError(f"the adapter changes {target!r}, which the base checkpoint does not hold")
+    config, resized = _resized_vocab(embeddings, config)
     _check_embeddings(embeddings, config)
     plan = Plan(family, config, outtype, tensors, adapter)
+    if resized:
+        plan.notes.append(resized)
     if keep:
         n_out = sum(1 for t in tensors if t.packed)
         plan.notes.append(
             f"--keep-mxfp4: the MoE experts ({n_out} tensors) are written as MXFP4, repacked from the base "
             "without decoding (the adapter does not change them); general.file_type is MOSTLY_MXFP4_MOE")
     return plan
+
+
+def _resized_vocab(embeddings: list[tuple[str, TensorPlan]], config: Mapping) -> tuple[Mapping, str | None]:
+    """A fine-tune that added tokens carries its embeddings with more rows (modules_to_save /
+    save_embedding_layers): the GGUF's vocabulary is then that many rows, as the merged model's
+    config.json would say (resize_token_embeddings updates vocab_size)."""
+    rows = {tp.tensor.shape[0] for _, tp in embeddings if tp.inputs[0].source.origin == "adapter"
+            and len(tp.tensor.shape) == 2}
+    vocab = config.get("vocab_size")
+    if len(rows) != 1 or vocab in rows:
+        return config, None
+    (n,) = rows
+    names = ", ".join(sorted(name for name, tp in embeddings if tp.inputs[0].source.origin == "adapter"))
+    return ({**config, "vocab_size": n},
+            f"the adapter's full embedding weights ({names}) resize the vocabulary from {vocab} to {n} rows: "
+            f"the GGUF has {n} tokens (vocab_size {n})")
 
 
 def _check_embeddings(embeddings: list[tuple[str, TensorPlan]], config: Mapping) -> None:
@@ -284,6 +306,15 @@ def _check_embeddings(embeddings: list[tuple[str, TensorPlan]], config: Mapping)
                 f"config.json: vocab_size is {vocab}, but the checkpoint's {name!r} has {shape[0]} rows (one per "
                 "token): the config and the weights do not belong together. Use the config.json that came with "
                 "these safetensors files.")
+
+
+def shape_plan(family: Family, config: Mapping, shapes: Mapping[str, tuple[int, ...]],
+               from_adapter: frozenset[str] | set[str] = frozenset()) -> Plan:
+    """The plan for tensor shapes alone (doctor sizes and checks the GGUF from it before reading
+    anything); ``from_adapter``: the tensors the adapter replaces with full weights."""
+    stubs = {n: Source(n, tuple(s), "BF16", read=None, stored=(),  # type: ignore[arg-type]
+                       origin="adapter" if n in from_adapter else "base") for n, s in shapes.items()}
+    return make_plan(family, config, stubs, None, "bf16")
 
 
 def merged_plan(plan: Plan, slab_bytes: int = DEFAULT_SLAB_BYTES) -> Plan:

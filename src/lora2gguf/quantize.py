@@ -112,7 +112,7 @@ def quantize(src: Path, dst: Path, ftype: str, *, nthread: int = 0) -> QuantResu
 
 def fallback_note(ftype: str, types: dict[str, str], shapes: dict[str, list[int]]) -> str | None:
     """Say what llama.cpp does silently: K-quants need rows that are a multiple of 256, so a
-    "Q4_K_M" of a model with 2880-wide rows is mostly Q5_0/Q8_0 tensors."""
+    "Q4_K_M" of a model whose rows are, say, 2880 wide is mostly Q5_0/Q8_0 tensors."""
     if "_K" not in ftype:
         return None
     block = gguf.QK_K
@@ -125,8 +125,10 @@ def fallback_note(ftype: str, types: dict[str, str], shapes: dict[str, list[int]
     width = Counter(shapes[n][0] for n in narrow).most_common(1)[0][0]
     return (
         f"{len(narrow)} of {sum(1 for n, s in shapes.items() if len(s) >= 2 and types[n] not in floats)} quantized tensors have rows of {width}, "
-        f"not a multiple of {block}, so llama.cpp could not use K-quants for them and fell back to: {mix}. "
-        "For GPT-OSS, MXFP4_MOE is usually the better file: compare the sizes and KL in the report."
+        f"not a multiple of {block}, so llama.cpp could not use K-quants for them and fell back to: {mix}."
+        + (" For a mixture-of-experts model, MXFP4_MOE (MXFP4 experts, Q8_0 elsewhere) is often the better "
+           "file: compare the sizes and KL in the report." if any("_exps." in n for n in types) else
+           " Compare the sizes and KL of the other types in the report.")
     )
 
 

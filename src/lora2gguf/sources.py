@@ -2,7 +2,7 @@
 
 A `Source` is one logical tensor with a reader for slabs of its leading axis, in float32:
 - plain F32/F16/BF16 tensors are read as they are;
-- MXFP4 experts (`X_blocks` + `X_scales`, the official gpt-oss layout) are decoded exactly, one
+- MXFP4 experts (`X_blocks` + `X_scales`, as MXFP4 checkpoints store them) are decoded exactly, one
   expert slab at a time, into the (E, in, out) layout of the BF16 checkpoints;
 - bitsandbytes 4-bit Linear weights (NF4/FP4, nested absmax or not) and LLM.int8 weights are
   decoded in numpy (lossy at source: the merge inherits the 4-bit error).
@@ -42,6 +42,7 @@ class Source:
     # leaves alone and the GGUF keeps in the same type (copied bit for bit, no float32 round trip),
     # and for the fused BF16 merge (bf16_merge); read-only
     read_stored: Reader | None = None
+    origin: str = "base"  # "adapter": a full weight of the adapter replaces the base's (modules_to_save)
 
     @property
     def stored_bytes(self) -> int:
@@ -70,7 +71,7 @@ def _mxfp4(name: str, blocks: TensorInfo, scales: TensorInfo) -> Source:
             or scales.shape != blocks.shape[:3]:
         raise UnsupportedError(
             f"{blocks.path.name}: {blocks.name} {blocks.shape} {blocks.dtype} / {scales.name} {scales.shape} "
-            f"{scales.dtype} is not the gpt-oss MXFP4 layout (uint8 blocks (E, rows, G, 16), scales (E, rows, G))"
+            f"{scales.dtype} is not the MXFP4 checkpoint layout (uint8 blocks (E, rows, G, 16), scales (E, rows, G))"
         )
     e, rows, g, _ = blocks.shape
     shape = (e, g * 32, rows)  # decoded and transposed per expert: the BF16 checkpoint's layout
@@ -125,6 +126,38 @@ def detect_unsupported(names: Mapping[str, TensorInfo], folder) -> None:
             f"{folder}: the base is GPTQ/AWQ-quantized (e.g. {gptq[0]!r}); it cannot be merged exactly. "
             "Use the BF16 release of this base model."
         )
+
+
+def with_rows(src: Source, indices: tuple[int, ...], values: TensorInfo) -> Source:
+    """``src`` with rows ``indices`` replaced by ``values`` (PEFT's trainable tokens: the trained
+    values of those rows). Read as float32 values (a stored copy would have to round them)."""
+    idx = np.asarray(indices, dtype=np.intp)
+
+    def read(rows: slice | None) -> np.ndarray:
+        x = src.read(rows)
+        x = np.array(x, dtype=np.float32, copy=True)
+        lo, hi = (0, x.shape[0]) if rows is None else (rows.start or 0, rows.stop)
+        sel = (idx >= lo) & (idx < hi)
+        if sel.any():
+            v = to_f32(read_raw(values), values.dtype, name=values.name)
+            x[idx[sel] - lo] = v[sel]
+        return x
+
+    return Source(src.name, src.shape, src.storage, read, src.stored + (values,), src.slab_cost,
+                  origin="adapter")
+
+
+def apply_adapter(sources: Mapping[str, Source], adapter) -> dict[str, Source]:
+    """The base's sources with the adapter's full weights (modules_to_save, resized embeddings)
+    and trained token rows in place."""
+    out = dict(sources)
+    for name, info in adapter.replaced.items():
+        src = _plain(info)
+        out[name] = Source(name, src.shape, src.storage, src.read, src.stored, read_stored=src.read_stored,
+                           origin="adapter")
+    for name, rows in adapter.token_rows.items():
+        out[name] = with_rows(out[name], rows.indices, rows.values)
+    return out
 
 
 def logical_tensors(ckpt: Checkpoint) -> dict[str, Source]:

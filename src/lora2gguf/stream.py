@@ -91,7 +91,7 @@ def source_factors(f: Factors, matrix: int) -> tuple[np.ndarray, np.ndarray]:
     """(left, right) with left @ right = the term's delta of source matrix ``matrix`` in the
     source's own orientation (lora.py: the scale folded into B)."""
     t = f.term
-    if t.kind == "linear":
+    if t.kind in ("linear", "embedding"):  # an embedding's delta (B @ A)^T is the fan_in_fan_out form
         return lora.linear_factors(f.a, f.b, t.scale, fan_in_fan_out=t.fan_in_fan_out)
     return lora.expert_matrix_factors(f.a, f.b, t.scale, t.num_experts, matrix)
 

@@ -534,8 +534,16 @@ def make_adapter(
     tokenizer: str | Callable[[Path], Any] = "same",
     base_model_name_or_path: str | None = None,
     save_dtype: str = "float32",
+    modules_to_save: Sequence[str] = (),
+    trainable_token_indices: Sequence[int] | dict[str, Sequence[int]] | None = None,
+    resize_vocab: int | None = None,
 ) -> Path:
     """Make a LoRA adapter for the base in ``base_dir`` with PEFT itself and return ``dest_dir``.
+
+    Chat fine-tunes: ``resize_vocab`` resizes the base's embeddings first (added tokens), and
+    ``modules_to_save`` (e.g. embed_tokens, lm_head) trains full copies of those modules (PEFT then
+    saves them whole: seeded changes to every row here); ``trainable_token_indices`` trains only
+    those rows of the input embedding (seeded new values).
 
     The base is loaded with transformers (float32), wrapped with ``get_peft_model(LoraConfig(...))``,
     every lora_A/lora_B is set to seeded random values (PEFT's own init makes B zero, hence a zero
@@ -559,11 +567,19 @@ def make_adapter(
     base = Path(base_dir)
     dest = Path(dest_dir)
     model = load_base_model(base)
+    if resize_vocab is not None:
+        model.resize_token_embeddings(resize_vocab, mean_resizing=False)
+    extra: dict[str, Any] = {}
+    if modules_to_save:
+        extra["modules_to_save"] = list(modules_to_save)
+    if trainable_token_indices is not None:
+        extra["trainable_token_indices"] = (dict(trainable_token_indices) if isinstance(trainable_token_indices, dict)
+                                            else list(trainable_token_indices))
     lcfg = LoraConfig(
         r=r, lora_alpha=lora_alpha, target_modules=list(target_modules) or None,
         target_parameters=list(target_parameters) or None, use_rslora=use_rslora,
         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
-        lora_dropout=0.0, bias="none",
+        lora_dropout=0.0, bias="none", **extra,
     )
     if not target_modules:
         lcfg.target_modules = []  # PEFT needs an empty list, not None, when only parameters are targeted
@@ -583,6 +599,12 @@ def make_adapter(
             if save_dtype == "bfloat16":
                 A.data = A.data.to(torch.bfloat16)
                 B.data = B.data.to(torch.bfloat16)
+        # full modules and token rows: what training would have changed, seeded
+        for pname, p in sorted(pm.named_parameters(), key=lambda kv: kv[0]):
+            if ".modules_to_save." in pname or "trainable_tokens_delta" in pname:
+                noise = _rng(seed, pname).standard_normal(tuple(p.shape)).astype(np.float32)
+                scale = float(p.detach().float().std()) or 1.0
+                p.copy_(p.detach() + torch.from_numpy(noise * np.float32(0.2 * scale)).to(p.dtype))
     dest.mkdir(parents=True, exist_ok=True)
     pm.peft_config["default"].base_model_name_or_path = (
         str(base) if base_model_name_or_path is None else base_model_name_or_path)
@@ -743,6 +765,11 @@ def _peft_model(base_dir, adapter_dir, dtype: str = "float32"):
     model = load_base_model(base_dir, dtype)
     if adapter_dir is None:
         return model
+    from .adapter import saved_vocab_rows
+
+    rows = saved_vocab_rows(adapter_dir)
+    if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows, mean_resizing=False)  # as the fine-tune was, before training
     from peft import PeftModel
     pm = PeftModel.from_pretrained(model, str(adapter_dir))
     pm.eval()
@@ -780,6 +807,11 @@ def write_reference_merge(base_dir: str | os.PathLike[str], adapter_dir: str | o
     for fname in ("config.json", "generation_config.json"):
         if (base / fname).exists():
             shutil.copy(base / fname, dest / fname)
+    emb = next((v for k, v in state.items() if k.endswith("embed_tokens.weight")), None)
+    cfg = json.loads((dest / "config.json").read_text())
+    if emb is not None and cfg.get("vocab_size") != emb.shape[0]:  # resize_token_embeddings updates it
+        cfg["vocab_size"] = int(emb.shape[0])
+        (dest / "config.json").write_text(json.dumps(cfg, indent=2))
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else Path(adapter_dir)
     if not any((tok / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         tok = base

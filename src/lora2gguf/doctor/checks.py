@@ -54,7 +54,7 @@ def check_base_format(base: BaseInfo) -> list[Finding]:
             "BASE_MXFP4",
             f"{where}: {len(blocks)} MXFP4 tensors (*_blocks + *_scales: {_names(blocks)}); "
             f"config quantization_config.quant_method = {method or '(not set)'}",
-            "MXFP4 is 4-bit; a LoRA merge needs the weights as numbers. The published BF16 copies of gpt-oss are "
+            "MXFP4 is 4-bit; a LoRA merge needs the weights as numbers. The published BF16 copies of MXFP4 models are "
             "exactly the decoding of these blocks, so decoding them loses nothing",
             "nothing to do: lora2gguf decodes MXFP4 exactly to BF16 while it streams (same GGUF as from the BF16 "
             "base). If the adapter leaves the experts untouched, --keep-mxfp4 keeps them in ggml's MXFP4 layout "
@@ -72,8 +72,8 @@ def check_base_format(base: BaseInfo) -> list[Finding]:
             f"weights: {_names(bnb4)}",
             "the 16-bit weights are gone; the merge would start from the 4-bit approximation and every GGUF "
             "inherits its error (the seed run's first bases were NF4 like this)",
-            "use the BF16 base the 4-bit copy was made from (for gpt-oss-20b: unsloth/gpt-oss-20b-BF16 or the "
-            "MXFP4 openai/gpt-oss-20b, which decodes exactly); an adapter trained on the 4-bit copy merges correctly "
+            "use the BF16 base the 4-bit copy was made from (its publisher's BF16 release, or an official MXFP4 "
+            "release, which decodes exactly); an adapter trained on the 4-bit copy merges correctly "
             "into it. Or --accept BASE_BNB_4BIT to let lora2gguf decode the 4-bit weights in numpy (lossy)",
             {"format": "bitsandbytes-4bit", "quant_types": kinds, "nested": nested, "tensors": bnb4[:200]}))
 
@@ -166,8 +166,8 @@ def _llama_knows(lib: str, mtime: float, name: str) -> bool:
     """Whether llama.cpp knows the architecture ``name``, asked of llama.cpp itself: it loads a
     header-only GGUF naming that architecture (vocab only) and says "unknown model architecture"
     when it does not know it; a known one fails later, at the missing vocabulary. (Searching
-    libllama for the name as a string is not enough: the linker merges "qwen2" into the tail of
-    "rwkv6qwen2".)"""
+    libllama for the name as a string is not enough: the linker merges a short name into the tail
+    of a longer one that ends with it.)"""
     import ctypes
     import tempfile
 
@@ -346,7 +346,7 @@ def resized_embeddings(adapter: AdapterInfo, base_vocab: int | None) -> bool:
 
 
 def _norm_name(name: str) -> str:
-    """'unsloth/gpt-oss-20b-unsloth-bnb-4bit' -> 'gpt-oss-20b': the model, without publisher and format."""
+    """'org/some-model-7b-unsloth-bnb-4bit' -> 'some-model-7b': the model, without publisher and format."""
     s = str(name).rstrip("/").split("/")[-1].lower()
     for suffix in ("-unsloth-bnb-4bit", "-bnb-4bit", "-bnb-8bit", "-4bit", "-8bit", "-bf16", "-fp16", "-fp8",
                    "-mxfp4", "-gptq", "-awq", "-unsloth"):
@@ -372,7 +372,7 @@ def check_adapter(adapter: AdapterInfo, base: BaseInfo, arch) -> list[Finding]:
         check_config(cfg, ad_dir / CONFIG_NAME)
     except UnsupportedError as e:
         out.append(F.make("ADAPTER_UNSUPPORTED_FEATURE", str(e),
-                          "lora2gguf merges plain LoRA (linear layers and GPT-OSS expert parameters); other parts "
+                          "lora2gguf merges LoRA on linear layers, embeddings and expert parameters; other parts "
                           "would be silently missing from the GGUF", "merge with PEFT (merge_and_unload) and convert "
                           "the merged model, or retrain without the feature", {"error": "UnsupportedError"}))
         return out
@@ -412,6 +412,33 @@ def check_adapter(adapter: AdapterInfo, base: BaseInfo, arch) -> list[Finding]:
                               f"use the base the adapter was trained on"
                               f"{f' ({named})' if named else ''}: same model size, layer count and expert count",
                               {"error": type(e).__name__, "adapter_base": named}))
+
+    if terms is not None and (terms.replaced or terms.token_rows):
+        lines = []
+        for name, info in sorted(terms.replaced.items()):
+            old = base.logical_shapes.get(name)
+            resized = old is not None and tuple(old) != tuple(info.shape)
+            lines.append(f"{name}: the adapter's full {list(info.shape)} weight replaces the base's {list(old or ())}"
+                         + (f" (resized: {old[0]} -> {info.shape[0]} rows)" if resized else ""))
+        for name, rows in sorted(terms.token_rows.items()):
+            lines.append(f"{name}: {len(rows.indices)} rows trained (trainable_token_indices {list(rows.indices)[:10]}"
+                         f"{' ...' if len(rows.indices) > 10 else ''})")
+        try:
+            from ..plan import shape_plan
+
+            shapes = {**base.logical_shapes, **{n: tuple(i.shape) for n, i in terms.replaced.items()}}
+            shape_plan(arch, arch.normalize_config(base.config), shapes, set(terms.replaced))
+        except InputError as e:
+            out.append(F.make("ADAPTER_BASE_MISMATCH", str(e),
+                              "the token embedding and the output matrix must have one row per token",
+                              "save the fine-tune with both embed_tokens and lm_head in modules_to_save (PEFT does "
+                              "when the vocabulary was resized)", {"error": type(e).__name__}))
+        out.append(F.make("ADAPTER_FULL_WEIGHTS", "\n".join(lines),
+                          "the fine-tune trained these tensors whole (modules_to_save, added tokens) or some of their "
+                          "rows (trainable tokens); the GGUF gets the adapter's values, with the LoRA deltas on top",
+                          "nothing to do; the tokenizer with the added tokens (the adapter's) goes into the GGUF",
+                          {"replaced": {n: list(i.shape) for n, i in terms.replaced.items()},
+                           "token_rows": {n: list(r.indices) for n, r in terms.token_rows.items()}}))
 
     # numbers: all-zero and non-finite
     stats = adapter.stats
@@ -589,7 +616,7 @@ def ggml_type_for(output: str) -> gguf.GGMLQuantizationType | None:
 
 
 # llama.cpp's quantizer (llama-quant.cpp) replaces a k-quant whose 256-wide block does not divide
-# a tensor's rows by these types (gpt-oss-20b's 2880-wide rows hit this for every tensor).
+# a tensor's rows by these types (2880-wide rows, for one, hit this for every tensor).
 _FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ4_XS": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL",
              "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL",
              "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
@@ -616,31 +643,44 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def _gguf_bytes(shapes: Mapping[str, tuple[int, ...]], qtype: gguf.GGMLQuantizationType,
-                f32_names: set[str], mix: str | None = None, types: Mapping[str, Any] | None = None,
-                n_layers: int = 0) -> int:
-    """Tensor-data bytes of the GGUF: 1-D tensors and the architecture's F32 tensors stay F32, the
-    rest gets ``qtype`` (or llama.cpp's fallback where the row length does not fit its block)."""
+def _gguf_bytes(tensors: Iterable[tuple[str, tuple[int, ...], Any, bool]], qtype: gguf.GGMLQuantizationType,
+                mix: str | None = None, n_layers: int = 0) -> int:
+    """Tensor-data bytes of the GGUF for (GGUF name, numpy shape, tensor kind, kept in F32): F32
+    tensors stay F32, the rest gets ``qtype`` (or llama.cpp's fallback where the row length, the
+    last axis, does not fit its block)."""
     from ..arch import block_id
 
-    types = types or {}
     q6 = gguf.GGMLQuantizationType.Q6_K
     total = 0
-    for name, shape in shapes.items():
+    for name, shape, kind, f32 in tensors:
         n = math.prod(shape)
-        if len(shape) <= 1 or name in f32_names:
+        if len(shape) <= 1 or f32:
             total += 4 * n
             continue
-        ne0 = shape[1] if len(shape) == 3 else shape[-1]  # GGUF row length (HF experts are (E, in, out))
         t = qtype
         if mix in _MORE_BITS_MIXES:
-            kind = types.get(name)
             bid = block_id(name)
             if kind == gguf.MODEL_TENSOR.OUTPUT or (kind in _MORE_BITS_TENSORS and bid is not None
                                                     and _use_more_bits(bid, n_layers)):
                 t = q6
-        total += _tensor_bytes(n, ne0, t)
+        total += _tensor_bytes(n, shape[-1], t)
     return total
+
+
+def gguf_tensors(base: BaseInfo, arch) -> list[tuple[str, tuple[int, ...], Any, bool]]:
+    """(GGUF name, shape, kind, kept in F32) of every tensor the build would write, from the
+    shapes alone (the family's plan); the HF shapes as they are when that cannot be planned."""
+    from ..errors import Lora2GGUFError
+    from ..plan import shape_plan
+
+    if arch is not None and base.logical_shapes:
+        try:
+            plan = shape_plan(arch, arch.normalize_config(base.config), base.logical_shapes)
+            return [(t.tensor.name, t.tensor.shape, t.kind, t.tensor.qtype == gguf.GGMLQuantizationType.F32)
+                    for t in plan.tensors]
+        except (Lora2GGUFError, KeyError, TypeError, ValueError):
+            pass  # doctor reports the config / tensor problem elsewhere; size what is there
+    return [(n, tuple(s), None, False) for n, s in base.logical_shapes.items()]
 
 
 def metadata_bytes(tok: TokenizerInfo | None, n_tensors: int, n_gguf_tensors: int | None = None) -> int:
@@ -663,21 +703,8 @@ def estimate_resources(base: BaseInfo, adapter: AdapterInfo, arch, outputs: Iter
                        free_bytes: int | None, free_where: str | None,
                        tokenizer: TokenizerInfo | None = None) -> Resources:
     shapes = base.logical_shapes
-    f32_names: set[str] = set()
-    types: dict[str, Any] = {}
+    tensors = gguf_tensors(base, arch)
     n_blocks = int(base.config.get("num_hidden_layers") or 0) if isinstance(base.config.get("num_hidden_layers"), int) else 0
-    if arch is not None:
-        tmap = gguf.get_tensor_name_map(arch.gguf_arch, n_blocks)
-        for name in shapes:
-            hf = name
-            hit = arch.rule_for(name)
-            if hit is not None and hit[1].outputs:  # a fused / renamed HF tensor: its first output names its kind
-                hf = hit[0] + hit[1].outputs[0]
-            t = tmap.get_type_and_name(hf, try_suffixes=(".weight", ".bias"))
-            if t is not None:
-                types[name] = t[0]
-                if t[0] in arch.f32_tensors:
-                    f32_names.add(name)
     base_bytes = sum(p.stat().st_size for p in base.checkpoint.files) if base.checkpoint else 0
     ad_bytes = adapter.checkpoint.total_bytes if adapter.checkpoint else 0
     outs: list[OutputEstimate] = []
@@ -690,13 +717,13 @@ def estimate_resources(base: BaseInfo, adapter: AdapterInfo, arch, outputs: Iter
     else:
         intermediate = False
     full = None
-    meta = metadata_bytes(tokenizer, len(shapes), len(shapes) + sum(len(s) == 3 for s in shapes.values()))
+    meta = metadata_bytes(tokenizer, len(shapes), len(tensors))
     for o in ([first16] if intermediate else []) + wanted:
         qt = ggml_type_for(o)
         if qt is None:
             unknown.append(o)
             continue
-        size = _gguf_bytes(shapes, qt, f32_names, o, types, n_blocks) + meta
+        size = _gguf_bytes(tensors, qt, o, n_blocks) + meta
         if o in ("BF16", "F16", "F32") and full is None:
             full = size
             read = base_bytes + ad_bytes

@@ -53,6 +53,7 @@ CODES: dict[str, tuple[str, str]] = {
     "ADAPTER_PARTLY_ZERO": (WARNING, "Some LoRA pairs of the adapter are all zero"),
     "ADAPTER_NONFINITE": (BLOCKER, "The adapter's weights contain NaN or Inf"),
     "ADAPTER_SUMMARY": (INFO, "Adapter summary"),
+    "ADAPTER_FULL_WEIGHTS": (INFO, "The adapter replaces base tensors with full weights or trained rows"),
     # chat format
     "CHAT_TEMPLATE_MISSING": (BLOCKER, "No chat template"),
     "CHAT_TEMPLATE_NOT_HARMONY": (BLOCKER, "The chat template is not the Harmony format GPT-OSS needs"),

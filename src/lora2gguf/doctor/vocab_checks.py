@@ -12,7 +12,8 @@ from ..errors import FormatError, InputError, Lora2GGUFError, UnsupportedError
 from ..inspect import TokenizerInfo
 from ..vocab import (BPE, KINDS, LLAMA_HF, SpecialTokens, VocabOptions, eog_ids, identify_pre, llama_hf_message,
                      load_sentencepiece, load_tokenizer_json, tokenizer_kind)
-from ..vocab.pre import HOW_PATTERN, unknown_message
+from ..vocab.common import SENTENCEPIECE
+from ..vocab.pre import HOW_PATTERN, TOKENIZER_MODELS, unknown_message
 from . import findings as F
 
 SAMPLES = 10
@@ -106,7 +107,8 @@ def check_vocab(tok: TokenizerInfo | None, config: Mapping[str, Any], options: V
             id_to_token.update({int(k): v["content"] for k, v in decoder.items()
                                 if str(k).isdigit() and isinstance(v, dict) and isinstance(v.get("content"), str)})
         size = max(id_to_token) + 1 if id_to_token else 0
-        info = {"kind": kind, "file": str(path), "model": "llama", "pre": "default", "pre_how": "sentencepiece"}
+        info = {"kind": kind, "file": str(path), "model": TOKENIZER_MODELS[SENTENCEPIECE], "pre": "default",
+                "pre_how": "sentencepiece"}
         if (folder / "tokenizer.json").is_file():
             info["note"] = "tokenizer.model is used, not tokenizer.json, as llama.cpp's converter does for this family"
     if rows is not None and size > rows and "TOKENIZER_TOO_LARGE" not in codes:

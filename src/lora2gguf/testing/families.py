@@ -97,3 +97,120 @@ def make_model(dest: str | Path, family: str, config: Mapping[str, Any], *, seed
     if tokenizer is not None:
         tokenizer(dest)
     return dest
+
+
+# --------------------------------------------------------------------------- large bases without torch
+
+
+def tensor_specs(family: str, config: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensors a dense ``family`` checkpoint holds for ``config`` (HF names and shapes)."""
+    h, n_layers = config["hidden_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    hd = config.get("head_dim") or h // heads
+    inter, vocab = config["intermediate_size"], config["vocab_size"]
+    bias = family == "qwen2"
+    specs: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, h))]
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        specs += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+        for name, rows in (("q_proj", heads * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)):
+            specs.append((p + f"self_attn.{name}.weight", (rows, h)))
+            if bias:
+                specs.append((p + f"self_attn.{name}.bias", (rows,)))
+        specs.append((p + "self_attn.o_proj.weight", (h, heads * hd)))
+        if family == "qwen3":
+            specs += [(p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,))]
+        specs += [(p + "mlp.gate_proj.weight", (inter, h)), (p + "mlp.up_proj.weight", (inter, h)),
+                  (p + "mlp.down_proj.weight", (h, inter))]
+    specs.append(("model.norm.weight", (h,)))
+    if not config.get("tie_word_embeddings"):
+        specs.append(("lm_head.weight", (vocab, h)))
+    return specs
+
+
+def make_base_numpy(dest: str | Path, family: str, config: Mapping[str, Any], *, seed: int = 0,
+                    tokenizer: Callable[[Path], Any] | None = None, max_shard_bytes: int = 5_000_000_000) -> Path:
+    """A ``family`` base of any width written by numpy, tensor by tensor in chunks (memory bounded
+    by a chunk): config.json as the family's config class saves it, bf16 shards and their index,
+    peaked values (:func:`_init`); for benchmarks at real width, where torch would need the whole
+    model in memory."""
+    import json
+
+    import transformers
+
+    from .. import synth
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    spec = FAMILIES[family]
+    cfg = getattr(transformers, spec["config"])(**config).to_dict()
+    cfg["architectures"] = [spec["cls"]]
+    cfg["dtype"] = "bfloat16"
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    gen = {k: cfg.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+    (dest / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    specs = tensor_specs(family, config)
+    shapes = dict(specs)
+
+    def chunks(name: str):
+        mean, std = _init(name, shapes[name], config)
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        n = math.prod(shapes[name])
+        step = 1 << 22
+        for i in range(0, n, step):
+            k = min(step, n - i)
+            x = rng.random(k, dtype=np.float32)  # triangular (sum of two uniforms), std 1/sqrt(6)
+            x += rng.random(k, dtype=np.float32)
+            x -= np.float32(1.0)
+            x *= np.float32(std * math.sqrt(6.0))
+            x += np.float32(mean)
+            yield synth.bf16_bits(x)
+
+    shards = synth._plan_shards(specs, 2, max_shard_bytes)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        total += synth.write_safetensors_streamed(dest / fname, [(n, s, "bfloat16") for n, s in shard], chunks)
+        weight_map.update({n: fname for n, _ in shard})
+    (dest / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    if tokenizer is not None:
+        tokenizer(dest)
+    return dest
+
+
+def make_adapter_numpy(base: str | Path, dest: str | Path, family: str, *, r: int = 16, lora_alpha: float = 32,
+                       target_modules=ALL_LINEAR, seed: int = 0, init_scale: float = 0.5) -> Path:
+    """A PEFT LoRA adapter on ``target_modules`` of every layer, written by numpy in PEFT's layout
+    (adapter_config.json from PEFT's own LoraConfig), for bases too large to load into torch."""
+    import json
+
+    from peft import LoraConfig
+
+    from .. import synth
+
+    base, dest = Path(base), Path(dest)
+    cfg = json.loads((base / "config.json").read_text())
+    shapes = dict(tensor_specs(family, cfg))
+    arrays = {}
+    scale = lora_alpha / r
+    for name, shape in shapes.items():
+        module = name[: -len(".weight")]
+        if not name.endswith(".weight") or module.rsplit(".", 1)[-1] not in target_modules or len(shape) != 2:
+            continue
+        a, b = synth._lora_values(synth._rng(seed, module), (r, shape[1]), (shape[0], r), r, scale, init_scale)
+        arrays[f"base_model.model.{module}.lora_A.weight"] = a
+        arrays[f"base_model.model.{module}.lora_B.weight"] = b
+    dest.mkdir(parents=True, exist_ok=True)
+    synth.write_safetensors_streamed(dest / "adapter_model.safetensors",
+                                     [(k, v.shape, "float32") for k, v in arrays.items()],
+                                     lambda k: iter([arrays[k].reshape(-1)]))
+    lc = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(target_modules), lora_dropout=0.0,
+                    bias="none", inference_mode=True, base_model_name_or_path=str(base)).to_dict()
+    lc = {k: (list(v) if isinstance(v, set) else v) for k, v in lc.items()}
+    (dest / "adapter_config.json").write_text(json.dumps(lc, indent=2, sort_keys=True, default=str))
+    for f in base.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (dest / f.name).write_bytes(f.read_bytes())
+    return dest

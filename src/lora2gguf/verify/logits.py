@@ -223,6 +223,11 @@ def load_reference_model(base_dir: str | os.PathLike[str], adapter_dir: str | os
     if adapter_dir is not None:
         from peft import PeftModel
 
+        from ..adapter import saved_vocab_rows
+
+        rows = saved_vocab_rows(adapter_dir)  # a fine-tune that added tokens: resized before training
+        if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(rows, mean_resizing=False)
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     return model

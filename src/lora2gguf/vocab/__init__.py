@@ -4,11 +4,11 @@ key by key.
 Two kinds of tokenizer (a family's :class:`VocabOptions` says which to try, in which order, as
 llama.cpp's converter does for that family):
 
-- a byte-level BPE ``tokenizer.json`` (Llama 3, SmolLM, Qwen2/Qwen3, Mistral Nemo, GPT-OSS):
-  ``tokenizer.ggml.model = gpt2``, the pre-tokenizer named by llama.cpp's hash (:mod:`.pre`),
-  tokens, token types and merges (:mod:`.bpe`);
-- a SentencePiece ``tokenizer.model`` (Llama 2, Mistral v0.1-v0.3, Gemma):
-  ``tokenizer.ggml.model = llama``, tokens, scores and types (:mod:`.spm`).
+- a byte-level BPE ``tokenizer.json``: ``tokenizer.ggml.model = gpt2``, the pre-tokenizer named
+  by llama.cpp's hash (:mod:`.pre`), tokens, token types and merges (:mod:`.bpe`);
+- a SentencePiece ``tokenizer.model``: tokens, scores and types (:mod:`.spm`).
+
+(Which families use which: their modules under arch/.)
 
 Special token ids, add_bos/add_eos and the chat template are read by the rules of the gguf-py
 llama.cpp's converter runs with (:mod:`.special`), so the keys are the ones llama.cpp expects; the
@@ -18,8 +18,8 @@ token id at or past them is an InputError naming the file.
 
 A family module passes its options::
 
-    LLAMA_VOCAB = VocabOptions(kinds=("sentencepiece", "llama_hf", "bpe"), space_prefix_from_config=True)
-    vocab, special = write_vocab(writer, tokenizer_dir, n_embedding_rows, LLAMA_VOCAB,
+    OPTIONS = VocabOptions(kinds=("sentencepiece", "llama_hf", "bpe"), space_prefix_from_config=True)
+    vocab, special = write_vocab(writer, tokenizer_dir, n_embedding_rows, OPTIONS,
                                  config=base_config, generation_config=base_generation_config)
 """
 
@@ -133,7 +133,7 @@ def write_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int, options:
     """Write the ``tokenizer.*`` keys of ``folder``'s tokenizer into ``writer``, as llama.cpp's
     converter writes them, for a GGUF with ``vocab_size`` embedding rows.
 
-    ``options``: the family's (default: GPT-OSS's, a BPE tokenizer.json). ``config``: the base
+    ``options``: the family's (default: a BPE tokenizer.json alone). ``config``: the base
     model's config.json (its bos/eos/pad... ids fill the types the tokenizer files leave unset, as
     the converter reads config.json beside the tokenizer). ``generation_config``: the base's
     generation_config.json (default: the folder's, if any), for :attr:`Vocab.eog_ids`.

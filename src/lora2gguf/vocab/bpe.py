@@ -19,6 +19,7 @@ from ..errors import FormatError, UnsupportedError
 from ..jsonfile import read_json_object
 from . import pre as pre_mod
 from .common import BPE, SPIECE_UNDERLINE, Vocab, looks_special, too_large
+from .pre import TOKENIZER_MODELS
 
 
 def load_tokenizer_json(folder: Path) -> dict:
@@ -112,7 +113,7 @@ def vocab_of(data: dict, path: Path, vocab_size: int) -> Vocab:
             tok = tok.replace(SPIECE_UNDERLINE, " ")
             types.append(gguf.TokenType.USER_DEFINED)
         tokens.append(tok)
-    return Vocab(tokens, types, pre.name, added, kind=BPE, model="gpt2", pre_how=pre.how, chkhsh=pre.chkhsh,
+    return Vocab(tokens, types, pre.name, added, kind=BPE, model=TOKENIZER_MODELS[BPE], pre_how=pre.how, chkhsh=pre.chkhsh,
                  source=path, merges=merges)
 
 

@@ -10,7 +10,7 @@ from typing import Mapping
 from ..errors import InputError
 
 #: Tokenizer kinds, each named by the file it reads:
-#: ``sentencepiece``: tokenizer.model (GGUF model ``llama``);
+#: ``sentencepiece``: tokenizer.model;
 #: ``llama_hf``: a tokenizer.json converted from SentencePiece (byte-fallback BPE) without its
 #: tokenizer.model (llama.cpp's converter's ``LlamaHfVocab``; refused here, see vocab.__init__);
 #: ``bpe``: a byte-level BPE tokenizer.json (GGUF model ``gpt2``).
@@ -21,11 +21,10 @@ KINDS = (SENTENCEPIECE, LLAMA_HF, BPE)
 @dataclass(frozen=True)
 class VocabOptions:
     """What a family module tells the vocabulary writer: the few ways llama.cpp's converter
-    differs from family to family, as one value (the default is GPT-OSS's).
+    differs from family to family, as one value (the default: a BPE tokenizer.json alone).
 
     ``kinds``: the tokenizer kinds to try, in order; the first whose file the folder has wins
-    (Llama and Mistral: ``("sentencepiece", "llama_hf", "bpe")``, Qwen2/Qwen3:
-    ``("sentencepiece", "bpe")``, GPT-OSS: ``("bpe",)``).
+    (e.g. ``("sentencepiece", "llama_hf", "bpe")``; the default, a BPE tokenizer.json alone).
     ``space_prefix_from_config``: write ``tokenizer.ggml.add_space_prefix`` from
     tokenizer_config.json's ``add_prefix_space`` when it is set (the Llama family does).
     ``space_prefix``: write ``tokenizer.ggml.add_space_prefix`` with this value (Gemma: False).

@@ -1,6 +1,6 @@
 """A SentencePiece tokenizer.model -> tokens, scores and token types (GGUF
-``tokenizer.ggml.model = llama``, ``tokenizer.ggml.pre = default``), as llama.cpp's converter's
-``_set_vocab_sentencepiece`` writes them (Llama 2, Mistral v0.1-v0.3, later Gemma).
+``tokenizer.ggml.model`` for SentencePiece, ``tokenizer.ggml.pre = default``), as llama.cpp's
+converter's ``_set_vocab_sentencepiece`` writes them.
 
 Every piece with its score; its type from the model (unknown, control, unused, byte, else
 normal); then the added tokens: added_tokens.json's as user-defined, tokenizer_config.json's
@@ -19,6 +19,7 @@ import gguf
 from ..errors import FormatError, InputError, UnsupportedError
 from ..jsonfile import read_json_object
 from .common import SENTENCEPIECE, SPIECE_UNDERLINE, Vocab, looks_special, too_large
+from .pre import TOKENIZER_MODELS
 
 MODEL_FILE = "tokenizer.model"
 
@@ -132,7 +133,7 @@ def sentencepiece_vocab(folder: Path, vocab_size: int, tokenizer_config: Mapping
             tokens[i] = content.replace(SPIECE_UNDERLINE, " ")
         scores[i] = -1000.0
         added[content] = i
-    return Vocab(tokens, types, "default", added, kind=SENTENCEPIECE, model="llama", scores=scores,
+    return Vocab(tokens, types, "default", added, kind=SENTENCEPIECE, model=TOKENIZER_MODELS[SENTENCEPIECE], scores=scores,
                  pre_how="sentencepiece", source=path)
 
 
