@@ -312,6 +312,24 @@ QWEN3_ADDED = (("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", T
 
 
 def _converted(tmp: Path, encoding: str, n_ranks: int, pattern: str, added: list[tuple[str, bool]]) -> dict:
+    """tokenizer.json of quicktok-v1's ``encoding`` (built once, cached in lora2gguf's cache folder)."""
+    import hashlib
+
+    from lora2gguf.o200k import cache_root
+
+    key = hashlib.sha256(json.dumps([1, encoding, n_ranks, pattern, added]).encode()).hexdigest()[:16]
+    cached = cache_root() / "test-tokenizers" / f"{encoding}-{key}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text(encoding="utf-8"))
+    tj = _build(tmp, encoding, n_ranks, pattern, added)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    part = cached.with_suffix(".partial")
+    part.write_text(json.dumps(tj), encoding="utf-8")
+    part.replace(cached)
+    return tj
+
+
+def _build(tmp: Path, encoding: str, n_ranks: int, pattern: str, added: list[tuple[str, bool]]) -> dict:
     import quicktok
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -325,6 +343,7 @@ def _converted(tmp: Path, encoding: str, n_ranks: int, pattern: str, added: list
     special = dict(added)
     for a in tj["added_tokens"]:
         a["special"] = special.get(a["content"], True)
+    rank_file.unlink()
     return tj
 
 
@@ -333,7 +352,6 @@ def llama3_dir(dest: Path, *, instruct: bool = True, template: str | None = LLAM
     ``<|eot_id|>`` (Instruct) or ``<|end_of_text|>`` (base), and ``template``."""
     dest.mkdir(parents=True, exist_ok=True)
     tj = _converted(dest, "llama3", LLAMA3_N_RANKS, LLAMA3_PATTERN, [(s, True) for s in llama3_specials()])
-    (dest / "llama3.tiktoken").unlink()
     (dest / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
     eos = "<|eot_id|>" if instruct else "<|end_of_text|>"
     config = {"bos_token": "<|begin_of_text|>", "eos_token": eos, "clean_up_tokenization_spaces": True,
@@ -351,7 +369,6 @@ def qwen3_dir(dest: Path, *, template: str = QWEN3) -> Path:
     ``<|im_end|>``, no BOS, and ``template``."""
     dest.mkdir(parents=True, exist_ok=True)
     tj = _converted(dest, "qwen3", QWEN3_N_RANKS, QWEN2_PATTERN, list(QWEN3_ADDED))
-    (dest / "qwen3.tiktoken").unlink()
     (dest / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
     config = {"add_bos_token": False, "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
               "chat_template": template, "clean_up_tokenization_spaces": False, "model_max_length": 131072,

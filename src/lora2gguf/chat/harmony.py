@@ -169,8 +169,9 @@ REPLY_STOPS = ("<|return|>", "<|call|>")
 MESSAGE_END = "<|end|>"
 
 #: Ollama TEMPLATE for Harmony (GPT-OSS): system message as gpt-oss expects it, the Ollama system
-#: prompt as developer instructions, prior turns (assistant thinking as the analysis channel),
-#: then ``<|start|>assistant`` for the model to complete.
+#: prompt as developer instructions, prior turns (their final answers: Harmony drops the reasoning
+#: of earlier turns, as openai-harmony renders a conversation), then ``<|start|>assistant`` for
+#: the model to complete.
 OLLAMA_TEMPLATE = """\
 <|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.
 Knowledge cutoff: 2024-06
@@ -185,9 +186,7 @@ Reasoning: medium
 {{- end }}
 {{- range $i, $m := .Messages }}
 {{- if eq $m.Role "user" }}<|start|>user<|message|>{{ $m.Content }}<|end|>
-{{- else if eq $m.Role "assistant" }}
-{{- if $m.Thinking }}<|start|>assistant<|channel|>analysis<|message|>{{ $m.Thinking }}<|end|>
-{{- end }}<|start|>assistant<|channel|>final<|message|>{{ $m.Content }}<|end|>
+{{- else if eq $m.Role "assistant" }}<|start|>assistant<|channel|>final<|message|>{{ $m.Content }}<|end|>
 {{- end }}
 {{- end }}<|start|>assistant"""
 
