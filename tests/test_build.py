@@ -97,7 +97,9 @@ def test_outputs_named_and_recorded(built):
         assert by_file[name]["tensors"] == types
     assert by_file["tiny-MXFP4_MOE.gguf"]["tensor_types"].get("MXFP4", 0) == 6  # 3 expert tensors x 2 layers
     assert record["technical"]["eos_token"] == "<|return|>"
-    assert record["technical"]["eog_tokens"] == {"<|return|>": 200002, "<|end|>": 200007, "<|call|>": 200012}
+    # generation_config.json's eos ids and Harmony's message end
+    assert record["technical"]["eog_tokens"] == {"<|return|>": 200002, "<|end|>": 200007, "<|call|>": 200012,
+                                                 "<|endoftext|>": 199999}
 
 
 def test_f32_output_equals_peft_merge(built, peft_merged):

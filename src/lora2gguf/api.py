@@ -156,6 +156,7 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         report = _run_doctor(base_dir, adapter_dir, out_dir, [outtype.upper(), *quant_list], accept, tokenizer, free)
     stages["doctor"] = {"seconds": round(time.perf_counter() - t0, 3)}
     choice = report.tokenizer_choice
+    base_generation_config = report.inspection.base.generation_config if report.inspection else {}
 
     t0 = time.perf_counter()
     ckpt = Checkpoint.open(base_dir)
@@ -173,7 +174,8 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         w.add_file_type(int(plan.file_type))
         w.add_quantization_version(2)
         write_hparams(w, arch, config, str(base_dir / "config.json"))
-        vocab, special = write_vocab(w, choice.dir, vocab_size)
+        vocab, special = write_vocab(w, choice.dir, vocab_size, arch.vocab_for(config), config=config,
+                                     generation_config=base_generation_config)
         info["vocab"], info["special"] = vocab, special
 
     build_key = stage_key(
@@ -291,7 +293,9 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
             "hidden_size": config.get("hidden_size"),
             "eos_token_id": eos_id,
             "eos_token": vocab.tokens[eos_id] if eos_id is not None and eos_id < len(vocab.tokens) else None,
-            "eog_tokens": {t: vocab.id_of(t) for t in arch.eog_tokens},
+            # every end-of-generation token: the tokenizer's and the configs' (vocab.eog_ids) and
+            # the ones the family's chat format ends turns with
+            "eog_tokens": _eog_tokens(vocab, arch),
             "special_tokens": {k: {"id": v, "token": vocab.tokens[v] if v < len(vocab.tokens) else None}
                                for k, v in special.special_token_ids.items()},
             "chat_template": special.chat_template if isinstance(special.chat_template, str) else None,
@@ -341,6 +345,11 @@ def _verify_stage(out_dir: Path, state: RunState, outputs: list[OutputFile], rec
                             "report_html": result.report_html.name if result.report_html else None,
                             "modelfiles": [Path(m).name for m in result.modelfiles]}})
     return result
+
+
+def _eog_tokens(vocab, family) -> dict[str, int]:
+    ids = set(vocab.eog_ids) | {i for t in family.eog_tokens if (i := vocab.id_of(t)) is not None}
+    return {vocab.tokens[i]: i for i in sorted(ids) if i < len(vocab.tokens)}
 
 
 def _dist_version(dist: str) -> str | None:

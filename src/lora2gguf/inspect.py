@@ -81,8 +81,8 @@ def _read_json(path: Path, counter: list[int]) -> Any:
 class TokenizerModel:
     """What tokenizer.json says, reduced to what the comparison needs."""
 
-    model_type: str | None
-    vocab: Mapping[str, int]  # model.vocab (BPE / WordPiece); empty for other models
+    model_type: str | None  # tokenizer.json's model type; "SentencePiece" for a tokenizer.model alone
+    vocab: Mapping[str, int]  # model.vocab (BPE / WordPiece), the pieces of a tokenizer.model; empty for others
     merges: tuple[str, ...]  # "a b" strings
     added: Mapping[str, tuple[int, bool]]  # content -> (id, special)
     normalizer: Any
@@ -141,6 +141,33 @@ def _parse_tokenizer_json_uncached(path: str) -> TokenizerModel:
         added[t["content"]] = (t["id"], bool(t.get("special")))
     return TokenizerModel(model.get("type"), vocab, merges, added, tj.get("normalizer"), tj.get("pre_tokenizer"),
                           tj.get("decoder"), tj.get("post_processor"))
+
+
+def _parse_sentencepiece(folder: Path, config: Mapping[str, Any], sha256: str) -> TokenizerModel:
+    """A folder's tokenizer.model (no tokenizer.json beside it) reduced to what the comparison
+    needs: piece -> id, and the added tokens of added_tokens.json and tokenizer_config.json's
+    added_tokens_decoder (content -> (id, special))."""
+    from .vocab.spm import pieces
+
+    key = f"spm:{sha256}:{json.dumps(config.get('added_tokens_decoder'), sort_keys=True, default=str)}"
+    hit = _TOKENIZER_CACHE.get(key)
+    if hit is not None:
+        return hit
+    vocab = pieces(folder / "tokenizer.model")
+    added: dict[str, tuple[int, bool]] = {}
+    extra = folder / "added_tokens.json"
+    if extra.is_file():
+        data = read_json_object(extra, missing="")
+        added.update({k: (v, False) for k, v in data.items() if isinstance(k, str) and isinstance(v, int)})
+    decoder = config.get("added_tokens_decoder")
+    for key_id, entry in (decoder.items() if isinstance(decoder, dict) else ()):
+        if isinstance(entry, dict) and isinstance(entry.get("content"), str) and str(key_id).isdigit():
+            added[entry["content"]] = (int(key_id), bool(entry.get("special")))
+    model = TokenizerModel("SentencePiece", vocab, (), added, None, None, None, None)
+    if len(_TOKENIZER_CACHE) >= _TOKENIZER_CACHE_SIZE:
+        _TOKENIZER_CACHE.pop(next(iter(_TOKENIZER_CACHE)))
+    _TOKENIZER_CACHE[key] = model
+    return model
 
 
 @dataclass
@@ -231,9 +258,14 @@ def inspect_tokenizer(folder: Path | str, counter: list[int] | None = None) -> T
             counter[0] += hashes["tokenizer.json"].size
         except Lora2GGUFError as e:
             errors.append(str(e))
-    elif any(n in hashes for n in ("tokenizer.model", "vocab.json")):
+    elif "tokenizer.model" in hashes:
+        try:
+            model = _parse_sentencepiece(folder, config, hashes["tokenizer.model"].sha256)
+        except Lora2GGUFError as e:
+            errors.append(str(e))
+    elif "vocab.json" in hashes:
         errors.append(f"{folder}: has no tokenizer.json (only {', '.join(n for n in present)}); lora2gguf "
-                      "compares and converts fast tokenizers: save one with "
+                      "compares and converts fast tokenizers and SentencePiece models: save one with "
                       "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
     return TokenizerInfo(folder, hashes, config, special_map, template, source, model, errors)
 

@@ -118,23 +118,30 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def o200k_base_bytes() -> bytes:
-    """The text of ``o200k_base.tiktoken`` rebuilt from quicktok-v1's vocabulary (one
-    ``base64(token bytes) rank`` line per rank), checked against :data:`O200K_BASE_SHA256`."""
+def tiktoken_rank_bytes(encoding: str, n_ranks: int) -> bytes:
+    """A tiktoken rank file (one ``base64(token bytes) rank`` line per rank, ranks 0..n_ranks-1)
+    rebuilt from one of quicktok-v1's bundled encodings (``o200k_base``, ``llama3``, ``qwen3``...)."""
     try:
         import quicktok
     except ImportError as e:
-        raise UnsupportedError("the offline o200k tokenizer needs the package quicktok-v1: "
+        raise UnsupportedError(f"the offline {encoding} tokenizer needs the package quicktok-v1: "
                                "pip install 'lora2gguf[reference]'") from e
-    enc = quicktok.get_encoding("o200k_base")
+    enc = quicktok.get_encoding(encoding)
     # decode_single_token_bytes(rank) is the rank's bytes (token_byte_values() is sorted by bytes,
     # not by rank, so it is not used).
-    data = b"".join(
+    return b"".join(
         base64.b64encode(enc.decode_single_token_bytes(r)) + b" " + str(r).encode() + b"\n"
-        for r in range(N_RANKS)
+        for r in range(n_ranks)
     )
+
+
+def o200k_base_bytes() -> bytes:
+    """The text of ``o200k_base.tiktoken`` rebuilt from quicktok-v1's vocabulary (one
+    ``base64(token bytes) rank`` line per rank), checked against :data:`O200K_BASE_SHA256`."""
+    data = tiktoken_rank_bytes("o200k_base", N_RANKS)
     got = hashlib.sha256(data).hexdigest()
     if got != O200K_BASE_SHA256:
+        import quicktok
         raise InputError(f"o200k_base rebuilt from quicktok-v1 {getattr(quicktok, '__version__', '?')} "
                          f"has sha256 {got}, expected {O200K_BASE_SHA256}; install a quicktok-v1 "
                          "whose o200k vocabulary is unchanged (0.4.x)")

@@ -26,15 +26,17 @@ def _llama_cpp():
     return llama_cpp
 
 
-def quiet_llama() -> None:
-    """Route llama.cpp's own log lines away from the terminal (library code does not print)."""
+def quiet_llama(force: bool = False) -> None:
+    """Route llama.cpp's own log lines away from the terminal (library code does not print);
+    ``force`` sets it again after someone else installed a log callback."""
     llama_cpp = _llama_cpp()
     global _LOG_CB
-    if _LOG_CB is None:
-        @llama_cpp.llama_log_callback
-        def _cb(level, text, user_data):  # noqa: ARG001
-            return None
-        _LOG_CB = _cb
+    if _LOG_CB is None or force:
+        if _LOG_CB is None:
+            @llama_cpp.llama_log_callback
+            def _cb(level, text, user_data):  # noqa: ARG001
+                return None
+            _LOG_CB = _cb
         llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
 
 

@@ -477,7 +477,8 @@ def read_config(base_dir: str | os.PathLike[str]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # adapters
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "added_tokens.json")
 #: The GPT-OSS expert parameters PEFT can target, in the order of GptOssExperts' parameters.
 #: PEFT wraps targeted parameters of one module in this order (it walks
 #: ``module.named_parameters()``), whatever the order of ``target_parameters``: the first one

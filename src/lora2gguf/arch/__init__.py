@@ -14,7 +14,8 @@ tests), not editing the pipeline. A family is data plus a few named override poi
 - ``f32_tensors``: tensors kept in F32 whatever the output type (routers);
 - ``expert_params``: 3-D expert parameters PEFT can target (``target_parameters``), in the order
   the HF module registers them (PEFT nests its ParamWrappers in that order);
-- ``chat_format`` and its end-of-generation tokens; ``vocab``: tokenizer options.
+- ``chat_format`` and its end-of-generation tokens; ``vocab_options``: which tokenizer kinds the
+  converter tries, in which order, and the few per-family quirks (lora2gguf.vocab.VocabOptions).
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ class Family:
     # end-of-generation tokens the chat format itself needs (Harmony's), and its EOS
     eog_tokens: tuple[str, ...] = ()
     eos_token: str | None = None
-    vocab: Any = None  # tokenizer options for lora2gguf.vocab (None: its defaults)
+    # tokenizer options for lora2gguf.vocab: a VocabOptions, or a function of the config giving one
+    # (None: the vocabulary writer's defaults, a BPE tokenizer.json)
+    vocab_options: Any = None
     checked: str = ""  # what the tests check for this family (README's table)
 
     @property
@@ -80,6 +83,10 @@ class Family:
             if hf_name.endswith("." + rule.suffix) or hf_name == rule.suffix:
                 return hf_name[: len(hf_name) - len(rule.suffix)], rule
         return None
+
+    def vocab_for(self, config: Mapping[str, Any]):
+        """The vocabulary options for this config (lora2gguf.vocab.VocabOptions or None)."""
+        return self.vocab_options(config) if callable(self.vocab_options) else self.vocab_options
 
     def normalize_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """config.json as llama.cpp's converter sees it through transformers' AutoConfig: the

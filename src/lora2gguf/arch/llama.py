@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..layout import PermuteHeads
+from ..vocab import VocabOptions
 from . import Family, Rule, register
 
 _Q = PermuteHeads("num_attention_heads")
@@ -89,6 +90,20 @@ def _kv_heads(config):
     return config["num_attention_heads"]
 
 
+#: CodeLlama's infill and end-of-turn tokens (its 32,016-token vocabulary), as the converter fixes them
+CODELLAMA_SPECIALS = {"prefix": 32007, "suffix": 32008, "middle": 32009, "eot": 32010}
+
+
+def llama_vocab(config: Mapping[str, Any]) -> VocabOptions:
+    """SentencePiece tokenizer.model first (Llama 2, Mistral v0.1-v0.3), else tokenizer.json;
+    add_prefix_space from tokenizer_config.json; a 49,152-token vocabulary (SmolLM) adds no BOS;
+    a 32,016-token one (CodeLlama) has fixed infill tokens."""
+    n = config.get("vocab_size")
+    return VocabOptions(kinds=("sentencepiece", "llama_hf", "bpe"), space_prefix_from_config=True,
+                        add_bos=False if n == 49152 else None,
+                        fixed_special_ids=CODELLAMA_SPECIALS if n == 32016 else {})
+
+
 LLAMA = register(
     Family(
         name="llama",
@@ -103,6 +118,7 @@ LLAMA = register(
         derived=(("num_key_value_heads", _kv_heads), ("head_dim", head_dim)),
         hparams=llama_hparams,
         generated=llama3_rope_factors,
+        vocab_options=llama_vocab,
         checked="Llama 3 (llama-bpe BPE) and Llama 2 (SentencePiece) tokenizers; GQA q/k permute; llama3 "
                 "rope_freqs; tied and untied embeddings; parity with llama.cpp's converter; logits vs "
                 "transformers + PEFT",
@@ -123,6 +139,7 @@ MISTRAL = register(
         derived=(("head_dim", head_dim),),
         hparams=llama_hparams,
         generated=llama3_rope_factors,
+        vocab_options=llama_vocab,
         checked="SentencePiece (v0.1-v0.3) and tekken BPE tokenizers; GQA q/k permute; parity with llama.cpp's "
                 "converter; logits vs transformers + PEFT",
     )

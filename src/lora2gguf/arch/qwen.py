@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import gguf
 
+from ..vocab import VocabOptions
 from . import Family, register
+
+#: the converter tries a SentencePiece tokenizer.model first, then tokenizer.json
+QWEN_VOCAB = VocabOptions(kinds=("sentencepiece", "bpe"))
 
 
 def _kv_heads(config):
@@ -32,6 +36,7 @@ QWEN2 = register(
                          "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
                          "num_attention_heads": 32, "num_hidden_layers": 32},
         derived=(("num_key_value_heads", _kv_heads),),
+        vocab_options=QWEN_VOCAB,
         checked="qwen2 BPE tokenizer; q/k/v biases; parity with llama.cpp's converter; logits vs transformers + PEFT",
     )
 )
@@ -47,6 +52,7 @@ QWEN3 = register(
                          "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
                          "num_attention_heads": 32, "num_hidden_layers": 32, "head_dim": 128},
         derived=(("num_key_value_heads", _kv_heads),),
+        vocab_options=QWEN_VOCAB,
         checked="qwen2 BPE tokenizer (Qwen3 vocabulary); q_norm/k_norm; parity with llama.cpp's converter; "
                 "logits vs transformers + PEFT",
     )

@@ -19,6 +19,7 @@ from . import checks
 from . import findings as F
 from .findings import BLOCKER, INFO, WARNING, Finding
 from .tokenizer_diff import TokenizerChoice, TokenizerDiff, decide
+from .vocab_checks import check_vocab, options_of
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ def run(base_dir: str | Path, adapter_dir: str | Path, *, out_dir: str | Path | 
     found += decision.findings
     chosen = ad.tokenizer if decision.choice.source == "adapter" else base.tokenizer if decision.choice.source == "base" else None
     found += checks.check_chat(chosen, arch, base.generation_config)
+    found += check_vocab(chosen, base.config, options_of(arch, arch.normalize_config(base.config) if arch else None), resized=checks.resized_embeddings(ad, vocab), generation_config=base.generation_config, found=found)  # noqa: E501
     found += checks.check_remote_code(base, ad, (base.tokenizer, ad.tokenizer))
 
     res = None

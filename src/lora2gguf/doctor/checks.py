@@ -161,12 +161,43 @@ def _version(dist: str) -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=8)
-def _lib_strings(path: str, mtime: float, candidates: tuple[str, ...]) -> frozenset[str]:
-    """Which candidate names occur as NUL-terminated strings in the shared library."""
-    with open(path, "rb") as f:
-        data = f.read()
-    return frozenset(c for c in candidates if b"\0" + c.encode() + b"\0" in data)
+@functools.lru_cache(maxsize=64)
+def _llama_knows(lib: str, mtime: float, name: str) -> bool:
+    """Whether llama.cpp knows the architecture ``name``, asked of llama.cpp itself: it loads a
+    header-only GGUF naming that architecture (vocab only) and says "unknown model architecture"
+    when it does not know it; a known one fails later, at the missing vocabulary. (Searching
+    libllama for the name as a string is not enough: the linker merges "qwen2" into the tail of
+    "rwkv6qwen2".)"""
+    import ctypes
+    import tempfile
+
+    import llama_cpp
+
+    from ..quantize import quiet_llama
+
+    messages: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def _capture(level, text, user_data):  # noqa: ARG001
+        messages.append(text.decode("utf-8", "replace"))
+
+    with tempfile.TemporaryDirectory(prefix="lora2gguf-probe-") as d:
+        path = Path(d) / "probe.gguf"
+        w = gguf.GGUFWriter(str(path), name)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        llama_cpp.llama_log_set(_capture, ctypes.c_void_p(0))
+        try:
+            params = llama_cpp.llama_model_default_params()
+            params.vocab_only = True
+            model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+            if model:
+                llama_cpp.llama_model_free(model)
+        finally:
+            quiet_llama(force=True)
+    return "unknown model architecture" not in "".join(messages)
 
 
 def find_libllama() -> Path | None:
@@ -220,14 +251,14 @@ def transformers_model_types() -> frozenset[str] | None:
 def probe_tools(arch_names: Iterable[str] = ()) -> Tools:
     """Read the installed versions, and which of ``arch_names`` the llama.cpp library knows.
 
-    llama.cpp keeps its architecture names as string constants (LLM_ARCH_NAMES), so a name is
-    known when it occurs NUL-terminated in libllama. transformers is asked through its
+    llama.cpp is asked itself (:func:`_llama_knows`). transformers is asked through its
     CONFIG_MAPPING_NAMES table, imported only if transformers is installed.
     """
     lib = find_libllama()
     names = frozenset()
     if lib is not None:
-        names = _lib_strings(str(lib), lib.stat().st_mtime, tuple(sorted(set(arch_names))))
+        mtime = lib.stat().st_mtime
+        names = frozenset(n for n in sorted(set(arch_names)) if _llama_knows(str(lib), mtime, n))
     tver = _version("transformers")
     types = transformers_model_types() if tver is not None else None
     return Tools(_version("llama_cpp_python") or _version("llama-cpp-python"), str(lib) if lib else None, names,

@@ -68,6 +68,11 @@ CODES: dict[str, tuple[str, str]] = {
     "DISK_SPACE_LOW": (WARNING, "Free disk space is only just enough"),
     "RESOURCES": (INFO, "Bytes to read and write, memory and time"),
     "OUTPUT_TYPE_UNKNOWN": (BLOCKER, "A requested output type is not a llama.cpp file type"),
+    # tokenizer -> GGUF vocabulary (doctor/vocab_checks.py)
+    "TOKENIZER_PRE_UNKNOWN": (BLOCKER, "llama.cpp does not recognise the tokenizer's pre-tokenizer"),
+    "TOKENIZER_PRE_BY_PATTERN": (INFO, "The pre-tokenizer is known by its split pattern, not by llama.cpp's hash"),
+    "TOKENIZER_SENTENCEPIECE_MISSING": (BLOCKER, "A SentencePiece tokenizer converted to tokenizer.json lacks its tokenizer.model"),
+    "TOKENIZER_VOCAB": (INFO, "The GGUF vocabulary: tokenizer file, model, pre-tokenizer, end-of-generation ids"),
 }
 
 

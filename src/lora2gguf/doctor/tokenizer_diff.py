@@ -106,6 +106,9 @@ def diff(base: TokenizerInfo, adapter: TokenizerInfo) -> TokenizerDiff:
     merges = {"base": 0, "adapter": 0, "same": True, "first_difference": None}
     added: list[dict[str, Any]] = []
     vocab_size = (mb.size if mb else 0, ma.size if ma else 0)
+    # a tokenizer.model alone on one side (no merges, no text-processing settings to compare):
+    # the pieces and added tokens are compared
+    one_spm = mb is not None and ma is not None and (mb.model_type == "SentencePiece") != (ma.model_type == "SentencePiece")
     if mb is not None and ma is not None and mb is not ma:
         ib, ia = mb.id_to_token, ma.id_to_token
         for i in sorted(ib.keys() | ia.keys()):
@@ -113,9 +116,9 @@ def diff(base: TokenizerInfo, adapter: TokenizerInfo) -> TokenizerDiff:
                 n_changed += 1
                 if len(changed) < SAMPLES:
                     changed.append({"id": i, "base": ib.get(i), "adapter": ia.get(i)})
-        merges = {"base": len(mb.merges), "adapter": len(ma.merges), "same": mb.merges == ma.merges,
+        merges = {"base": len(mb.merges), "adapter": len(ma.merges), "same": mb.merges == ma.merges or one_spm,
                   "first_difference": None}
-        if mb.merges != ma.merges:
+        if not merges["same"]:
             first = next((k for k, (x, y) in enumerate(zip(mb.merges, ma.merges)) if x != y),
                          min(len(mb.merges), len(ma.merges)))
             merges["first_difference"] = first
@@ -136,7 +139,7 @@ def diff(base: TokenizerInfo, adapter: TokenizerInfo) -> TokenizerDiff:
                 for k in SETTING_KEYS if base.config.get(k) != adapter.config.get(k)}
     other = {k: {"base": base.config.get(k), "adapter": adapter.config.get(k)}
              for k in OTHER_KEYS if base.config.get(k) != adapter.config.get(k)}
-    same = lambda attr: (mb is None or ma is None) or _canon(getattr(mb, attr)) == _canon(getattr(ma, attr))  # noqa: E731
+    same = lambda attr: (mb is None or ma is None or one_spm) or _canon(getattr(mb, attr)) == _canon(getattr(ma, attr))  # noqa: E731
     return TokenizerDiff(
         files=files, vocab_size=vocab_size, changed_ids=changed, n_changed_ids=n_changed, merges=merges,
         added_tokens=added[:50], specials=specials, settings=settings, other_settings=other,

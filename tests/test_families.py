@@ -1,0 +1,135 @@
+"""Every dense family end to end: tiny random models made with transformers, adapters made with
+PEFT, and lora2gguf's GGUF against llama.cpp's own converter on the float64 reference merge
+(every tensor's bytes, every key), then llama.cpp's logits against transformers + PEFT."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from lora2gguf import synth
+from lora2gguf.api import build
+from lora2gguf.testing import families
+from lora2gguf.testing import tokenizers as toks
+from lora2gguf.verify.logits import gguf_logits
+from lora2gguf.verify.metrics import kl_divergence, top1_agreement
+from reference import assert_same_gguf, run_converter
+
+pytest.importorskip("peft")
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 512}
+
+#: each tokenizer with the embedding rows and config ids its models have
+TOKENIZERS = {
+    "llama3": (toks.llama3_tokenizer, toks.LLAMA3_VOCAB_SIZE,
+               {"bos_token_id": 128000, "eos_token_id": list(toks.LLAMA3_EOS_IDS)}),
+    "qwen3": (toks.qwen3_tokenizer, toks.QWEN3_VOCAB_SIZE,
+              {"bos_token_id": None, "eos_token_id": list(toks.QWEN3_EOS_IDS)}),
+    "spm-llama2": (lambda d: toks.sentencepiece_tokenizer(d, style="llama2"), 512,
+                   {"bos_token_id": 1, "eos_token_id": 2}),
+    "spm-mistral": (lambda d: toks.sentencepiece_tokenizer(d, style="mistral"), 512,
+                    {"bos_token_id": 1, "eos_token_id": 2}),
+}
+
+#: (id, family, tokenizer, extra config): GQA everywhere; Llama 3 with a llama3 rope scaling
+#: (rope_freqs) and untied embeddings, Llama 2 (SentencePiece) with tied ones; Mistral v0.3's
+#: SentencePiece; Qwen2.5 with its q/k/v biases; Qwen3 with q_norm/k_norm
+CASES = [
+    ("llama3-rope", "llama", "llama3", {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0}),
+    ("llama2-spm-tied", "llama", "spm-llama2", {"tie_word_embeddings": True}),
+    ("mistral-spm", "mistral", "spm-mistral", {}),
+    ("qwen2", "qwen2", "qwen3", {}),
+    ("qwen3", "qwen3", "qwen3", {}),
+]
+
+TEXT = ("What is 2+2? The sum of 2 and 2 is 4. Tell me about the stars and the sea: the stars are far "
+        "away, the sea is near, and a lighthouse keeper watches both through the long winter night.")
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
+def case(request, tmp_path_factory):
+    cid, family, tok, extra = request.param
+    root = tmp_path_factory.mktemp(cid)
+    write_tokenizer, vocab, ids = TOKENIZERS[tok]
+    config = families.small_config(family, vocab_size=vocab, **ids, **extra)
+    base = families.make_model(root / "base", family, config, tokenizer=write_tokenizer)
+    adapter = synth.make_adapter(base, root / "adapter", target_modules=families.ALL_LINEAR, target_parameters=(),
+                                 r=4, lora_alpha=8, use_rslora=True, rank_pattern={"v_proj": 8},
+                                 alpha_pattern={"down_proj": 3})
+    return cid, family, base, adapter, root
+
+
+def test_bf16_equals_llama_cpp_converter_on_the_float64_merge(case, reference_llama_cpp):
+    cid, family, base, adapter, root = case
+    res = build(base, adapter, root / "out", name="m")
+    assert res.record["architecture"] == family
+    model_dir = synth.write_reference_merge(base, adapter, root / "reference")
+    assert_same_gguf(root / "out" / "m-BF16.gguf", run_converter(reference_llama_cpp, model_dir, root / "ref.gguf"))
+    types = res.outputs[0].tensor_types
+    names = res.outputs[0].tensors
+    if "tied" in cid:
+        assert "output.weight" not in names
+    else:
+        assert names["output.weight"] == "BF16"
+    if "llama3" in cid:
+        assert names["rope_freqs.weight"] == "F32"
+    assert types["BF16"] > 0
+
+
+@pytest.fixture(scope="module")
+def f32_case(case):
+    cid, family, base, adapter, root = case
+    build(base, adapter, root / "out32", name="m", outtype="f32")
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(base))(TEXT, add_special_tokens=False)["input_ids"]
+    ref = synth.peft_logits(base, adapter, ids)
+    return root / "out32" / "m-F32.gguf", ids, ref
+
+
+def _score(path: Path, ids, ref) -> tuple[float, float]:
+    ours = gguf_logits(path, list(ids))
+    return float(kl_divergence(ref, ours).mean()), top1_agreement(ref, ours)
+
+
+# measured on these fixtures: F32 GGUF vs transformers + PEFT float32, mean KL ~1e-6 .. 1e-5 and
+# 100% top-1; a layout error (q/k rows not permuted) gives mean KL of order 1
+F32_MAX_MEAN_KL = 1e-4
+F32_MIN_TOP1 = 0.95
+
+
+def test_f32_logits_match_transformers_peft(f32_case):
+    path, ids, ref = f32_case
+    kl, top1 = _score(path, ids, ref)
+    assert kl < F32_MAX_MEAN_KL and top1 >= F32_MIN_TOP1, (kl, top1)
+
+
+def test_a_wrong_permute_fails(f32_case, case, tmp_path):
+    """Undo llama.cpp's rotary row order on q and k (what a converter that forgets the permute, or
+    permutes the LoRA delta differently from the base, would write): the same test fails. For the
+    NEOX-rope families (no permute) the rows are permuted instead, which is just as wrong."""
+    path, ids, ref = f32_case
+    reader = gguf.GGUFReader(path)
+    data = bytearray(path.read_bytes())
+    heads = {"attn_q": reader.fields["%s.attention.head_count" % _arch(reader)].contents(),
+             "attn_k": reader.fields["%s.attention.head_count_kv" % _arch(reader)].contents()}
+    for t in reader.tensors:
+        kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
+        if kind in heads and t.name.endswith(".weight"):
+            w = np.asarray(t.data).reshape(tuple(int(d) for d in reversed(t.shape)))
+            n = heads[kind]
+            unpermuted = w.reshape(n, w.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+            data[t.data_offset:t.data_offset + t.n_bytes] = np.ascontiguousarray(unpermuted, np.float32).tobytes()
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(bytes(data))
+    kl, top1 = _score(broken, ids, ref)
+    assert kl > 100 * F32_MAX_MEAN_KL and top1 < F32_MIN_TOP1, (kl, top1)
+
+
+def _arch(reader) -> str:
+    return reader.fields["general.architecture"].contents()
