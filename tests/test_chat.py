@@ -419,10 +419,17 @@ def test_llama3_base_eos_with_instruct_template_is_a_blocker(llama3_base_tok):
 
 
 def test_generation_config_listing_the_turn_end_is_fine(llama3_base_tok):
+    """No blocker; a warning that only the configs (not the GGUF's metadata) name it."""
     found = _chat_findings(llama3_base_tok, generation_config={"eos_token_id": [128001, 128008, 128009]})
     assert not [x for x in found if x.severity == F.BLOCKER]
+    w = next(x for x in found if x.code == "TURN_END_NOT_IN_GGUF")
+    assert w.severity == F.WARNING and "generation_config.json eos_token_id" in w.what and "'<|eot_id|>'" in w.fix
     info = next(x for x in found if x.code == "CHAT_FORMAT")
     assert "Llama 3" in info.what and "generation_config.json eos_token_id" in info.what
+    # config.json's list counts as much (transformers reads it when there is no generation_config.json)
+    found = checks.check_chat(inspect_tokenizer(llama3_base_tok), arch.known()["llama"], None,
+                              {"eos_token_id": [128001, 128009]})
+    assert {x.code for x in found} == {"TURN_END_NOT_IN_GGUF", "CHAT_FORMAT"}
 
 
 def test_llama3_instruct_tokenizer_is_fine(llama3):

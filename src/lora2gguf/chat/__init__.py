@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from ..errors import UnsupportedError
-from .base import (ANSWER, REASONING, ChatFormat, Issue, Message, OllamaSpec, Parsed, Rendered, StructureResult,
+from .base import (ANSWER, EOS, REASONING, ChatFormat, Issue, Message, OllamaSpec, Parsed, Rendered, StructureResult,
                    TokenizerFacts, TokenizerView)
 
 __all__ = ["ChatFormat", "Parsed", "Rendered", "Message", "Issue", "OllamaSpec", "StructureResult",
@@ -76,10 +76,12 @@ def _ids(value: Any) -> list[int]:
     return []
 
 
-def tokenizer_facts(tok, generation_config: Mapping[str, Any] | None = None) -> TokenizerFacts:
+def tokenizer_facts(tok, generation_config: Mapping[str, Any] | None = None,
+                    config: Mapping[str, Any] | None = None) -> TokenizerFacts:
     """What doctor's chat checks need of an inspected tokenizer (:class:`lora2gguf.inspect.TokenizerInfo`):
-    its template, special tokens, added tokens, and the end-of-generation ids the GGUF will carry:
-    the EOS and the base's generation_config.json ``eos_token_id`` (an id or a list)."""
+    its template, special tokens, added tokens, and the end-of-generation ids: the EOS (the one the
+    GGUF's metadata declares) and the ``eos_token_id`` of the base's generation_config.json and
+    config.json (an id or a list; transformers stops on them, llama.cpp reads none of them)."""
     from .jinja import SPECIAL_ROLES
 
     specials = {role: tok.special(role) for role in SPECIAL_ROLES}
@@ -89,7 +91,8 @@ def tokenizer_facts(tok, generation_config: Mapping[str, Any] | None = None) -> 
     eog: dict[int, str] = {}
     eos_id = tok.token_id(specials.get("eos_token"))
     if eos_id is not None:
-        eog[eos_id] = "EOS"
-    for i in _ids((generation_config or {}).get("eos_token_id")):
-        eog.setdefault(i, "generation_config.json eos_token_id")
+        eog[eos_id] = EOS
+    for name, cfg in (("generation_config.json", generation_config), ("config.json", config)):
+        for i in _ids((cfg or {}).get("eos_token_id")):
+            eog.setdefault(i, f"{name} eos_token_id")
     return TokenizerFacts(str(tok.folder), tok.chat_template, tok.chat_template_source, specials, added, vocab, eog)

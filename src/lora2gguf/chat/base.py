@@ -16,6 +16,8 @@ from typing import Any, Mapping, Protocol, Sequence
 #: ``<think>`` block) and the answer. Suite checks name them (``channel: final|analysis|all``).
 REASONING = "analysis"
 ANSWER = "final"
+#: :attr:`TokenizerFacts.eog`'s label of the id the GGUF declares as its EOS
+EOS = "EOS"
 
 
 class TokenizerView(Protocol):
@@ -115,8 +117,9 @@ class OllamaSpec:
 class TokenizerFacts:
     """What doctor knows of the tokenizer the GGUF gets, without running it: where it is, its
     chat template, special tokens by role (bos_token, eos_token ...) as text, the id of an added
-    or special token by its text, and the end-of-generation ids the GGUF will carry (EOS and the
-    base's generation_config.json ``eos_token_id`` list), id -> where it comes from."""
+    or special token by its text, and the end-of-generation ids, id -> where it comes from
+    (:data:`EOS`: the GGUF's metadata declares it; else the base's generation_config.json or
+    config.json ``eos_token_id``, which transformers stops on and the GGUF does not carry)."""
 
     where: str
     template: str | None

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ..errors import InputError
-from .base import (ANSWER, REASONING, ChatFormat, Issue, Message, OllamaSpec, Parsed, Rendered, StructureResult,
+from .base import (ANSWER, EOS, REASONING, ChatFormat, Issue, Message, OllamaSpec, Parsed, Rendered, StructureResult,
                    TokenizerFacts, TokenizerView)
 
 #: what the probe conversations say (plain words: no template transforms them)
@@ -435,20 +435,30 @@ class JinjaFormat(ChatFormat):
                              {"after_answer": a.after_answer}))
             return out
         eog = dict(tok.eog)
+        listed = ", ".join(f"{i} {tok.text_of(i)!r} ({w})" for i, w in sorted(eog.items())) or "none"
+        fix = (f"set eos_token to {end!r} in {tok.where}/tokenizer_config.json (tokenizer.eos_token = {end!r}; "
+               "tokenizer.save_pretrained(DIR))")
         if end_id not in eog:
-            listed = ", ".join(f"{i} {tok.text_of(i)!r} ({w})" for i, w in sorted(eog.items())) or "none"
             out.append(Issue("TURN_END_NOT_EOG",
-                             f"{src}: the template ends an assistant turn with {end!r} (id {end_id}), but the GGUF's "
+                             f"{src}: the template ends an assistant turn with {end!r} (id {end_id}), but the "
                              f"end-of-generation tokens are {listed}",
                              f"the fine-tune learnt to end its answers with {end!r}; llama.cpp, Ollama and LM Studio stop "
-                             "only at the GGUF's end-of-generation tokens, so the model would write its turn end and go "
-                             "on with a made-up next turn until the token limit (the classic case: a Llama 3 base, EOS "
+                             "at end-of-generation tokens, so the model would write its turn end and go on with a "
+                             "made-up next turn until the token limit (the classic case: a Llama 3 base, EOS "
                              "<|end_of_text|>, fine-tuned with the Instruct template's <|eot_id|>)",
-                             f"set eos_token to {end!r} in {tok.where}/tokenizer_config.json (tokenizer.eos_token = "
-                             f"{end!r}; tokenizer.save_pretrained(DIR)), or add {end_id} to eos_token_id in the base's "
-                             "generation_config.json",
+                             fix + f", or add {end_id} to eos_token_id in the base's generation_config.json",
                              {"turn_end": end, "turn_end_id": end_id, "eog": {str(i): w for i, w in eog.items()},
                               "eos_token": eos}))
+        elif eog[end_id] != EOS:
+            out.append(Issue("TURN_END_NOT_IN_GGUF",
+                             f"{src}: the template ends an assistant turn with {end!r} (id {end_id}), an "
+                             f"end-of-generation token through {eog[end_id]} only; the GGUF's metadata declares "
+                             f"{eos!r} (id {eos_id}) as its EOS",
+                             "transformers stops at it, and llama.cpp recognises a few turn-end tokens by their text, "
+                             "but a runtime that stops only on the GGUF's declared end-of-generation ids runs past "
+                             "the end of every answer (verify stops only on the declared ids, so it will show this)",
+                             fix, {"turn_end": end, "turn_end_id": end_id, "eog": {str(i): w for i, w in eog.items()},
+                                   "eos_token": eos}))
         k = self.known
         label = k.label if k is not None else "a chat template lora2gguf does not know by name"
         out.append(Issue("CHAT_FORMAT",

@@ -472,14 +472,16 @@ def check_adapter(adapter: AdapterInfo, base: BaseInfo, arch) -> list[Finding]:
 # --------------------------------------------------------------------------- chat format
 
 
-def check_chat(tok: TokenizerInfo | None, arch, generation_config: Mapping[str, Any] | None = None) -> list[Finding]:
+def check_chat(tok: TokenizerInfo | None, arch, generation_config: Mapping[str, Any] | None = None,
+               config: Mapping[str, Any] | None = None) -> list[Finding]:
     """Chat template and end-of-generation tokens of the tokenizer the GGUF gets, checked by the
-    family's chat format (:mod:`lora2gguf.chat`)."""
+    family's chat format (:mod:`lora2gguf.chat`); ``generation_config`` / ``config``: the base's
+    generation_config.json and config.json (their ``eos_token_id``)."""
     from ..chat import chat_format, tokenizer_facts
 
     if tok is None or arch is None:
         return []
-    facts = tokenizer_facts(tok, generation_config)
+    facts = tokenizer_facts(tok, generation_config, config)
     fmt = chat_format(arch, template=tok.chat_template, specials=facts.specials,
                       where=f"{tok.folder}/{tok.chat_template_source or 'tokenizer'}")
     return [F.make(i.code, i.what, i.why, i.fix, dict(i.data)) for i in fmt.template_issues(facts)]

@@ -63,6 +63,7 @@ CODES: dict[str, tuple[str, str]] = {
     "CHAT_TEMPLATE_INVALID": (BLOCKER, "The chat template fails to render a plain conversation"),
     "TURN_END_NOT_EOG": (BLOCKER, "The token that ends an assistant turn in the template is not an end-of-generation token"),
     "CHAT_FORMAT": (INFO, "The chat format and the token that ends an assistant turn"),
+    "TURN_END_NOT_IN_GGUF": (WARNING, "The token that ends an assistant turn is an end-of-generation token only in the model's configs, not in the GGUF"),
     # resources
     "DISK_SPACE": (BLOCKER, "Not enough free disk space for the outputs"),
     "DISK_SPACE_LOW": (WARNING, "Free disk space is only just enough"),

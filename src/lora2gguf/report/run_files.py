@@ -29,15 +29,15 @@ def _format(record: dict[str, Any]) -> ChatFormat:
 
 
 def eog_tokens(record: dict[str, Any]) -> list[str]:
-    """The text of the end-of-generation tokens the GGUF declares (EOS, EOT, EOM), then the chat
-    format's own, as run.json records them."""
+    """The text of the end-of-generation tokens the GGUF's metadata declares (EOS, EOT, EOM), as
+    run.json records them. (run.json's ``eog_tokens`` also lists the configs' ids, which the GGUF
+    does not carry; the chat format adds the stops it needs itself.)"""
     tech = record.get("technical") or {}
     specials = tech.get("special_tokens") or {}
     out = [specials[r]["token"] for r in ("eos", "eot", "eom")
            if isinstance(specials.get(r), dict) and isinstance(specials[r].get("token"), str)]
     if not out and tech.get("eos_token"):
         out.append(tech["eos_token"])
-    out += list((tech.get("eog_tokens") or {}).keys())
     return list(dict.fromkeys(out))
 
 

@@ -339,19 +339,22 @@ def _ids(value: Any) -> list[int]:
 
 def declared_reference_stops(rec: dict[str, Any]) -> dict[str, int]:
     """The end-of-generation ids the fine-tune declares: its tokenizer's EOS (as run.json records
-    it) and the base's generation_config.json ``eos_token_id`` (transformers stops on these)."""
+    it) and the ``eos_token_id`` transformers' generate stops on: the base's generation_config.json,
+    or config.json's when there is none."""
     tech = rec.get("technical") or {}
     out: dict[str, int] = {}
     if isinstance(tech.get("eos_token_id"), int):
         out["eos"] = tech["eos_token_id"]
-    path = Path(rec.get("base_dir") or "") / "generation_config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        data = {}
-    for i in _ids(data.get("eos_token_id") if isinstance(data, dict) else None):
-        if i not in out.values():
-            out[f"generation_config {i}"] = i
+    for name in ("generation_config.json", "config.json"):
+        path = Path(rec.get("base_dir") or "") / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for i in _ids(data.get("eos_token_id") if isinstance(data, dict) else None):
+            if i not in out.values():
+                out[f"{name} {i}"] = i
+        break
     return out
 
 
