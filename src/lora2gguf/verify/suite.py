@@ -119,7 +119,7 @@ class Suite:
     source: str = "built-in"
 
     def for_format(self, fmt: ChatFormat) -> "Suite":
-        """The suite with its structure checks labelled after ``fmt`` ("ChatML structure")."""
+        """The suite with its structure checks labelled after ``fmt`` (:attr:`ChatFormat.structure_label`)."""
         import dataclasses
 
         prompts = [dataclasses.replace(p, checks=tuple(

@@ -23,8 +23,11 @@ class LlamaTokens:
     """The tokenizer of a GGUF loaded in llama.cpp (a ``llama_cpp.Llama``)."""
 
     def __init__(self, llm, where: str = "the GGUF"):
+        import llama_cpp
+
         self.llm = llm
         self.where = where
+        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)]
@@ -35,10 +38,12 @@ class LlamaTokens:
     def is_control(self, token_id: int) -> bool:
         import llama_cpp
 
-        return bool(self.llm._model.token_get_attr(int(token_id)) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL)
+        return bool(llama_cpp.llama_vocab_get_attr(self._vocab, int(token_id)) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL)
 
     def text(self, token_id: int) -> str:
-        return self.llm._model.token_get_text(int(token_id))
+        import llama_cpp
+
+        return llama_cpp.llama_vocab_get_text(self._vocab, int(token_id)).decode("utf-8", errors="replace")
 
     def specials(self, meta: Mapping[str, Any]) -> dict[str, str]:
         """The special tokens by role (``bos_token`` ...) as the GGUF's metadata names them."""
