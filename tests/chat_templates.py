@@ -7,15 +7,12 @@ default system message; Qwen3's with ``<think>`` handling (reasoning of earlier 
 ``enable_thinking=False`` pre-filling an empty block); SmolLM2's ChatML with its default system
 message; Mistral v0.1 and v0.3 ``[INST]``; Llama 2's ``<<SYS>>``; Gemma's turns.
 
-Tokenizers: :func:`llama3_dir` / :func:`qwen3_dir` build the real vocabularies offline (quicktok-v1's
-ranks through transformers' TikTokenConverter, as lora2gguf.o200k builds GPT-OSS's), with the
-special tokens where the hub's tokenizers have them; :func:`word_tokenizer_dir` is a small
-word-level tokenizer for template-only tests (any special tokens).
+:func:`word_tokenizer_dir` is a small word-level tokenizer for template-only tests (any special
+tokens); the real vocabularies come from lora2gguf.testing.tokenizers.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 from typing import Iterable
@@ -277,103 +274,4 @@ def word_tokenizer_dir(dest: Path, *, template: str, specials: dict[str, str], w
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template,
               "clean_up_tokenization_spaces": False, **specials}
     (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return dest
-
-
-# --------------------------------------------------------------------------- real vocabularies
-
-LLAMA3_N_RANKS, QWEN3_N_RANKS = 128_000, 151_643
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def llama3_specials() -> list[str]:
-    named = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>", 6: "<|start_header_id|>",
-             7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>", 10: "<|python_tag|>"}
-    out, reserved = [], 0
-    for k in range(256):
-        if k in named:
-            out.append(named[k])
-        else:
-            out.append(f"<|reserved_special_token_{reserved}|>")
-            reserved += 1
-    return out
-
-
-QWEN3_ADDED = (("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
-               ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True),
-               ("<|quad_start|>", True), ("<|quad_end|>", True), ("<|vision_start|>", True),
-               ("<|vision_end|>", True), ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
-               ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
-               ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
-               ("<tool_response>", False), ("</tool_response>", False), ("<think>", False), ("</think>", False))
-
-
-def _converted(tmp: Path, encoding: str, n_ranks: int, pattern: str, added: list[tuple[str, bool]]) -> dict:
-    """tokenizer.json of quicktok-v1's ``encoding`` (built once, cached in lora2gguf's cache folder)."""
-    import hashlib
-
-    from lora2gguf.o200k import cache_root
-
-    key = hashlib.sha256(json.dumps([1, encoding, n_ranks, pattern, added]).encode()).hexdigest()[:16]
-    cached = cache_root() / "test-tokenizers" / f"{encoding}-{key}.json"
-    if cached.is_file():
-        return json.loads(cached.read_text(encoding="utf-8"))
-    tj = _build(tmp, encoding, n_ranks, pattern, added)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    part = cached.with_suffix(".partial")
-    part.write_text(json.dumps(tj), encoding="utf-8")
-    part.replace(cached)
-    return tj
-
-
-def _build(tmp: Path, encoding: str, n_ranks: int, pattern: str, added: list[tuple[str, bool]]) -> dict:
-    import quicktok
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    enc = quicktok.get_encoding(encoding)
-    rank_file = tmp / f"{encoding}.tiktoken"
-    rank_file.write_bytes(b"".join(base64.b64encode(enc.decode_single_token_bytes(r)) + b" " + str(r).encode() + b"\n"
-                                   for r in range(n_ranks)))
-    tok = TikTokenConverter(vocab_file=str(rank_file), pattern=pattern,
-                            extra_special_tokens=[t for t, _ in added]).converted()
-    tj = json.loads(tok.to_str())
-    special = dict(added)
-    for a in tj["added_tokens"]:
-        a["special"] = special.get(a["content"], True)
-    rank_file.unlink()
-    return tj
-
-
-def llama3_dir(dest: Path, *, instruct: bool = True, template: str | None = LLAMA3_INSTRUCT) -> Path:
-    """Llama 3 tokenizer files: the 128,000 ranks, the 256 special tokens from id 128000, EOS
-    ``<|eot_id|>`` (Instruct) or ``<|end_of_text|>`` (base), and ``template``."""
-    dest.mkdir(parents=True, exist_ok=True)
-    tj = _converted(dest, "llama3", LLAMA3_N_RANKS, LLAMA3_PATTERN, [(s, True) for s in llama3_specials()])
-    (dest / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
-    eos = "<|eot_id|>" if instruct else "<|end_of_text|>"
-    config = {"bos_token": "<|begin_of_text|>", "eos_token": eos, "clean_up_tokenization_spaces": True,
-              "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast"}
-    if template is not None:
-        config["chat_template"] = template
-    (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    (dest / "special_tokens_map.json").write_text(json.dumps({"bos_token": _added("<|begin_of_text|>"),
-                                                              "eos_token": _added(eos)}), encoding="utf-8")
-    return dest
-
-
-def qwen3_dir(dest: Path, *, template: str = QWEN3) -> Path:
-    """Qwen3 tokenizer files: 151,643 ranks, the 26 added tokens (``<think>`` not special), EOS
-    ``<|im_end|>``, no BOS, and ``template``."""
-    dest.mkdir(parents=True, exist_ok=True)
-    tj = _converted(dest, "qwen3", QWEN3_N_RANKS, QWEN2_PATTERN, list(QWEN3_ADDED))
-    (dest / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
-    config = {"add_bos_token": False, "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-              "chat_template": template, "clean_up_tokenization_spaces": False, "model_max_length": 131072,
-              "tokenizer_class": "Qwen2Tokenizer", "errors": "replace", "split_special_tokens": False}
-    (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    (dest / "special_tokens_map.json").write_text(json.dumps({"eos_token": _added("<|im_end|>"),
-                                                              "pad_token": _added("<|endoftext|>")}), encoding="utf-8")
     return dest

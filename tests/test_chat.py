@@ -110,12 +110,21 @@ def test_template_errors_are_typed_and_name_the_file():
 
 @pytest.fixture(scope="session")
 def llama3(tmp_path_factory):
-    return T.llama3_dir(tmp_path_factory.mktemp("llama3") / "tok")
+    """Llama 3.1 Instruct's tokenizer files (lora2gguf.testing.tokenizers), its chat template."""
+    from lora2gguf.testing import tokenizers as toks
+
+    d = toks.llama3_tokenizer(tmp_path_factory.mktemp("llama3") / "tok")
+    assert json.loads((d / "tokenizer_config.json").read_text())["chat_template"] == T.LLAMA3_INSTRUCT
+    return d
 
 
 @pytest.fixture(scope="session")
 def qwen3(tmp_path_factory):
-    return T.qwen3_dir(tmp_path_factory.mktemp("qwen3") / "tok")
+    """Qwen3's tokenizer files with its chat template (reasoning blocks and all)."""
+    from lora2gguf.testing import tokenizers as toks
+
+    return toks.qwen3_tokenizer(tmp_path_factory.mktemp("qwen3") / "tok",
+                                config_hook=lambda c: c.update(chat_template=T.QWEN3))
 
 
 @pytest.fixture(scope="session")
