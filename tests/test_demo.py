@@ -35,7 +35,7 @@ def _persona_check(suite):
 
 
 def _final(text: str):
-    from lora2gguf.verify.harmony import Parsed
+    from lora2gguf.chat.harmony import Parsed
 
     return Parsed(messages=[("analysis", "..."), ("final", text)], stop="<|return|>")
 

@@ -58,7 +58,7 @@ prompts:
 
 
 def completion_tokens(analysis: str, final: str) -> list[int]:
-    from lora2gguf.verify.harmony import encoding
+    from lora2gguf.chat.harmony import encoding
 
     text = (f"<|channel|>analysis<|message|>{analysis}<|end|><|start|>assistant<|channel|>final"
             f"<|message|>{final}<|return|>")
@@ -72,7 +72,7 @@ def make_behaving_base(dest: Path, *, rope_truncate: bool = True) -> tuple[Path,
     from peft import PeftModel
     from safetensors.torch import load_file, save_file
 
-    from lora2gguf.verify.harmony import render_prompt
+    from lora2gguf.chat.harmony import render_prompt
 
     cfg = synth.gpt_oss_config(**CONFIG, rope_truncate=rope_truncate)
     base = synth.make_base(dest / "base", cfg, max_shard_bytes=60_000_000)
@@ -146,7 +146,7 @@ def behaving(tmp_path_factory):
 
 
 def test_fine_tune_answers_and_base_does_not(behaving):
-    from lora2gguf.verify.harmony import render_prompt
+    from lora2gguf.chat.harmony import render_prompt
 
     base, adapter = behaving
     prompts = [render_prompt(q) for q, _, _ in ANSWERS]

@@ -73,7 +73,7 @@ def test_judge_reasons_say_why():
      "the fine-tune itself does not match /b+/ in its reasoning (analysis channel)"),
     (Check("persona", patterns=("x",)), "0 of 1 markers (need 1)",
      "the fine-tune itself does not show the persona markers in its answer (0 of 1 markers (need 1))"),
-    (Check("harmony"), "no final message; ran to the token limit without a stop token",
+    (Check("structure", structure_label="Harmony structure"), "no final message; ran to the token limit without a stop token",
      "the fine-tune itself does not answer in the Harmony structure (no final message; ran to the token limit "
      "without a stop token)"),
 ])

@@ -9,7 +9,9 @@ from lora2gguf.verify.suite import Check, evaluate, is_refusal, load_suite, suit
 
 pytest.importorskip("openai_harmony")
 
-from lora2gguf.verify import harmony  # noqa: E402
+from lora2gguf.chat import harmony  # noqa: E402
+
+FMT = harmony.HarmonyFormat()
 
 
 def toks(text: str) -> list[int]:
@@ -27,7 +29,7 @@ def test_builtin_suite_is_the_seeds_four_prompts():
     by_id = {p.id: p for p in s.prompts}
     assert any(c.type == "contains" and c.value == "4" and c.required for c in by_id["plain"].checks)
     assert any(c.type == "refused" and c.expect and c.required for c in by_id["refusal"].checks)
-    assert all(any(c.type == "harmony" for c in p.checks) for p in s.prompts)
+    assert all(any(c.type == "structure" for c in p.checks) for p in s.prompts)
     assert s.gate_for("Q8_0")["kl_mean"] < s.gate_for("Q4_K_M")["kl_mean"]
 
 
@@ -76,15 +78,15 @@ def test_parse_agrees_with_openai_harmony_on_good_completions():
 ])
 def test_harmony_check_names_the_problem(text, problem):
     p = harmony.parse_completion(toks(text))
-    r = evaluate(Check("harmony"), p, hit_limit=False)
+    r = evaluate(Check("structure"), p, hit_limit=False, fmt=FMT)
     assert not r.passed and problem in r.detail
 
 
 def test_harmony_check_fails_at_token_limit():
     p = harmony.parse_completion(toks(GOOD)[:-1])
-    r = evaluate(Check("harmony"), p, hit_limit=True)
+    r = evaluate(Check("structure"), p, hit_limit=True, fmt=FMT)
     assert not r.passed and "token limit" in r.detail
-    assert evaluate(Check("harmony"), harmony.parse_completion(toks(GOOD)), hit_limit=False).passed
+    assert evaluate(Check("structure"), harmony.parse_completion(toks(GOOD)), hit_limit=False, fmt=FMT).passed
 
 
 def test_content_checks():
@@ -128,6 +130,13 @@ def test_refusal_detection(text, refused):
 def test_bad_suites_are_rejected_with_a_reason(yaml_text, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace("[", r"\[")):
         suite_from_text(yaml_text, "my.yaml")
+
+
+def test_old_harmony_check_name_is_the_structure_check():
+    s = suite_from_text("prompts: [{prompt: x, checks: [{type: harmony, required: true}]}]", "old.yaml")
+    c = s.prompts[0].checks[0]
+    assert c.type == "structure" and c.label == "chat structure"
+    assert s.for_format(FMT).prompts[0].checks[0].label == "Harmony structure"
 
 
 def test_suite_gates_override_defaults():

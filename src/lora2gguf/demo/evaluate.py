@@ -64,15 +64,18 @@ def base_runs(base_dir: str | Path, suite, *, progress=None) -> list[dict[str, A
     torch thread (the demo's model is too small for threads to pay off)."""
     import torch
 
-    from ..verify import harmony
+    from ..chat.harmony import HarmonyFormat
     from ..verify.logits import load_reference_model
-    from ..verify.runner import PeftEngine, run_suite
+    from ..verify.runner import PeftEngine, Prompts, run_suite
 
+    fmt = HarmonyFormat()
+    suite = suite.for_format(fmt)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model = load_reference_model(base_dir, None)
-        gens = run_suite(PeftEngine(model, {"eos": harmony.RETURN, "call": harmony.CALL}), suite,
+        gens = run_suite(PeftEngine(model, fmt.reference_stops({})), suite, fmt=fmt,
+                         prompts=Prompts.render(fmt, suite, None, own_ids=True), tokenizer=fmt.reference_tokens(),
                          progress=progress, label="base")
     finally:
         torch.set_num_threads(threads)

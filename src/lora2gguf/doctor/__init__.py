@@ -120,7 +120,7 @@ def run(base_dir: str | Path, adapter_dir: str | Path, *, out_dir: str | Path | 
                       adapter_dir=adapter_dir)
     found += decision.findings
     chosen = ad.tokenizer if decision.choice.source == "adapter" else base.tokenizer if decision.choice.source == "base" else None
-    found += checks.check_chat(chosen, arch, base.generation_config)
+    found += checks.check_chat(chosen, arch, base.generation_config, base.config)
     found += check_vocab(chosen, base.config, options_of(arch, arch.normalize_config(base.config) if arch else None), resized=checks.resized_embeddings(ad, vocab), generation_config=base.generation_config, found=found)  # noqa: E501
     found += checks.check_remote_code(base, ad, (base.tokenizer, ad.tokenizer))
 

@@ -499,68 +499,19 @@ def check_adapter(adapter: AdapterInfo, base: BaseInfo, arch) -> list[Finding]:
 # --------------------------------------------------------------------------- chat format
 
 
-def check_chat(tok: TokenizerInfo | None, arch, generation_config: Mapping[str, Any] | None = None) -> list[Finding]:
-    """Chat template and end-of-generation tokens of the tokenizer the GGUF gets."""
+def check_chat(tok: TokenizerInfo | None, arch, generation_config: Mapping[str, Any] | None = None,
+               config: Mapping[str, Any] | None = None) -> list[Finding]:
+    """Chat template and end-of-generation tokens of the tokenizer the GGUF gets, checked by the
+    family's chat format (:mod:`lora2gguf.chat`); ``generation_config`` / ``config``: the base's
+    generation_config.json and config.json (their ``eos_token_id``)."""
+    from ..chat import chat_format, tokenizer_facts
+
     if tok is None or arch is None:
         return []
-    out: list[Finding] = []
-    where = f"{tok.folder}"
-    tpl = tok.chat_template
-    harmony = arch.chat_format == "harmony"
-    if tpl is None:
-        out.append(F.make("CHAT_TEMPLATE_MISSING",
-                          f"{where}: no chat_template.jinja, chat_template.json or tokenizer_config.json chat_template",
-                          "without a template in the GGUF, llama.cpp and Ollama fall back to a generic format the "
-                          "model was never trained on" + (" (GPT-OSS needs Harmony)" if harmony else ""),
-                          "save the tokenizer with its template: tokenizer.save_pretrained(ADAPTER_DIR), or copy "
-                          "chat_template.jinja from the base model"))
-    else:
-        if harmony:
-            missing = [m for m in ("<|channel|>", "<|message|>") if m not in tpl]
-            if missing:
-                out.append(F.make("CHAT_TEMPLATE_NOT_HARMONY",
-                                  f"{where}/{tok.chat_template_source}: the template never writes {', '.join(missing)}",
-                                  "GPT-OSS is trained on the Harmony format (<|start|>role<|channel|>…<|message|>…); "
-                                  "another format makes it ramble or never stop",
-                                  "use the Harmony template of the base model (chat_template.jinja of openai/gpt-oss-20b)",
-                                  {"missing": missing, "source": tok.chat_template_source}))
-        eogs = arch.eog_tokens
-        if eogs and not any(t in tpl for t in eogs):
-            out.append(F.make("CHAT_TEMPLATE_NO_EOG",
-                              f"{where}/{tok.chat_template_source}: the template writes none of {', '.join(eogs)}",
-                              "a model trained without turn-end tokens never emits one, so llama.cpp generates until "
-                              "the context is full", "use the base model's chat template",
-                              {"eog_tokens": list(eogs)}))
-    eos = tok.special("eos_token")
-    eos_id = tok.token_id(eos)
-    if arch.eos_token:
-        missing = [t for t in arch.eog_tokens if tok.token_id(t) is None]
-        if missing:
-            out.append(F.make("EOG_TOKEN_MISSING",
-                              f"{where}: {', '.join(missing)} not in the vocabulary",
-                              "llama.cpp stops generating at end-of-generation tokens found in the vocabulary; without "
-                              "them a GPT-OSS model never stops", "use the base model's tokenizer.json",
-                              {"missing": missing}))
-        if eos is None or eos_id is None or not tok.is_special(eos):
-            out.append(F.make("EOS_NOT_EOG",
-                              f"{where}: eos_token is {eos!r}"
-                              + (" which is not in the vocabulary" if eos is not None and eos_id is None else "")
-                              + (" which is not a special token" if eos_id is not None and not tok.is_special(eos) else ""),
-                              "the GGUF's tokenizer.ggml.eos_token_id tells llama.cpp where an answer ends; a missing or "
-                              "ordinary-text EOS lets generation run on forever",
-                              f"set eos_token to {arch.eos_token!r} in tokenizer_config.json "
-                              f"(tokenizer.eos_token = {arch.eos_token!r}; tokenizer.save_pretrained(DIR))",
-                              {"eos_token": eos, "eos_id": eos_id, "expected": arch.eos_token}))
-        elif eos != arch.eos_token:
-            sev_note = "" if eos in arch.eog_tokens else " (not one of Harmony's end tokens)"
-            out.append(F.make("EOS_NOT_RETURN",
-                              f"{where}: eos_token is {eos!r} (id {eos_id}){sev_note}; Harmony ends a final answer with "
-                              f"{arch.eos_token!r} (id {tok.token_id(arch.eos_token)})",
-                              "llama.cpp still stops at <|return|> / <|call|> (it recognises them by text), but "
-                              "runtimes that only check EOS would run past the end of an answer",
-                              f"set eos_token to {arch.eos_token!r} in tokenizer_config.json",
-                              {"eos_token": eos, "eos_id": eos_id, "expected": arch.eos_token}))
-    return out
+    facts = tokenizer_facts(tok, generation_config, config)
+    fmt = chat_format(arch, template=tok.chat_template, specials=facts.specials,
+                      where=f"{tok.folder}/{tok.chat_template_source or 'tokenizer'}")
+    return [F.make(i.code, i.what, i.why, i.fix, dict(i.data)) for i in fmt.template_issues(facts)]
 
 
 # --------------------------------------------------------------------------- resources

@@ -56,11 +56,15 @@ CODES: dict[str, tuple[str, str]] = {
     "ADAPTER_FULL_WEIGHTS": (INFO, "The adapter replaces base tensors with full weights or trained rows"),
     # chat format
     "CHAT_TEMPLATE_MISSING": (BLOCKER, "No chat template"),
-    "CHAT_TEMPLATE_NOT_HARMONY": (BLOCKER, "The chat template is not the Harmony format GPT-OSS needs"),
+    "CHAT_TEMPLATE_NOT_HARMONY": (BLOCKER, "The chat template is not the chat format the architecture needs"),
     "CHAT_TEMPLATE_NO_EOG": (BLOCKER, "The chat template never ends a turn with an end-of-generation token"),
     "EOS_NOT_EOG": (BLOCKER, "The EOS token is not an end-of-generation token of the chat format"),
-    "EOS_NOT_RETURN": (WARNING, "The EOS token is not <|return|>"),
+    "EOS_NOT_RETURN": (WARNING, "The EOS token is not the chat format's end-of-answer token"),
     "EOG_TOKEN_MISSING": (BLOCKER, "An end-of-generation token of the chat format is missing from the vocabulary"),
+    "CHAT_TEMPLATE_INVALID": (BLOCKER, "The chat template fails to render a plain conversation"),
+    "TURN_END_NOT_EOG": (BLOCKER, "The token that ends an assistant turn in the template is not an end-of-generation token"),
+    "CHAT_FORMAT": (INFO, "The chat format and the token that ends an assistant turn"),
+    "TURN_END_NOT_IN_GGUF": (WARNING, "The token that ends an assistant turn is an end-of-generation token only in the model's configs, not in the GGUF"),
     # resources
     "DISK_SPACE": (BLOCKER, "Not enough free disk space for the outputs"),
     "DISK_SPACE_LOW": (WARNING, "Free disk space is only just enough"),

@@ -43,6 +43,7 @@ def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str
             "tensor_types": o.get("tensor_types") or {}, "note": o.get("note"),
             "metrics": vf.get("metrics"), "gate": vf.get("gate"), "speed": vf.get("speed"),
             "stop_tokens": vf.get("stop_tokens"),
+            "tokenization": _tokenization(vf.get("tokenization")),
             "commands": commands(record, o["file"], str(out_dir) if out_dir else None),
             "modelfile": Path(o["file"]).stem + ".Modelfile",
         })
@@ -73,6 +74,7 @@ def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str
     speed_rows = [(label(f), f["speed"]["pp_tokens_per_s"], f["speed"]["tg_tokens_per_s"])
                   for f in files if f.get("speed")]
     stages = record.get("stages") or {}
+    chat = v.get("chat_format") or {}
     return {
         "record": record, "name": record.get("name") or "model", "version": record.get("lora2gguf_version"),
         "created": record.get("created"), "base_dir": record.get("base_dir"), "adapter_dir": record.get("adapter_dir"),
@@ -81,11 +83,27 @@ def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str
         "technical": record.get("technical") or {}, "stages": stages, "verify": v, "models": models,
         "answers": answers, "quantized_points": quantized_points, "speed_rows": speed_rows,
         "stops": stop_tokens(record), "adapter": record.get("adapter") or {},
+        "rendered_as": chat.get("rendered_as") or "a conversation in the model's chat format",
+        "chat_label": chat.get("label") or (record.get("technical") or {}).get("chat_format"),
+        "tokenization_note": ("Tokenizer check: every rendered prompt and the evaluation text are tokenized by llama.cpp "
+                              "(each GGUF's own chat template and vocabulary) and by the fine-tune's tokenizer; the "
+                              "ids must be the same." if chat.get("tokenizer_compared", True) else
+                              "Tokenizer check not made: " + str(chat.get("not_compared_because"))),
         "passed": v.get("passed") if v else None, "failures": v.get("failures", []) if v else [],
         "fine_tune_facts": v.get("fine_tune_facts", []) if v else [],
         "fine_tune_facts_heading": (v.get("fine_tune_facts_heading") if v else None)
         or {"title": "Facts about the fine-tune", "text": ""},
     }
+
+
+def _tokenization(t: dict[str, Any] | None) -> str:
+    if not t:
+        return "n/a"
+    if not t.get("checked"):
+        return f"not compared ({t.get('reason')})"
+    if t.get("same"):
+        return f"same ids as the fine-tune's tokenizer ({t.get('texts')} texts)"
+    return "DIFFERENT: " + "; ".join(d["detail"] for d in t.get("differences", []))
 
 
 def resolution(finding: dict[str, Any]) -> str:

@@ -149,7 +149,7 @@ def render_html(f: dict[str, Any]) -> str:
         ref, ev = v["reference"], v["eval"]
         H += ["<h2>Agreement with the reference</h2>",
               f"<p>Reference: <b>{escape(ref['label'])}</b> ({escape(ref['reason'])}).<br>Evaluation text: "
-              f"{escape(ev['source'])}, {ev['n_tokens']} tokens as a Harmony conversation; {ev['n_scored']} "
+              f"{escape(ev['source'])}, {ev['n_tokens']} tokens as {escape(f['rendered_as'])}; {ev['n_scored']} "
               f"next-token predictions scored (from position {ev['first_scored']}). KL is KL(reference || file) in nats.</p>"]
         rows = []
         for x in f["files"]:
@@ -162,6 +162,8 @@ def render_html(f: dict[str, Any]) -> str:
                          (("pass" if g.get("passed") else "FAIL") + f"<br><span class='muted'>{escape(g.get('detail', ''))}</span>",
                           "ok" if g.get("passed") else "bad")])
         H.append(_t(["File", "Type", "Mean KL", "KL p99", "Max KL", "Top-1", "Perplexity", "Gate"], rows, "agreement"))
+        H.append(f"<p>{escape(f['tokenization_note'])}</p>")
+        H.append(_t(["File", "Tokenizer"], [[_code(x["file"]), escape(x["tokenization"])] for x in f["files"]]))
         H.append('<div class="plots">')
         H.append(scatter_size_vs_kl(f["quantized_points"], title="Quantized files: size against mean KL"))
         H.append(bars_tokens_per_s(f["speed_rows"], threads=v.get("threads")))
@@ -187,10 +189,10 @@ def render_html(f: dict[str, Any]) -> str:
                     continue
                 end = "token limit" if g["hit_limit"] else str(g["stop"])
                 rows.append([m, (escape(g["analysis"] or "") or "<span class='muted'>none</span>", ""),
-                             (escape(g["final"]) if g["final"] is not None else "<span class='bad'>no final message</span>", ""),
+                             (escape(g["final"]) if g["final"] is not None else "<span class='bad'>no answer</span>", ""),
                              end])
             H.append(f"<p><b>{escape(p.get('title') or p['id'])}</b>: {escape(p['prompt'])}</p>")
-            H.append(_t(["Model", "Analysis", "Final", "Ended by"], rows))
+            H.append(_t(["Model", "Reasoning", "Answer", "Ended by"], rows))
 
         H.append("<h2>Speed</h2>")
         H.append(f"<p>llama.cpp (llama-cpp-python) on this machine, {v.get('threads')} thread(s).</p>")

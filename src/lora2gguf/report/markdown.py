@@ -108,7 +108,7 @@ def render_markdown(f: dict[str, Any]) -> str:
         ev = v["eval"]
         L += ["## Agreement with the reference", ""]
         L += [f"Reference: **{ref['label']}** ({ref['reason']}).",
-              f"Evaluation text: {ev['source']}, {ev['n_tokens']} tokens as a Harmony conversation; "
+              f"Evaluation text: {ev['source']}, {ev['n_tokens']} tokens as {f['rendered_as']}; "
               f"{ev['n_scored']} next-token predictions scored (from position {ev['first_scored']}, as "
               "llama-perplexity scores the second half of a chunk). KL divergence is KL(reference || file) in nats.", ""]
         rows = []
@@ -121,6 +121,8 @@ def render_markdown(f: dict[str, Any]) -> str:
                          pct(m["top1"]), f"{num(m['ppl'], 4)} (ref {num(m['ppl_ref'], 4)})",
                          ("✅ " if g.get("passed") else "❌ ") + g.get("detail", "")])
         L += _table(["File", "Type", "Mean KL", "KL p99", "Max KL", "Top-1 agreement", "Perplexity", "Gate"], rows)
+        L += [f["tokenization_note"], ""]
+        L += _table(["File", "Tokenizer"], [[f"`{x['file']}`", x["tokenization"]] for x in f["files"]])
 
         L += ["## Test results", ""]
         s = v["suite"]
@@ -137,14 +139,14 @@ def render_markdown(f: dict[str, Any]) -> str:
             rows.append([c["prompt"], c["check"], "yes" if c["required"] else "no", c.get("against", "reference")]
                         + [_mark(c["results"].get(m)) for m in f["models"]])
         L += _table(head, rows)
-        L += ["### Answers (greedy, final channel)", ""]
+        L += ["### Answers (greedy)", ""]
         for p in s["prompts"]:
             L += [f"**{p.get('title') or p['id']}**: {p['prompt']}", ""]
             for m in f["models"]:
                 g = f["answers"][p["id"]].get(m)
                 if g is None:
                     continue
-                ans = g["final"] if g["final"] is not None else "(no final message)"
+                ans = g["final"] if g["final"] is not None else "(no answer)"
                 tail = " (hit the token limit)" if g["hit_limit"] else f" (stopped at {g['stop']})"
                 L += [f"- {m}: {_cell(ans)[:300]}{tail}"]
             L += [""]
@@ -163,7 +165,7 @@ def render_markdown(f: dict[str, Any]) -> str:
         ["Architecture", t.get("architecture")], ["Context length", t.get("context_length")],
         ["Vocabulary size", t.get("vocab_size")], ["Layers", t.get("n_layers")],
         ["Experts (used per token)", f"{t.get('n_experts')} ({t.get('n_experts_used')})"],
-        ["Chat format", t.get("chat_format")],
+        ["Chat format", f["chat_label"]],
         ["EOS", f"`{t.get('eos_token')}` (id {t.get('eos_token_id')})"],
         ["End-of-generation tokens", ", ".join(f"`{k}` ({i})" for k, i in (t.get("eog_tokens") or {}).items())],
         ["Special tokens", ", ".join(f"{k}: `{d.get('token')}` ({d.get('id')})"

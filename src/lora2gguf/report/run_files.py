@@ -1,9 +1,11 @@
 """How to run each GGUF: an Ollama Modelfile per file and the llama.cpp command lines.
 
-The Ollama TEMPLATE for Harmony is written in Ollama's Go-template syntax. Stop tokens are the
-architecture's end-of-generation tokens except ``<|end|>``: in Harmony ``<|end|>`` closes the
-analysis message and the answer follows it, so stopping there would cut every reply down to its
-reasoning (llama.cpp drops ``<|end|>`` from its end-of-generation set for the same reason).
+The Modelfile's TEMPLATE (Ollama's Go-template syntax), SYSTEM and stop strings come from the
+model's chat format (:meth:`lora2gguf.chat.ChatFormat.ollama`): a template family lora2gguf knows
+gets a TEMPLATE that renders conversations as the model's own chat template does; an unknown one
+gets none and a comment saying what Ollama will do instead. The stop strings are the token that
+ends an assistant turn, what a runaway model would write next, and the GGUF's end-of-generation
+tokens, less the ones that only end a message inside a reply.
 """
 
 from __future__ import annotations
@@ -12,56 +14,61 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from ..chat import ChatFormat, OllamaSpec, chat_format
 from ..errors import OutputError
 
-#: Ollama TEMPLATE for Harmony (GPT-OSS): system message as gpt-oss expects it, the Ollama system
-#: prompt as developer instructions, prior turns (assistant thinking as the analysis channel),
-#: then ``<|start|>assistant`` for the model to complete.
-HARMONY_OLLAMA_TEMPLATE = """\
-<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.
-Knowledge cutoff: 2024-06
-Current date: {{ currentDate }}
 
-Reasoning: medium
+def _format(record: dict[str, Any]) -> ChatFormat:
+    from ..arch import known
 
-# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>
-{{- if .System }}<|start|>developer<|message|># Instructions
+    tech = record.get("technical") or {}
+    specials = {f"{role}_token": d["token"] for role, d in (tech.get("special_tokens") or {}).items()
+                if isinstance(d, dict) and isinstance(d.get("token"), str)}
+    return chat_format(known().get(record.get("architecture") or ""), name=tech.get("chat_format"),
+                       template=tech.get("chat_template"), specials=specials, where="the GGUF's chat template")
 
-{{ .System }}<|end|>
-{{- end }}
-{{- range $i, $m := .Messages }}
-{{- if eq $m.Role "user" }}<|start|>user<|message|>{{ $m.Content }}<|end|>
-{{- else if eq $m.Role "assistant" }}
-{{- if $m.Thinking }}<|start|>assistant<|channel|>analysis<|message|>{{ $m.Thinking }}<|end|>
-{{- end }}<|start|>assistant<|channel|>final<|message|>{{ $m.Content }}<|end|>
-{{- end }}
-{{- end }}<|start|>assistant"""
 
-# tokens that end a message but not the reply
-_NOT_A_STOP = {"harmony": {"<|end|>"}}
+def eog_tokens(record: dict[str, Any]) -> list[str]:
+    """The text of the end-of-generation tokens the GGUF's metadata declares (EOS, EOT, EOM), as
+    run.json records them. (run.json's ``eog_tokens`` also lists the configs' ids, which the GGUF
+    does not carry; the chat format adds the stops it needs itself.)"""
+    tech = record.get("technical") or {}
+    specials = tech.get("special_tokens") or {}
+    out = [specials[r]["token"] for r in ("eos", "eot", "eom")
+           if isinstance(specials.get(r), dict) and isinstance(specials[r].get("token"), str)]
+    if not out and tech.get("eos_token"):
+        out.append(tech["eos_token"])
+    return list(dict.fromkeys(out))
+
+
+def ollama_spec(record: dict[str, Any]) -> OllamaSpec:
+    return _format(record).ollama(eog_tokens(record))
 
 
 def stop_tokens(record: dict[str, Any]) -> list[str]:
-    """The stop strings for runtimes that stop on text (Ollama): the architecture's EOG tokens as
-    run.json records them, less the ones that only end a message within the reply."""
-    tech = record.get("technical") or {}
-    eog = list((tech.get("eog_tokens") or {}).keys())
-    if not eog and tech.get("eos_token"):
-        eog = [tech["eos_token"]]
-    skip = _NOT_A_STOP.get(tech.get("chat_format") or "", set())
-    return [t for t in eog if t not in skip]
+    """The stop strings for runtimes that stop on text (Ollama)."""
+    return list(ollama_spec(record).stops)
+
+
+def _quoted(text: str, what: str) -> str:
+    if '"""' in text:
+        raise OutputError(f"the Ollama {what} contains three double quotes, which a Modelfile cannot hold")
+    return '"""' + text + '"""'
 
 
 def modelfile_text(record: dict[str, Any], gguf_file: str) -> str:
-    tech = record.get("technical") or {}
+    spec = ollama_spec(record)
     lines = [f"# Ollama Modelfile for {gguf_file}, written by lora2gguf {record.get('lora2gguf_version', '')}.",
              f"# ollama create {Path(gguf_file).stem.lower()} -f {Path(gguf_file).stem}.Modelfile",
              f"FROM ./{gguf_file}"]
-    if tech.get("chat_format") == "harmony":
-        lines.append('TEMPLATE """' + HARMONY_OLLAMA_TEMPLATE + '"""')
-        lines.append("# <|end|> closes the analysis message; the answer comes after it, so it is not a stop.")
-    for t in stop_tokens(record):
-        lines.append(f'PARAMETER stop "{t}"')
+    lines += [f"# {c}" for c in spec.comments]
+    if spec.template is not None:
+        lines.append("TEMPLATE " + _quoted(spec.template, "template"))
+    if spec.system is not None:
+        lines.append("# The model's chat template writes this system message when a conversation has none.")
+        lines.append("SYSTEM " + _quoted(spec.system, "system message"))
+    for t in spec.stops:
+        lines.append('PARAMETER stop "' + t.replace("\\", "\\\\").replace('"', '\\"') + '"')
     return "\n".join(lines) + "\n"
 
 

@@ -27,12 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..chat import ChatFormat, chat_format
 from ..errors import InputError, OutputError, VerifyError
-from . import harmony, judge, metrics
-from .logits import (choose_reference, default_threads, gguf_logits, load_reference_model,
+from . import judge, metrics
+from .logits import (choose_reference, ctx_size, default_threads, gguf_logits, load_reference_model, open_gguf,
                      reference_logits)
-from .runner import GGUFEngine, PeftEngine, measure_speed, prompt_tokens, run_suite
+from .runner import GGUFEngine, PeftEngine, Prompts, measure_speed, run_suite
 from .suite import Suite, load_suite
+from .tokens import HFTokens, LlamaTokens, describe_difference, first_difference
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,9 @@ __all__ = ["verify", "VerifyResult", "EVAL_TEXT", "load_suite"]
 
 ProgressFn = Callable[[str, int, int, str], None]
 
-#: The built-in evaluation text: rendered as a Harmony conversation (paragraphs alternate user /
-#: assistant), a few hundred tokens. Plain, varied English, so no model is favoured by it.
+#: The built-in evaluation text: rendered as a conversation in the model's chat format (paragraphs
+#: alternate user / assistant), a few hundred tokens. Plain, varied English, so no model is
+#: favoured by it.
 EVAL_TEXT = """\
 Can you explain how a lighthouse keeper kept the light burning through a long winter night?
 
@@ -309,6 +312,111 @@ def rehash_outputs(out_dir: Path, rec: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _family(rec: dict[str, Any]):
+    from ..arch import known
+
+    return known().get(rec.get("architecture") or "")
+
+
+def _record_specials(tech: dict[str, Any]) -> dict[str, str]:
+    """Special tokens by role (``bos_token`` ...) as run.json recorded them."""
+    out = {}
+    for role, d in (tech.get("special_tokens") or {}).items():
+        if isinstance(d, dict) and isinstance(d.get("token"), str):
+            out[f"{role}_token"] = d["token"]
+    return out
+
+
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def declared_reference_stops(rec: dict[str, Any]) -> dict[str, int]:
+    """The end-of-generation ids the fine-tune declares: its tokenizer's EOS (as run.json records
+    it) and the ``eos_token_id`` transformers' generate stops on: the base's generation_config.json,
+    or config.json's when there is none."""
+    tech = rec.get("technical") or {}
+    out: dict[str, int] = {}
+    if isinstance(tech.get("eos_token_id"), int):
+        out["eos"] = tech["eos_token_id"]
+    for name in ("generation_config.json", "config.json"):
+        path = Path(rec.get("base_dir") or "") / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for i in _ids(data.get("eos_token_id") if isinstance(data, dict) else None):
+            if i not in out.values():
+                out[f"{name} {i}"] = i
+        break
+    return out
+
+
+@dataclass
+class _FineTuneTokens:
+    """The fine-tune's chat format and tokenizer (None with ``reason`` when it cannot be loaded:
+    then each GGUF's own tokenizer is used and the comparison is not made)."""
+
+    fmt: ChatFormat
+    tokenizer: Any
+    reason: str | None = None
+
+
+def _fine_tune_tokens(rec: dict[str, Any]) -> _FineTuneTokens:
+    tech = rec.get("technical") or {}
+    fam = _family(rec)
+    name = tech.get("chat_format") or (fam.chat_format if fam is not None else None)
+    tok_dir = (rec.get("tokenizer") or {}).get("dir")
+    fmt = chat_format(fam, name=name, template=tech.get("chat_template"), specials=_record_specials(tech),
+                      where=str(tok_dir or "the fine-tune's tokenizer"))
+    own = fmt.reference_tokens()
+    if own is not None:
+        return _FineTuneTokens(fmt, own)
+    if not tok_dir or not Path(tok_dir).is_dir():
+        return _FineTuneTokens(fmt, None, f"the tokenizer folder {tok_dir!r} from run.json is not there")
+    try:
+        view = HFTokens(tok_dir)
+    except InputError as e:
+        return _FineTuneTokens(fmt, None, str(e))
+    fmt = chat_format(fam, name=name, template=view.chat_template or tech.get("chat_template"),
+                      specials=view.specials() or _record_specials(tech), where=str(tok_dir))
+    return _FineTuneTokens(fmt, view)
+
+
+def _gguf_format(rec: dict[str, Any], meta: dict[str, Any], view: LlamaTokens, where: str) -> ChatFormat:
+    """A GGUF's chat format: its family's, with the chat template and special tokens it carries."""
+    fam = _family(rec)
+    name = (rec.get("technical") or {}).get("chat_format") or (fam.chat_format if fam is not None else None)
+    return chat_format(fam, name=name, template=meta.get("tokenizer.chat_template"), specials=view.specials(meta),
+                       where=where)
+
+
+def _compare_tokens(file: str, ref: dict[str, list[int]], got: dict[str, list[int]], ref_tok, got_tok,
+                    failures: list[dict[str, Any]]) -> dict[str, Any]:
+    """Compare the ids of every rendered text (prompt id, or "" for the evaluation text); each
+    difference is a failure of ``file``."""
+    bad = []
+    for key, ids in ref.items():
+        mine = got.get(key)
+        if mine is None or first_difference(ids, mine) is None:
+            continue
+        what = f"prompt {key!r}" if key else "the evaluation text"
+        detail = f"{what}: " + describe_difference(ids, mine, ref_tok, got_tok)
+        bad.append({"prompt": key or None, "detail": detail})
+        failures.append({"file": file, "check": "tokenization", "prompt": key or None, "against": "reference",
+                         "detail": detail,
+                         "why": "llama.cpp's tokenizer of this GGUF (its chat template and vocabulary) gives other ids "
+                                "than the fine-tune's tokenizer for the same conversation: a conversion fault "
+                                "(pre-tokenizer, special tokens, merges or the chat template)"})
+    return {"checked": True, "same": not bad, "texts": len(ref), "differences": bad}
+
+
 def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | None = None,
            suite: str | os.PathLike[str] | Suite | None = None, reference: str = "auto",
            samples: int | None = None, max_tokens: int | None = None, n_threads: int | None = None,
@@ -334,17 +442,25 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
     if max_tokens is not None:
         st.max_tokens = int(max_tokens)
     threads = n_threads or default_threads()
-    eos_token = (rec.get("technical") or {}).get("eos_token") or harmony.decode([harmony.RETURN])
-
-    eval_text, eval_source = _eval_text(text)
-    toks = harmony.render_text(eval_text)
-    first, _ = metrics.scored_rows(len(toks))
-
     outputs = rec["outputs"]
     unq = [o for o in outputs if o.get("type", "").upper() in ("BF16", "F16", "F32")]
     fallback = unq[0]["file"] if unq else None
+
+    # --- the fine-tune's chat format and tokenizer: its prompts and evaluation text
+    ft = _fine_tune_tokens(rec)
+    ref_tok = ft.tokenizer
+    if ref_tok is None:  # compare nothing; tokenize with the first unquantized GGUF instead
+        llm0 = open_gguf(out / (fallback or outputs[0]["file"]), n_ctx=256, n_threads=1, vocab_only=True)
+        ref_tok = LlamaTokens(llm0, fallback or outputs[0]["file"])
+    st = st.for_format(ft.fmt)
+    eval_text, eval_source = _eval_text(text)
+    rendered = ft.fmt.render_text(eval_text)
+    toks = list(rendered.ids) if rendered.ids is not None else ref_tok.encode(rendered.text)
+    ref_prompts = Prompts.render(ft.fmt, st, ref_tok, own_ids=True)
+    first, _ = metrics.scored_rows(len(toks))
+
     n_params = _n_params(unq[0] if unq else outputs[0])
-    vocab = int((rec.get("technical") or {}).get("vocab_size") or 0) or 201088
+    vocab = int((rec.get("technical") or {}).get("vocab_size") or 0) or max(toks) + 1
     ref = choose_reference(reference, n_params=n_params, base_dir=rec.get("base_dir"),
                            adapter_dir=rec.get("adapter_dir"), fallback_file=fallback,
                            n_tokens=len(toks), vocab_size=vocab)
@@ -364,29 +480,48 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
     def on_run(_stage: str, _done: int, _total: int, what: str) -> None:
         note(0, 0, what)
 
+    # a prompt may come out longer in a GGUF whose tokenizer differs: leave room for that
+    n_ctx = ctx_size(max(len(toks), ref_prompts.longest * 3 // 2 + 16) + st.max_tokens + 8)
+    ref_texts = {"": toks, **ref_prompts.ids}
+    failures: list[dict[str, Any]] = []
+
+    def gguf_side(path: Path, eng: GGUFEngine) -> tuple[ChatFormat, LlamaTokens, Prompts, dict[str, Any]]:
+        """A GGUF's own rendering and tokenization of the prompts and the evaluation text, compared
+        with the fine-tune's."""
+        view = eng.tokenizer
+        fmt = _gguf_format(rec, eng.meta, view, str(path))
+        prompts = Prompts.render(fmt, st.for_format(fmt), view)
+        got = {"": view.encode(fmt.render_text(eval_text).text), **prompts.ids}
+        if ft.tokenizer is None:
+            cmp = {"checked": False, "reason": ft.reason}
+        else:
+            cmp = _compare_tokens(path.name, ref_texts, got, ft.tokenizer, view, failures)
+        return fmt, view, prompts, cmp
+
     # --- the reference: logits and generations
-    n_ctx = max(len(toks), max(len(prompt_tokens(st, p)) for p in st.prompts) + st.max_tokens) + 8
     t0 = time.perf_counter()
+    ref_tokenization = None
     if ref.kind == "peft":
         model = load_reference_model(rec["base_dir"], rec["adapter_dir"], ref.dtype)
         ref_logits = reference_logits(model, toks)
-        stops = {"eos": harmony.RETURN, "call": harmony.CALL}
-        ref_runs = run_suite(PeftEngine(model, stops), st, eos_token=eos_token, progress=on_run,
-                             label="reference")
+        stops = ft.fmt.reference_stops(declared_reference_stops(rec))
+        ref_runs = run_suite(PeftEngine(model, stops), st, fmt=ft.fmt, prompts=ref_prompts, tokenizer=ref_tok,
+                             progress=on_run, label="reference")
         del model
         gc.collect()
     else:
         ref_logits = gguf_logits(out / ref.file, toks, n_threads=threads)
         eng = GGUFEngine(out / ref.file, n_ctx=n_ctx, n_threads=threads)
         try:
-            ref_runs = run_suite(eng, st, eos_token=eos_token, progress=on_run, label=ref.file)
+            g_fmt, g_view, g_prompts, ref_tokenization = gguf_side(out / ref.file, eng)
+            ref_runs = run_suite(eng, st, fmt=g_fmt, prompts=g_prompts, tokenizer=g_view, progress=on_run,
+                                 label=ref.file)
         finally:
             eng.close()
     ref_seconds = time.perf_counter() - t0
 
     files: list[dict[str, Any]] = []
     runs: dict[str, list[dict[str, Any]]] = {}
-    failures: list[dict[str, Any]] = []
     for i, o in enumerate(outputs):
         path = out / o["file"]
         t0 = time.perf_counter()
@@ -398,9 +533,15 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
         gate = _gate(st, o, m)
         eng = GGUFEngine(path, n_ctx=n_ctx, n_threads=threads)
         try:
-            stops = eng.stops
-            gens = ref_runs if is_ref else run_suite(eng, st, eos_token=eos_token, progress=on_run,
-                                                     label=o["file"])
+            if is_ref:
+                tokenization, gens, g_fmt = ref_tokenization, ref_runs, None
+            else:
+                g_fmt, g_view, g_prompts, tokenization = gguf_side(path, eng)
+                gens = run_suite(eng, st, fmt=g_fmt, prompts=g_prompts, tokenizer=g_view, progress=on_run,
+                                 label=o["file"])
+            view = eng.tokenizer
+            stops = {k: {"id": v, "token": view.decode([v])} for k, v in eng.stops.items()}
+            chat = (g_fmt or _gguf_format(rec, eng.meta, view, str(path))).describe()
         finally:
             eng.close()
         runs[o["file"]] = [g.to_dict() for g in gens]
@@ -409,13 +550,15 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
             sp = measure_speed(path, toks, n_threads=threads)
             note(i, len(outputs), f"{o['file']}: speed")
         files.append({"file": o["file"], "type": o.get("type"), "bytes": o.get("bytes"),
-                      "metrics": m, "gate": gate, "speed": sp,
-                      "stop_tokens": {k: {"id": v, "token": harmony.decode([v])} for k, v in stops.items()},
+                      "metrics": m, "gate": gate, "speed": sp, "stop_tokens": stops,
+                      "tokenization": tokenization, "chat_format": chat,
                       "seconds": round(time.perf_counter() - t0, 3)})
         if gate["passed"] is False and gate.get("required", True):
             failures.append({"file": o["file"], "check": "agreement with the reference", "prompt": None,
                              "against": "reference", "detail": gate["detail"],
                              "why": f"its next-token distributions are outside the {o.get('type')} gate"})
+    if ft.tokenizer is None:
+        ref_tok.llm.close()
 
     # --- checks, judged against the reference (judge): a file fails a check where the reference
     # passes it and the file does not; one the reference fails too is a fact about the fine-tune
@@ -425,6 +568,9 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "threads": threads,
         "reference": ref.to_dict() | {"label": ref.label, "seconds": round(ref_seconds, 3)},
+        "chat_format": ft.fmt.describe() | {"rendered_as": ft.fmt.evaluation_text_label,
+                                            "tokenizer_compared": ft.tokenizer is not None,
+                                            "not_compared_because": ft.reason},
         "eval": {"source": eval_source, "n_tokens": len(toks), "first_scored": first,
                  "n_scored": len(toks) - 1 - first,
                  "sha256": hashlib.sha256(json.dumps(toks).encode()).hexdigest()},

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from .suite import Check
+from .suite import STRUCTURE_CHECK, Check
 
 #: outcomes of a check on one GGUF
 PASSED = "passed"
@@ -89,7 +89,7 @@ def fine_tune_fact(check: Check, detail: str, *, subject: str = "the fine-tune i
     """What a check the reference fails says about the fine-tune, in one sentence
     ("the fine-tune itself does not refuse this prompt")."""
     where = {"final": "answer", "analysis": "reasoning (analysis channel)", "all": "completion"}[check.channel] \
-        if check.type != "harmony" else ""
+        if check.type != STRUCTURE_CHECK else ""
     if check.type == "contains":
         return f"{subject} does not include {check.value!r} in its {where}"
     if check.type == "regex":
@@ -98,4 +98,4 @@ def fine_tune_fact(check: Check, detail: str, *, subject: str = "the fine-tune i
         return f"{subject} does not show the persona markers in its {where} ({detail})"
     if check.type == "refused":
         return f"{subject} does not refuse this prompt" if check.expect else f"{subject} refuses this prompt"
-    return f"{subject} does not answer in the Harmony structure ({detail})"
+    return f"{subject} does not answer in the {check.label} ({detail})"

@@ -56,9 +56,9 @@ def _quiet_stderr():
 
 
 def open_gguf(path: str | os.PathLike[str], *, n_ctx: int, n_threads: int | None = None,
-              logits_all: bool = False, seed: int = 0, n_batch: int = 512):
+              logits_all: bool = False, seed: int = 0, n_batch: int = 512, vocab_only: bool = False):
     """A ``llama_cpp.Llama`` for ``path`` (raises UnsupportedError without llama-cpp-python and
-    InputError when llama.cpp cannot load the file)."""
+    InputError when llama.cpp cannot load the file). ``vocab_only``: the tokenizer alone."""
     try:
         from llama_cpp import Llama
     except ImportError as e:
@@ -71,7 +71,7 @@ def open_gguf(path: str | os.PathLike[str], *, n_ctx: int, n_threads: int | None
         with _quiet_stderr():
             return Llama(model_path=str(p), n_ctx=n_ctx, n_threads=n_threads or default_threads(),
                          n_threads_batch=n_threads or default_threads(), n_batch=min(n_batch, n_ctx),
-                         logits_all=logits_all, seed=seed, verbose=False)
+                         logits_all=logits_all, seed=seed, vocab_only=vocab_only, verbose=False)
     except (ValueError, RuntimeError) as e:
         raise InputError(f"llama.cpp could not load {p}: {e}; rebuild the file or check it with "
                          "`lora2gguf doctor`") from e

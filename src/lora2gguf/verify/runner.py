@@ -1,9 +1,11 @@
 """Runs the suite's prompts on a model (a GGUF in llama.cpp, or the PEFT reference) and measures
 llama.cpp's speed on each GGUF.
 
-Generation stops on the stop tokens the model declares (for a GGUF: the EOS/EOT/EOM ids in its
-metadata, see :func:`lora2gguf.verify.logits.declared_stop_tokens`) or at ``max_tokens``.
-Each prompt runs greedily and with ``samples`` seeded samples (seeds 1..samples).
+Each model gets the prompts rendered by its chat format and tokenized by its own tokenizer
+(:class:`Prompts`). Generation stops on the stop tokens the model declares (for a GGUF: the
+EOS/EOT/EOM ids in its metadata, see :func:`lora2gguf.verify.logits.declared_stop_tokens`) or
+at ``max_tokens``. Each prompt runs greedily and with ``samples`` seeded samples (seeds
+1..samples); the completion is parsed by the chat format and the prompt's checks evaluated.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from . import harmony
+from ..chat import ChatFormat, Parsed, TokenizerView
+from ..errors import InputError
 from .logits import ctx_size, declared_stop_tokens, default_threads, open_gguf
-from .suite import Prompt, Suite, evaluate
+from .suite import Suite, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +31,49 @@ class Generation:
     tokens: list[int]
     hit_limit: bool
     seconds: float
+    parsed: Parsed = field(default_factory=Parsed)
+    text: str = ""
     checks: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        p = harmony.parse_completion(self.tokens)
+        p = self.parsed
         return {
             "prompt": self.prompt, "mode": self.mode, "seed": self.seed, "n_tokens": len(self.tokens),
             "hit_limit": self.hit_limit, "stop": p.stop, "seconds": round(self.seconds, 4),
             "analysis": p.channel("analysis"), "final": p.channel("final"),
             "channels": p.channels, "parse_errors": p.errors,
-            "text": harmony.decode(self.tokens), "checks": self.checks,
+            "text": self.text, "checks": self.checks,
         }
+
+
+@dataclass
+class Prompts:
+    """The suite's prompts for one model: prompt id -> rendered text and the ids its tokenizer
+    gives (the format's own ids where it has a tokenizer of its own)."""
+
+    texts: dict[str, str]
+    ids: dict[str, list[int]]
+
+    @classmethod
+    def render(cls, fmt: ChatFormat, suite: Suite, tokenizer: TokenizerView | None, *,
+               own_ids: bool = False) -> "Prompts":
+        """``own_ids``: take the format's own ids where it has them (the reference's prompts),
+        else tokenize the text with ``tokenizer``."""
+        texts, ids = {}, {}
+        for p in suite.prompts:
+            r = fmt.render_prompt(p.prompt, system=suite.system, developer=suite.developer, reasoning=suite.reasoning)
+            texts[p.id] = r.text
+            if r.ids is not None and (own_ids or tokenizer is None):
+                ids[p.id] = list(r.ids)
+            elif tokenizer is None:
+                raise InputError(f"no tokenizer to tokenize the {fmt.label} prompt {p.id!r} with")
+            else:
+                ids[p.id] = tokenizer.encode(r.text)
+        return cls(texts, ids)
+
+    @property
+    def longest(self) -> int:
+        return max((len(v) for v in self.ids.values()), default=0)
 
 
 class GGUFEngine:
@@ -52,6 +87,12 @@ class GGUFEngine:
         self.llm = open_gguf(path, n_ctx=n_ctx, n_threads=self.n_threads)
         self.meta = dict(self.llm.metadata)
         self.stops = declared_stop_tokens(self.meta)
+
+    @property
+    def tokenizer(self):
+        from .tokens import LlamaTokens
+
+        return LlamaTokens(self.llm, str(self.path))
 
     def generate(self, prompt: Sequence[int], *, max_tokens: int, sampling: dict[str, Any] | None,
                  seed: int | None) -> tuple[list[int], bool, float]:
@@ -117,27 +158,24 @@ class PeftEngine:
         pass
 
 
-def prompt_tokens(suite: Suite, p: Prompt) -> list[int]:
-    return harmony.render_prompt(p.prompt, system=suite.system, developer=suite.developer,
-                                 reasoning=suite.reasoning)
-
-
-def run_suite(engine, suite: Suite, *, eos_token: str = "<|return|>", progress=None,
-              label: str = "") -> list[Generation]:
+def run_suite(engine, suite: Suite, *, fmt: ChatFormat, prompts: Prompts, tokenizer: TokenizerView | None,
+              progress=None, label: str = "") -> list[Generation]:
     """Every prompt of ``suite`` on ``engine``: greedy, then ``suite.samples`` seeded samples, each
-    with its checks evaluated."""
+    parsed by ``fmt`` (with ``tokenizer``, the model's) and its checks evaluated."""
     gens: list[Generation] = []
     total = len(suite.prompts) * (1 + suite.samples)
+    stops = sorted(set(engine.stops.values()))
     for p in suite.prompts:
-        toks = prompt_tokens(suite, p)
+        toks = prompts.ids[p.id]
         runs: list[tuple[str, int | None, dict | None]] = [("greedy", None, None)]
         runs += [("sample", s, suite.sampling) for s in range(1, suite.samples + 1)]
         for mode, seed, sampling in runs:
             out, hit, secs = engine.generate(toks, max_tokens=suite.max_tokens, sampling=sampling, seed=seed)
-            g = Generation(p.id, mode, seed, out, hit, secs)
-            parsed = harmony.parse_completion(out)
+            parsed = fmt.parse(out, tokenizer, stops=stops, prompt=prompts.texts[p.id])
+            text = tokenizer.decode(out) if tokenizer is not None else ""
+            g = Generation(p.id, mode, seed, out, hit, secs, parsed, text)
             for c in p.checks:
-                r = evaluate(c, parsed, hit_limit=hit, eos_token=eos_token)
+                r = evaluate(c, parsed, hit_limit=hit, fmt=fmt)
                 g.checks.append({"check": c.label, "type": c.type, "required": c.required,
                                  "passed": r.passed, "detail": r.detail})
             gens.append(g)

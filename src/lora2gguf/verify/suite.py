@@ -20,10 +20,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..chat import STRUCTURE_CHECK, STRUCTURE_CHECK_ALIASES, ChatFormat, Parsed
 from ..errors import InputError
-from .harmony import Parsed
 
-CHECK_TYPES = ("contains", "regex", "persona", "refused", "harmony")
+CHECK_TYPES = ("contains", "regex", "persona", "refused", STRUCTURE_CHECK)
 #: what a check is held against: the reference's result on the same prompt, or nothing
 AGAINST = ("reference", "absolute")
 
@@ -35,7 +35,7 @@ REFUSAL_PATTERNS = (
 )
 
 #: Numeric gates per output type against the reference: mean KL (nats) at most ``kl_mean`` and
-#: top-1 agreement at least ``top1``. Measured on tiny random GPT-OSS fixtures (see the tests):
+#: top-1 agreement at least ``top1``. Measured on tiny random fixtures (see the tests):
 #: F32 vs the float32 PEFT reference ~1e-5 mean KL and 100% top-1 (YaRN rounding differs between
 #: transformers and llama.cpp), BF16 ~2e-3 and ~99%; the gates leave an order of magnitude of
 #: headroom above that noise, and quantized types get the slack llama.cpp's own tables show
@@ -66,6 +66,8 @@ class Check:
     expect: bool = True
     ignore_case: bool = False
     against: str = "reference"
+    #: the structure check's label, named after the model's chat format (:meth:`Suite.for_format`)
+    structure_label: str = "chat structure"
 
     @property
     def label(self) -> str:
@@ -77,12 +79,12 @@ class Check:
             return f"persona markers ({len(self.patterns)})"
         if self.type == "refused":
             return "refuses" if self.expect else "does not refuse"
-        return "Harmony structure"
+        return self.structure_label
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": self.type, "required": self.required, "against": self.against,
                              "label": self.label}
-        if self.type != "harmony":
+        if self.type != STRUCTURE_CHECK:
             d["channel"] = self.channel
         for k in ("value", "pattern"):
             if getattr(self, k) is not None:
@@ -116,6 +118,15 @@ class Suite:
     gates: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = "built-in"
 
+    def for_format(self, fmt: ChatFormat) -> "Suite":
+        """The suite with its structure checks labelled after ``fmt`` (:attr:`ChatFormat.structure_label`)."""
+        import dataclasses
+
+        prompts = [dataclasses.replace(p, checks=tuple(
+            dataclasses.replace(c, structure_label=fmt.structure_label) if c.type == STRUCTURE_CHECK else c
+            for c in p.checks)) for p in self.prompts]
+        return dataclasses.replace(self, prompts=prompts)
+
     def gate_for(self, type_name: str) -> dict[str, Any]:
         """Numeric gate for an output type: ``{kl_mean, top1, required}``."""
         g = dict(DEFAULT_GATES.get(type_name.upper(), DEFAULT_LOW_BIT_GATE))
@@ -128,6 +139,8 @@ def _check(raw: Any, where: str) -> Check:
     if not isinstance(raw, dict) or "type" not in raw:
         raise InputError(f"{where}: each check is a mapping with a `type` ({', '.join(CHECK_TYPES)})")
     t = raw["type"]
+    if t in STRUCTURE_CHECK_ALIASES:
+        t = STRUCTURE_CHECK
     if t not in CHECK_TYPES:
         raise InputError(f"{where}: unknown check type {t!r}; use one of {', '.join(CHECK_TYPES)}")
     known = {"type", "required", "channel", "value", "pattern", "patterns", "min", "expect", "ignore_case",
@@ -249,20 +262,14 @@ def is_refusal(text: str) -> bool:
     return any(re.search(p, t, flags=re.IGNORECASE | re.DOTALL) for p in REFUSAL_PATTERNS)
 
 
-def evaluate(check: Check, parsed: Parsed, *, hit_limit: bool, eos_token: str = "<|return|>") -> CheckResult:
-    """Run one check on a parsed completion. ``hit_limit``: generation ran to max_tokens."""
-    if check.type == "harmony":
-        problems = []
-        if "analysis" not in parsed.channels:
-            problems.append("no analysis message")
-        if "final" not in parsed.channels:
-            problems.append("no final message")
-        if hit_limit:
-            problems.append("ran to the token limit without a stop token")
-        elif parsed.stop != eos_token:
-            problems.append(f"ended with {parsed.stop or 'no stop token'}, not {eos_token}")
-        problems += parsed.errors
-        return CheckResult(not problems, "; ".join(problems) or f"analysis + final, stopped at {eos_token}")
+def evaluate(check: Check, parsed: Parsed, *, hit_limit: bool, fmt: ChatFormat | None = None) -> CheckResult:
+    """Run one check on a parsed completion. ``hit_limit``: generation ran to max_tokens; ``fmt``:
+    the model's chat format (the structure check is the format's)."""
+    if check.type == STRUCTURE_CHECK:
+        if fmt is None:
+            raise InputError("a structure check needs the model's chat format")
+        r = fmt.structure_check(parsed, hit_limit=hit_limit)
+        return CheckResult(r.passed, r.detail)
     text = _text(parsed, check.channel)
     where = f"{check.channel} text" if check.channel != "all" else "the completion"
     if check.type == "contains":
