@@ -61,6 +61,7 @@ class LoraTerm:
     kind: str  # "linear", "embedding" or "experts"
     num_experts: int = 1
     fan_in_fan_out: bool = False
+    layout: str = "in_out"  # experts: how the 3-D parameter holds each matrix (lora.expert_matrix_factors)
 
 
 @dataclass(frozen=True)
@@ -267,8 +268,8 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
             target = f"{module}.{param}"
             shape = base_shapes[target]
             if len(shape) != 3:
-                raise InputError(f"{where}: {target} has shape {shape}; expected (experts, in, out)")
-            n_exp, in_f, out_f = shape
+                raise InputError(f"{where}: {target} has shape {shape}; expected a 3-D (experts, ..., ...) parameter")
+            n_exp, in_f, out_f = shape if arch.expert_layout == "in_out" else (shape[0], shape[2], shape[1])
             r = int(lora.pattern_value(rank_pattern, target, r0))
             alpha = float(lora.pattern_value(alpha_pattern, target, alpha0))
             if a.shape != (r * n_exp, in_f) or b.shape != (out_f, r * n_exp):
@@ -278,7 +279,8 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
                     "Is this adapter for another model, or another expert count?"
                 )
             term = LoraTerm(target, a_key.rsplit(".lora_A", 1)[0], a, b, r, alpha,
-                            lora.scaling(alpha, r, rslora), "experts", num_experts=n_exp)
+                            lora.scaling(alpha, r, rslora), "experts", num_experts=n_exp,
+                            layout=arch.expert_layout)
         adapter.terms.setdefault(term.target, []).append(term)
     if not adapter.terms and not adapter.replaced and not adapter.token_rows:
         raise InputError(f"{where}: holds no LoRA tensors")

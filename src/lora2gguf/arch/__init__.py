@@ -13,7 +13,9 @@ tests), not editing the pipeline. A family is data plus a few named override poi
 - ``generated``: tensors made from the config alone (Llama 3's ``rope_freqs``), written first;
 - ``f32_tensors``: tensors kept in F32 whatever the output type (routers);
 - ``expert_params``: 3-D expert parameters PEFT can target (``target_parameters``), in the order
-  the HF module registers them (PEFT nests its ParamWrappers in that order);
+  the HF module registers them (PEFT nests its ParamWrappers in that order), and their
+  ``expert_layout``; ``stacks``: per-expert checkpoint tensors stacked into one GGUF tensor;
+  ``fused``: how transformers 5.x's fused expert parameters relate to the per-expert tensors;
 - ``chat_format`` and its end-of-generation tokens; ``vocab_options``: which tokenizer kinds the
   converter tries, in which order, and the few per-family quirks (lora2gguf.vocab.VocabOptions).
 """
@@ -42,6 +44,34 @@ class Rule:
     outputs: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Stack:
+    """Per-expert tensors stacked into one 3-D GGUF tensor: the HF tensors ``template`` names for
+    experts 0..n-1 (``{e}`` the expert index, relative to a layer's prefix) become the output
+    ``output`` (an HF-style name gguf-py's TensorNameMap knows), expert ``e`` its matrix ``e``."""
+
+    template: str  # e.g. "mlp.experts.{e}.gate_proj.weight"
+    output: str  # e.g. "mlp.experts.gate_proj.weight"
+
+    def match(self, name: str) -> tuple[str, int] | None:
+        """(layer prefix, expert index) when ``name`` is one of the stacked tensors."""
+        head, _, tail = self.template.partition("{e}")
+        m = re.search(re.escape(head) + r"(\d+)" + re.escape(tail) + "$", name)
+        if m is None:
+            return None
+        return name[: m.start()], int(m.group(1))
+
+
+@dataclass(frozen=True)
+class Fused:
+    """A 3-D expert parameter as transformers 5.x holds it (and PEFT's ``target_parameters``
+    target it): expert ``e``'s matrix is the per-expert tensors ``parts`` (``{e}`` the index)
+    one above the other, in rows. Lets an adapter made for one layout merge into the other."""
+
+    name: str  # e.g. "mlp.experts.gate_up_proj"
+    parts: tuple[str, ...]  # e.g. ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight")
+
+
 # config -> {GGUF name: float32 values}: tensors made from the config alone
 Generated = Callable[[Mapping[str, Any]], dict[str, np.ndarray]]
 # (config, put) -> None: extra GGUF keys; put(method, value, config key) checks and writes
@@ -62,6 +92,11 @@ class Family:
     generated: Generated | None = None
     f32_tensors: frozenset[gguf.MODEL_TENSOR] = field(default_factory=frozenset)
     expert_params: tuple[str, ...] = ()
+    # how the 3-D expert parameters hold each expert's matrix: "in_out" (x @ W[e], GPT-OSS) or
+    # "out_in" (a Linear's weight, W[e] @ x); it decides the orientation of PEFT's expert deltas
+    expert_layout: str = "in_out"
+    stacks: tuple[Stack, ...] = ()
+    fused: tuple[Fused, ...] = ()
     # HF tensor name suffixes that are not model weights (llama.cpp's converter skips them too)
     skip_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
     chat_format: str = "jinja"
@@ -83,6 +118,24 @@ class Family:
             if hf_name.endswith("." + rule.suffix) or hf_name == rule.suffix:
                 return hf_name[: len(hf_name) - len(rule.suffix)], rule
         return None
+
+    def fused_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """The shapes of the fused expert parameters (``fused``) of a per-expert checkpoint, per
+        layer: what an adapter trained on transformers 5.x's fused experts targets."""
+        out: dict[str, tuple[int, ...]] = {}
+        for f in self.fused:
+            first = f.parts[0].format(e=0)
+            for name in shapes:
+                if not name.endswith(first):
+                    continue
+                prefix = name[: -len(first)]
+                n = 0
+                while all(prefix + p.format(e=n) in shapes for p in f.parts):
+                    n += 1
+                mats = [shapes[prefix + p.format(e=0)] for p in f.parts]
+                if n and all(len(m) == 2 and m[1] == mats[0][1] for m in mats):
+                    out[prefix + f.name] = (n, sum(m[0] for m in mats), mats[0][1])
+        return out
 
     def vocab_for(self, config: Mapping[str, Any]):
         """The vocabulary options for this config (lora2gguf.vocab.VocabOptions or None)."""
@@ -108,7 +161,7 @@ class Family:
 
 
 _REGISTRY: dict[str, Family] = {}
-_MODULES = ("gpt_oss", "llama", "qwen")
+_MODULES = ("gpt_oss", "llama", "qwen", "qwen_moe", "mixtral")
 
 
 def register(family: Family) -> Family:

@@ -397,7 +397,7 @@ def check_adapter(adapter: AdapterInfo, base: BaseInfo, arch) -> list[Finding]:
     terms = None
     if arch is not None and base.logical_shapes:
         try:
-            terms = load_adapter(ad_dir, base.logical_shapes, arch)
+            terms = load_adapter(ad_dir, {**arch.fused_shapes(base.logical_shapes), **base.logical_shapes}, arch)
         except UnsupportedError as e:
             out.append(F.make("ADAPTER_UNSUPPORTED_FEATURE", str(e),
                               "these adapter tensors would be missing from the GGUF",

@@ -27,6 +27,18 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "mistral": {"cls": "MistralForCausalLM", "config": "MistralConfig", "model_type": "mistral"},
     "qwen2": {"cls": "Qwen2ForCausalLM", "config": "Qwen2Config", "model_type": "qwen2"},
     "qwen3": {"cls": "Qwen3ForCausalLM", "config": "Qwen3Config", "model_type": "qwen3"},
+    "qwen2_moe": {"cls": "Qwen2MoeForCausalLM", "config": "Qwen2MoeConfig", "model_type": "qwen2_moe"},
+    "qwen3_moe": {"cls": "Qwen3MoeForCausalLM", "config": "Qwen3MoeConfig", "model_type": "qwen3_moe"},
+    "mixtral": {"cls": "MixtralForCausalLM", "config": "MixtralConfig", "model_type": "mixtral"},
+}
+
+#: the MoE families' expert settings for small models: several experts, top-k 2
+MOE = {
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),
+    # as the released Qwen3-MoE models: top-k weights renormalized (llama.cpp's qwen3moe always does)
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
 }
 
 #: every Linear layer of a dense decoder block: what "all linear modules" targets
@@ -44,8 +56,9 @@ def small_config(family: str, *, vocab_size: int, hidden_size: int = 64, num_hid
     cfg = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
                intermediate_size=intermediate_size, max_position_embeddings=4096)
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_moe"):
         cfg["head_dim"] = hidden_size // num_attention_heads  # Qwen3's default is 128
+    cfg.update(MOE.get(family, {}))
     cfg.update(extra)
     return cfg
 
@@ -65,8 +78,11 @@ def _init(name: str, shape: tuple[int, ...], cfg: Mapping[str, Any]) -> tuple[fl
         return 0.0, LOGIT_STD / math.sqrt(h)
     if name.endswith("o_proj.weight"):
         return 0.0, 1.0 / math.sqrt(heads * hd)
-    if name.endswith("down_proj.weight"):
-        return 0.0, 1.0 / math.sqrt(cfg["intermediate_size"])
+    if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "shared_expert_gate.weight")):
+        return 0.0, 2.0 / math.sqrt(h)  # routers: distinct expert choices per token
+    if name.endswith(("down_proj.weight", ".w2.weight")):
+        inner = cfg.get("moe_intermediate_size") if ".experts." in name else None
+        return 0.0, 1.0 / math.sqrt(inner or cfg["intermediate_size"])
     return 0.0, 1.0 / math.sqrt(h)
 
 
@@ -209,6 +225,70 @@ def make_adapter_numpy(base: str | Path, dest: str | Path, family: str, *, r: in
     lc = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(target_modules), lora_dropout=0.0,
                     bias="none", inference_mode=True, base_model_name_or_path=str(base)).to_dict()
     lc = {k: (list(v) if isinstance(v, set) else v) for k, v in lc.items()}
+    (dest / "adapter_config.json").write_text(json.dumps(lc, indent=2, sort_keys=True, default=str))
+    for f in base.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def save_fused(base: str | Path, dest: str | Path) -> Path:
+    """A copy of a per-expert MoE checkpoint with its experts as transformers 5.x holds them in
+    memory (``mlp.experts.gate_up_proj`` / ``down_proj``), the other checkpoint layout hubs carry."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    base, dest = Path(base), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    for f in base.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+def make_per_expert_adapter(base: str | Path, dest: str | Path, *, r: int = 4, lora_alpha: float = 8,
+                            experts_pattern: str = "mlp.experts.{e}.{p}", parts=("gate_proj", "up_proj", "down_proj"),
+                            attention=("q_proj", "k_proj", "v_proj", "o_proj"), seed: int = 0,
+                            init_scale: float = 0.5) -> Path:
+    """An adapter as PEFT saves it for a transformers 4.x MoE model: one Linear LoRA pair per
+    expert (``experts.{e}.gate_proj.lora_A.weight`` ...) and on attention, written by numpy (PEFT
+    itself loads it onto transformers 5.x's fused experts, which makes it the reference)."""
+    import json
+
+    from peft import LoraConfig
+
+    from .. import synth
+    from ..safetensors_io import Checkpoint
+
+    base, dest = Path(base), Path(dest)
+    shapes = {n: i.shape for n, i in Checkpoint.open(base).tensors.items()}
+    scale = lora_alpha / r
+    arrays = {}
+    wanted = set(parts) | set(attention)
+    for name, shape in sorted(shapes.items()):
+        module = name[: -len(".weight")]
+        if not name.endswith(".weight") or len(shape) != 2 or module.rsplit(".", 1)[-1] not in wanted:
+            continue
+        if module.rsplit(".", 1)[-1] in parts and ".experts." not in module:
+            continue  # a dense or shared-expert MLP: not this adapter's
+        a, b = synth._lora_values(synth._rng(seed, module), (r, shape[1]), (shape[0], r), r, scale, init_scale)
+        arrays[f"base_model.model.{module}.lora_A.weight"] = a
+        arrays[f"base_model.model.{module}.lora_B.weight"] = b
+    dest.mkdir(parents=True, exist_ok=True)
+    synth.write_safetensors_streamed(dest / "adapter_model.safetensors",
+                                     [(k, v.shape, "float32") for k, v in arrays.items()],
+                                     lambda k: iter([arrays[k].reshape(-1)]))
+    lc = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=sorted(wanted), lora_dropout=0.0, bias="none",
+                    inference_mode=True, base_model_name_or_path=str(base)).to_dict()
+    lc = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lc.items()}
     (dest / "adapter_config.json").write_text(json.dumps(lc, indent=2, sort_keys=True, default=str))
     for f in base.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
