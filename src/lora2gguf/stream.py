@@ -82,6 +82,7 @@ class Factors:
     b: np.ndarray
     matrix: int | None = None
     view: layout.View = layout.View()
+    magnitude: np.ndarray | None = None  # DoRA: one value per output row of the source
 
 
 def read_factors(bound) -> Factors:
@@ -89,7 +90,21 @@ def read_factors(bound) -> Factors:
     term = getattr(bound, "term", bound)
     a = to_f32(read_raw(term.a), term.a.dtype, name=term.a.name).astype(np.float64)
     b = to_f32(read_raw(term.b), term.b.dtype, name=term.b.name).astype(np.float64)
-    return Factors(term, a, b, getattr(bound, "matrix", None), getattr(bound, "view", layout.View()))
+    mag = None
+    if term.magnitude is not None:
+        mag = to_f32(read_raw(term.magnitude), term.magnitude.dtype, name=term.magnitude.name).astype(np.float64)
+    return Factors(term, a, b, getattr(bound, "matrix", None), getattr(bound, "view", layout.View()), mag)
+
+
+def row_scale(factors: list[Factors], view: layout.View, name: str) -> np.ndarray | None:
+    """DoRA's magnitudes in the output matrix's row order (the view's row selection), or None."""
+    mags = [f.magnitude for f in factors if f.magnitude is not None]
+    if not mags:
+        return None
+    if len(mags) > 1 or view.transpose or view.cols != layout.ALL:
+        raise NumericError(f"{name}: DoRA with this layout (several DoRA terms, or a transposed / column-cut "
+                           "tensor) cannot be merged row by row; merge with PEFT and convert the merged model")
+    return np.ascontiguousarray(mags[0][layout.index_array(view.rows)])
 
 
 def source_factors(f: Factors, matrix: int) -> tuple[np.ndarray, np.ndarray]:
@@ -251,7 +266,12 @@ def compute_unit(tp: TensorPlan, matrix: int, rows: slice, factors: list[list[Fa
     dtype = _DTYPE[t.qtype]
     out = take((n, out_cols), np.float32 if dtype == "f32" else np.uint16)
     tiles = _tile_source(region, kind, v, 0, scratch)
-    if not merge.merge_block(tiles, (n, out_cols), left, right, dtype, out=out, add=tp.add, work=scratch.work):
+    scale = row_scale(factors, part.view, src.name)
+    if not merge.merge_block(tiles, (n, out_cols), left, right, dtype, out=out, add=tp.add, work=scratch.work,
+                             row_scale=None if scale is None else scale[rows]):
+        if scale is not None:
+            raise NumericError(f"merged tensor {src.name!r}{_where(rows, matrix, tp)}: a row of W + delta has norm 0 "
+                               "or NaN/Inf, so DoRA's magnitude / norm is not a number; check the adapter")
         raise _explain_nonfinite(tp, matrix, rows, factors)
     return out.reshape(_piece_shape(t, n, out_cols))
 

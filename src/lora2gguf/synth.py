@@ -537,13 +537,15 @@ def make_adapter(
     modules_to_save: Sequence[str] = (),
     trainable_token_indices: Sequence[int] | dict[str, Sequence[int]] | None = None,
     resize_vocab: int | None = None,
+    use_dora: bool = False,
 ) -> Path:
     """Make a LoRA adapter for the base in ``base_dir`` with PEFT itself and return ``dest_dir``.
 
     Chat fine-tunes: ``resize_vocab`` resizes the base's embeddings first (added tokens), and
     ``modules_to_save`` (e.g. embed_tokens, lm_head) trains full copies of those modules (PEFT then
     saves them whole: seeded changes to every row here); ``trainable_token_indices`` trains only
-    those rows of the input embedding (seeded new values).
+    those rows of the input embedding (seeded new values). ``use_dora``: DoRA (PEFT initializes
+    the magnitudes to the row norms; here they are changed by about 10%, as training would).
 
     The base is loaded with transformers (float32), wrapped with ``get_peft_model(LoraConfig(...))``,
     every lora_A/lora_B is set to seeded random values (PEFT's own init makes B zero, hence a zero
@@ -572,6 +574,8 @@ def make_adapter(
     extra: dict[str, Any] = {}
     if modules_to_save:
         extra["modules_to_save"] = list(modules_to_save)
+    if use_dora:
+        extra["use_dora"] = True
     if trainable_token_indices is not None:
         extra["trainable_token_indices"] = (dict(trainable_token_indices) if isinstance(trainable_token_indices, dict)
                                             else list(trainable_token_indices))
@@ -605,6 +609,9 @@ def make_adapter(
                 noise = _rng(seed, pname).standard_normal(tuple(p.shape)).astype(np.float32)
                 scale = float(p.detach().float().std()) or 1.0
                 p.copy_(p.detach() + torch.from_numpy(noise * np.float32(0.2 * scale)).to(p.dtype))
+            elif "lora_magnitude_vector" in pname:  # DoRA: trained magnitudes, about 10% off the row norms
+                noise = _rng(seed, pname).standard_normal(tuple(p.shape)).astype(np.float32)
+                p.copy_(p.detach() * torch.from_numpy(1 + np.float32(0.1) * noise).to(p.dtype))
     dest.mkdir(parents=True, exist_ok=True)
     pm.peft_config["default"].base_model_name_or_path = (
         str(base) if base_model_name_or_path is None else base_model_name_or_path)
