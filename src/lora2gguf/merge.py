@@ -129,10 +129,10 @@ def _settle(v: np.ndarray, flat_out: np.ndarray, idx: np.ndarray, err: float, va
     else the exact sum rounded once (``exact(i)``)."""
     vals = v.reshape(-1)[idx]
     e2 = err + _U * (vabs + err)  # the two additions below may round inward by half a float64 step
-    lo = numerics.round_f64(vals - e2, dtype)
-    hi = numerics.round_f64(vals + e2, dtype)
+    both = numerics.round_f64(np.concatenate([vals - e2, vals + e2, vals]), dtype)  # one call: tiny arrays
+    n = vals.size
+    lo, hi, rounded = both[:n], both[n:2 * n], both[2 * n:].copy()
     same = _bits(lo) == _bits(hi)
-    rounded = numerics.round_f64(vals, dtype)
     for h in np.flatnonzero(~same):
         rounded[h] = exact(int(idx[h]))
     flat_out[idx] = rounded

@@ -119,7 +119,8 @@ def make_model(dest: str | Path, family: str, config: Mapping[str, Any], *, seed
 
 
 def tensor_specs(family: str, config: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
-    """The tensors a dense ``family`` checkpoint holds for ``config`` (HF names and shapes)."""
+    """The tensors a ``family`` checkpoint holds for ``config`` (HF names and shapes): the dense
+    families and Qwen3-MoE (experts per expert, as transformers saves them)."""
     h, n_layers = config["hidden_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
@@ -135,8 +136,16 @@ def tensor_specs(family: str, config: Mapping[str, Any]) -> list[tuple[str, tupl
             if bias:
                 specs.append((p + f"self_attn.{name}.bias", (rows,)))
         specs.append((p + "self_attn.o_proj.weight", (h, heads * hd)))
-        if family == "qwen3":
+        if family in ("qwen3", "qwen3_moe"):
             specs += [(p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,))]
+        if family == "qwen3_moe":
+            n_exp, moe = config["num_experts"], config["moe_intermediate_size"]
+            specs.append((p + "mlp.gate.weight", (n_exp, h)))
+            for e in range(n_exp):
+                q = p + f"mlp.experts.{e}."
+                specs += [(q + "gate_proj.weight", (moe, h)), (q + "up_proj.weight", (moe, h)),
+                          (q + "down_proj.weight", (h, moe))]
+            continue
         specs += [(p + "mlp.gate_proj.weight", (inter, h)), (p + "mlp.up_proj.weight", (inter, h)),
                   (p + "mlp.down_proj.weight", (h, inter))]
     specs.append(("model.norm.weight", (h,)))
