@@ -160,7 +160,7 @@ class Family:
 
 
 _REGISTRY: dict[str, Family] = {}
-_MODULES = ("gpt_oss", "llama", "qwen")
+_MODULES = ("gpt_oss", "llama", "qwen", "gemma", "phi3")
 
 
 def register(family: Family) -> Family:
