@@ -801,6 +801,7 @@ def write_reference_merge(base_dir: str | os.PathLike[str], adapter_dir: str | o
     dest.mkdir(parents=True, exist_ok=True)
     state = peft_merged_state_dict(base, adapter_dir, "float64")
     stored = set(_checkpoint_names(base))
+    state = _as_checkpoint_names(state, stored, base)
     specs = [(k, tuple(v.shape), "bfloat16") for k, v in sorted(state.items()) if k in stored]
     bits = {k: numerics.f64_to_bf16_bits(state[k]) for k, _, _ in specs}
     write_safetensors_streamed(dest / "model.safetensors", specs, lambda k: iter([bits[k].reshape(-1)]))
@@ -819,6 +820,25 @@ def write_reference_merge(base_dir: str | os.PathLike[str], adapter_dir: str | o
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "added_tokens")) and f.is_file():
             shutil.copy(f, dest / f.name)
     return dest
+
+
+def _as_checkpoint_names(state: dict[str, np.ndarray], stored: set[str], base: Path) -> dict[str, np.ndarray]:
+    """The loaded model's state dict under the names the base's checkpoint uses (transformers
+    renames some modules on loading: the family's module aliases)."""
+    from . import arch
+    from .adapter import _aliased
+
+    if all(k in stored for k in state):
+        return state
+    renames = arch.for_config(read_config(base)).alias_renames(stored)
+
+    def saved(name: str) -> str:
+        if name in stored:
+            return name
+        module, _, leaf = name.rpartition(".")
+        return f"{_aliased(module, renames)}.{leaf}"
+
+    return {saved(k): v for k, v in state.items()}
 
 
 def _checkpoint_names(folder: Path) -> list[str]:
