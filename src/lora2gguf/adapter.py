@@ -161,6 +161,14 @@ def _split_key(key: str) -> tuple[str, str, int, str]:
     )
 
 
+def _aliased(module: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """An adapter's module name as the base checkpoint names it (the family's module aliases)."""
+    for old, new in renames:
+        if (module + ".").startswith(old):
+            return (new + (module + ".")[len(old):])[:-1]
+    return module
+
+
 def _token_indices(config: Mapping[str, Any], target: str, path: Path) -> tuple[int, ...]:
     """The rows ``trainable_token_indices`` names for ``target`` (a list applies to the input embedding)."""
     spec = config.get("trainable_token_indices")
@@ -203,11 +211,13 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
     pairs: dict[tuple[str, int, str], dict[str, tuple[str, TensorInfo]]] = {}
     magnitudes: dict[str, TensorInfo] = {}
     base_shapes = dict(base_shapes)
+    renames = arch.alias_renames(base_shapes)  # transformers renames some modules on loading
     for key, info in sorted(ckpt.tensors.items()):
         try:
             module, which, depth, kind = _split_key(key)
         except UnsupportedError as e:
             raise UnsupportedError(f"{where}: {e}") from None
+        module = _aliased(module, renames)
         if kind == "original":
             continue
         if kind == "magnitude":

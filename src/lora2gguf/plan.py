@@ -151,6 +151,7 @@ class Plan:
 
 
 def gguf_name(family: Family, name_map: gguf.TensorNameMap, hf_name: str) -> tuple[str, gguf.MODEL_TENSOR]:
+    hf_name = family.text_name(hf_name)
     for suffix in (".weight", ".bias"):
         if hf_name.endswith(suffix):
             stem = hf_name[: -len(suffix)]
@@ -297,8 +298,11 @@ def make_plan(family: Family, config: Mapping, sources: Mapping[str, Source], ad
     bound = _route_fused(family, sources, terms)
     stacked = _stack_groups(family, sources, config)
     done_stacks: set[tuple[str, Stack]] = set()
+    other_modality: list[str] = []
     for name in _sorted_names(sources):
-        if name.endswith(family.skip_suffixes):
+        why = family.skipped(name)
+        if why is not None:
+            _skip(family, name, sources[name], terms.pop(name, ()), why, other_modality)
             continue
         src = sources[name]
         group = stacked.get(name)
@@ -353,12 +357,32 @@ def make_plan(family: Family, config: Mapping, sources: Mapping[str, Source], ad
     plan = Plan(family, config, outtype, tensors, adapter)
     if resized:
         plan.notes.append(resized)
+    if other_modality:
+        plan.notes.append(
+            f"the adapter also changes {len(other_modality)} tensors of another modality (e.g. {other_modality[0]!r}); "
+            "the GGUF holds the text model only (llama.cpp's converter writes a vision tower and its projector to "
+            "a separate mmproj file), so those changes are not in it")
     if keep:
         n_out = sum(1 for t in tensors if t.packed)
         plan.notes.append(
             f"--keep-mxfp4: the MoE experts ({n_out} tensors) are written as MXFP4, repacked from the base "
             "without decoding (the adapter does not change them); general.file_type is MOSTLY_MXFP4_MOE")
     return plan
+
+
+def _skip(family: Family, name: str, src: Source, terms: tuple, why: str, other_modality: list[str]) -> None:
+    """A tensor the GGUF does not hold: fine unless the fine-tune changed it. Changes to another
+    modality are noted (the text GGUF does not need them); a change to a text tensor that
+    llama.cpp's architecture has no place for would be lost, so it is refused."""
+    if not terms and src.origin != "adapter":
+        return
+    if why == "modality":
+        other_modality.append(name)
+        return
+    raise UnsupportedError(
+        f"the adapter changes {name!r}, which llama.cpp's {family.gguf_arch_name} architecture does not hold "
+        "(its converter drops the tensor), so the GGUF would lose that part of the fine-tune. Retrain without "
+        f"{name.rsplit('.', 1)[0].rsplit('.', 1)[-1]!r} in target_modules / modules_to_save")
 
 
 def _resized_vocab(embeddings: list[tuple[str, TensorPlan]], config: Mapping) -> tuple[Mapping, str | None]:

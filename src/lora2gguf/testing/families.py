@@ -1,7 +1,8 @@
 """Tiny random models of every dense family, made offline with transformers, for tests and benchmarks.
 
 :func:`make_model` builds a ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM``
-/ ``Qwen3ForCausalLM`` (or another registered HF class) from a small config, sets every weight to
+/ ``Qwen3ForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` /
+``Gemma3ForConditionalGeneration`` / ``Phi3ForCausalLM`` (or another registered HF class) from a small config, sets every weight to
 seeded values from numpy (a "peaked" init, as :mod:`lora2gguf.synth` documents: logits spread
 over the vocabulary, so comparing next-token distributions means something), and saves it with
 ``save_pretrained`` in bfloat16, as a hub checkpoint is laid out, with tokenizer files written
@@ -21,7 +22,9 @@ import numpy as np
 
 from ..errors import InputError
 
-#: the HF class and config class of each family, and its small default shape
+_GEMMA_INIT = {"norm_mean": 0.0, "embed_std": 0.5, "post_norm_mean": 3.0}
+
+#: the HF class and config class of each family (and how its peaked init differs)
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {"cls": "LlamaForCausalLM", "config": "LlamaConfig", "model_type": "llama"},
     "mistral": {"cls": "MistralForCausalLM", "config": "MistralConfig", "model_type": "mistral"},
@@ -30,6 +33,18 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2_moe": {"cls": "Qwen2MoeForCausalLM", "config": "Qwen2MoeConfig", "model_type": "qwen2_moe"},
     "qwen3_moe": {"cls": "Qwen3MoeForCausalLM", "config": "Qwen3MoeConfig", "model_type": "qwen3_moe"},
     "mixtral": {"cls": "MixtralForCausalLM", "config": "MixtralConfig", "model_type": "mixtral"},
+    # Gemma's RMSNorm computes x * (1 + w): its norm weights are centred on 0, not 1. Its tied
+    # embedding is scaled by sqrt(hidden) on input: with std 1 the input would swamp every layer
+    # (the model would predict its input token with certainty), so the embedding is smaller and the
+    # post-attention / post-feedforward norms scale each layer's output up (measured: mean top-1
+    # probability ~0.3-0.5, the adapter moves the logits by a mean KL of 4-7)
+    "gemma2": {"cls": "Gemma2ForCausalLM", "config": "Gemma2Config", "model_type": "gemma2", **_GEMMA_INIT},
+    "gemma3": {"cls": "Gemma3ForCausalLM", "config": "Gemma3TextConfig", "model_type": "gemma3_text",
+               **_GEMMA_INIT},
+    # the text model of a vision-language Gemma 3 (a tiny SigLIP tower beside it)
+    "gemma3-vlm": {"cls": "Gemma3ForConditionalGeneration", "config": "Gemma3Config", "model_type": "gemma3",
+                   **_GEMMA_INIT},
+    "phi3": {"cls": "Phi3ForCausalLM", "config": "Phi3Config", "model_type": "phi3"},
 }
 
 #: the MoE families' expert settings for small models: several experts, top-k 2
@@ -43,6 +58,11 @@ MOE = {
 
 #: every Linear layer of a dense decoder block: what "all linear modules" targets
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: Phi-3's: q/k/v and gate/up fused
+PHI3_LINEAR = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+#: the vision tower of :func:`small_config`'s ``gemma3-vlm`` (SigLIP: 28x28 images, 14x14 patches)
+TINY_SIGLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+               "image_size": 28, "patch_size": 14}
 LOGIT_STD = 6.0
 
 
@@ -56,24 +76,40 @@ def small_config(family: str, *, vocab_size: int, hidden_size: int = 64, num_hid
     cfg = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
                intermediate_size=intermediate_size, max_position_embeddings=4096)
-    if family in ("qwen3", "qwen3_moe"):
-        cfg["head_dim"] = hidden_size // num_attention_heads  # Qwen3's default is 128
+    if family in ("qwen3", "qwen3_moe", "gemma2", "gemma3", "gemma3-vlm"):
+        cfg["head_dim"] = hidden_size // num_attention_heads  # Qwen3's default is 128, Gemma's 256
+    if family.startswith("gemma"):
+        # llama.cpp scales Gemma's queries by 1/sqrt(head_dim) (hidden / heads for 27B shapes)
+        cfg["query_pre_attn_scalar"] = cfg["head_dim"]
+        cfg["sliding_window"] = 16
     cfg.update(MOE.get(family, {}))
     cfg.update(extra)
+    if family == "gemma3-vlm":
+        top = {k: cfg.pop(k) for k in ("tie_word_embeddings", "mm_tokens_per_image", "boi_token_index",
+                                        "eoi_token_index", "image_token_index") if k in cfg}
+        return {"text_config": cfg, "vision_config": dict(TINY_SIGLIP), "mm_tokens_per_image": 4, **top}
     return cfg
 
 
-def _init(name: str, shape: tuple[int, ...], cfg: Mapping[str, Any]) -> tuple[float, float]:
-    """(mean, std) of the peaked init for one parameter."""
+def _init(name: str, shape: tuple[int, ...], cfg: Mapping[str, Any],
+          spec: Mapping[str, Any] | None = None) -> tuple[float, float]:
+    """(mean, std) of the peaked init for one parameter (``cfg``: the text model's config;
+    ``spec``: the family's entry of :data:`FAMILIES`)."""
+    spec = spec or {}
     h = cfg["hidden_size"]
     heads = cfg["num_attention_heads"]
     hd = cfg.get("head_dim") or h // heads
+    if name.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")) \
+            and "post_norm_mean" in spec:
+        return spec["post_norm_mean"], 0.1
     if name.endswith("norm.weight"):
-        return 1.0, 0.1
+        return spec.get("norm_mean", 1.0), 0.1
+    if "vision_tower." in name or "multi_modal_projector." in name:
+        return (1.0, 0.1) if name.endswith(("norm1.weight", "norm2.weight")) else (0.0, 1.0 / math.sqrt(shape[-1]))
     if name.endswith(".bias"):
         return 0.0, 0.1
     if name.endswith("embed_tokens.weight"):
-        return 0.0, 1.0
+        return 0.0, spec.get("embed_std", 1.0)
     if name == "lm_head.weight":
         return 0.0, LOGIT_STD / math.sqrt(h)
     if name.endswith("o_proj.weight"):
@@ -87,9 +123,11 @@ def _init(name: str, shape: tuple[int, ...], cfg: Mapping[str, Any]) -> tuple[fl
 
 
 def make_model(dest: str | Path, family: str, config: Mapping[str, Any], *, seed: int = 0,
-               tokenizer: Callable[[Path], Any] | None = None) -> Path:
+               tokenizer: Callable[[Path], Any] | None = None,
+               generation_config: Mapping[str, Any] | None = None) -> Path:
     """A tiny random ``family`` model saved in ``dest`` (bfloat16 safetensors, config.json,
-    generation_config.json) with the tokenizer files ``tokenizer(dest)`` writes."""
+    generation_config.json: the one save_pretrained writes, or ``generation_config`` as the model's
+    repository has it) with the tokenizer files ``tokenizer(dest)`` writes."""
     import torch
     import transformers
 
@@ -98,9 +136,10 @@ def make_model(dest: str | Path, family: str, config: Mapping[str, Any], *, seed
     torch.manual_seed(seed)
     model = getattr(transformers, spec["cls"])(cfg)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    text = config.get("text_config", config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            mean, std = _init(name, tuple(p.shape), config)
+            mean, std = _init(name, tuple(p.shape), text, spec)
             rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
             values = rng.standard_normal(tuple(p.shape)).astype(np.float32) * np.float32(std) + np.float32(mean)
             p.copy_(torch.from_numpy(values))
@@ -110,6 +149,10 @@ def make_model(dest: str | Path, family: str, config: Mapping[str, Any], *, seed
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(dest))
+    if generation_config is not None:
+        import json
+
+        (dest / "generation_config.json").write_text(json.dumps(dict(generation_config), indent=2))
     if tokenizer is not None:
         tokenizer(dest)
     return dest
@@ -119,8 +162,12 @@ def make_model(dest: str | Path, family: str, config: Mapping[str, Any], *, seed
 
 
 def tensor_specs(family: str, config: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
-    """The tensors a ``family`` checkpoint holds for ``config`` (HF names and shapes): the dense
-    families and Qwen3-MoE (experts per expert, as transformers saves them)."""
+    """The tensors a ``family`` checkpoint holds for ``config`` (HF names and shapes): the
+    Llama-layout families (llama, mistral, qwen2, qwen3) and Qwen3-MoE (experts per expert, as
+    transformers saves them)."""
+    if family not in ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe"):
+        raise InputError(f"tensor_specs: family {family!r} is not one of the Llama-layout families; make its "
+                         "base with make_model")
     h, n_layers = config["hidden_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
