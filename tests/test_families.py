@@ -4,7 +4,6 @@ PEFT, and lora2gguf's GGUF against llama.cpp's own converter on the float64 refe
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import gguf

@@ -8,7 +8,6 @@ norms without their + 1, Phi-3's long and short rope factors swapped, fail the l
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import gguf

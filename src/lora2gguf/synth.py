@@ -827,25 +827,6 @@ def write_reference_merge(base_dir: str | os.PathLike[str], adapter_dir: str | o
     return dest
 
 
-def _as_checkpoint_names(state: dict[str, np.ndarray], stored: set[str], base: Path) -> dict[str, np.ndarray]:
-    """The loaded model's state dict under the names the base's checkpoint uses (transformers
-    renames some modules on loading: the family's module aliases)."""
-    from . import arch
-    from .adapter import _aliased
-
-    if all(k in stored for k in state):
-        return state
-    renames = arch.for_config(read_config(base)).alias_renames(stored)
-
-    def saved(name: str) -> str:
-        if name in stored:
-            return name
-        module, _, leaf = name.rpartition(".")
-        return f"{_aliased(module, renames)}.{leaf}"
-
-    return {saved(k): v for k, v in state.items()}
-
-
 def _checkpoint_names(folder: Path) -> list[str]:
     from .safetensors_io import Checkpoint
 
