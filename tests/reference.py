@@ -3,7 +3,6 @@ files tensor by tensor (names, shapes, types, bytes) and key by key (every key b
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
@@ -24,14 +23,10 @@ def run_converter(ref: Path, model_dir: Path, outfile: Path, outtype: str = "bf1
     return outfile
 
 
-@functools.lru_cache(maxsize=16)
-def _reader(path: Path) -> gguf.GGUFReader:
-    return gguf.GGUFReader(path)
-
-
 def read_gguf(path: Path) -> tuple[dict, dict]:
-    """(tensors: name -> (type name, shape, raw bytes), kv: key -> python value)."""
-    reader = _reader(Path(path))
+    """(tensors: name -> (type name, shape, raw bytes), kv: key -> python value). Not cached: a
+    reader of a 150k-token vocabulary holds hundreds of MB of Python objects."""
+    reader = gguf.GGUFReader(Path(path))
     tensors = {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape), bytes(t.data.tobytes()))
                for t in reader.tensors}
     kv = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}

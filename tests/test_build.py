@@ -26,7 +26,7 @@ EVAL_TEXT = ("<|start|>user<|message|>What is 2+2? Tell me about the stars and t
              "<|start|>assistant<|channel|>final<|message|>The sum of 2 and 2 is 4. Stars burn far away.<|return|>")
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=3)
 def reader_of(path: Path) -> gguf.GGUFReader:
     """gguf-py's reader, once per file (it takes tens of seconds on the 201k-token vocabulary)."""
     return gguf.GGUFReader(path)
