@@ -402,7 +402,8 @@ def write_lora(lplan: LoraPlan, path: str | os.PathLike[str], *, name: str, prog
     try:
         for i, lt in enumerate(lplan.tensors):
             a, b = tensor_factors(lt, lplan.alpha, lplan.adapter.use_rslora, cache)
-            keys = ", ".join(t.key for t in lt.terms)
+            files = sorted({str(t.a.path) for i in lt.plan.inputs for t in i.terms})
+            keys = ", ".join(t.key for t in lt.terms) + f" (in {', '.join(files)})"
             out.write(lt.a.name, encode(a, lt.a, keys))
             out.write(lt.b.name, encode(b, lt.b, keys))
             if progress:
@@ -470,14 +471,18 @@ def check_base(lplan: LoraPlan, path: str | os.PathLike[str], *, sha256: str | N
             f"--base-gguf {p}: its architecture is {arch!r}, but the adapter is for a {lplan.family.name} base "
             f"(GGUF architecture {want!r}); llama.cpp refuses the pair. Use a GGUF of the adapter's base model "
             "(`lora2gguf build BASE_DIR ADAPTER_DIR --lora-gguf` writes one).")
-    for lt in lplan.tensors:
-        info = h.tensors.get(lt.target)
-        if info is None:
-            raise InputError(f"--base-gguf {p}: holds no tensor {lt.target!r}, which the adapter changes: it is a "
-                             "GGUF of another model. Use a GGUF of the adapter's base model.")
-        if tuple(info.shape) != tuple(reversed(lt.base_shape)):
-            raise InputError(f"--base-gguf {p}: tensor {lt.target!r} is {list(info.shape)} (ggml order) there, but "
-                             f"the adapter was made for {list(reversed(lt.base_shape))}: a GGUF of another model or "
-                             "size. Use a GGUF of the adapter's base model.")
+    missing = [lt for lt in lplan.tensors if lt.target not in h.tensors]
+    wrong = [lt for lt in lplan.tensors
+             if lt.target in h.tensors and tuple(h.tensors[lt.target].shape) != tuple(reversed(lt.base_shape))]
+    if wrong:
+        lt = wrong[0]
+        more = f" (and {len(wrong) - 1} more tensors)" if len(wrong) > 1 else ""
+        raise InputError(f"--base-gguf {p}: tensor {lt.target!r} is {list(h.tensors[lt.target].shape)} (ggml order) "
+                         f"there, but the adapter was made for {list(reversed(lt.base_shape))}{more}: a GGUF of another "
+                         "model or size. Use a GGUF of the adapter's base model.")
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InputError(f"--base-gguf {p}: holds no tensor {missing[0].target!r}{more}, which the adapter changes: "
+                         "it is a GGUF of another model. Use a GGUF of the adapter's base model.")
     sha = sha256 if sha256 is not None else (sha256_file(p) if hash_file else None)
     return BaseFile(p, file_type_name(h.values.get(gguf.Keys.General.FILE_TYPE)), p.stat().st_size, sha)

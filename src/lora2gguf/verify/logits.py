@@ -95,21 +95,31 @@ def apply_lora(llm, path: str | os.PathLike[str], scale: float = 1.0, *, base: s
     ``lora_path`` check misses it): checked here by truth value, and raised as InputError with the
     reason llama.cpp logs. The model owns the adapter and frees it with itself."""
     import ctypes
-    import io
-    import sys
 
     import llama_cpp
 
-    log, saved = io.StringIO(), sys.stderr
-    sys.stderr = log  # llama-cpp-python's log callback prints llama.cpp's errors to sys.stderr
+    from .. import quantize
+
+    messages: list[tuple[int, str]] = []
+
+    @llama_cpp.llama_log_callback
+    def _capture(level, text, user_data):  # noqa: ARG001
+        messages.append((int(level), text.decode("utf-8", "replace")))
+
+    llama_cpp.llama_log_set(_capture, ctypes.c_void_p(0))
     try:
-        with _quiet_stderr():
-            adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(path).encode("utf-8"))
-    finally:
-        sys.stderr = saved
+        adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(path).encode("utf-8"))
+    finally:  # back to lora2gguf's silent callback if it was set, else llama-cpp-python's own
+        if quantize._LOG_CB is not None:
+            quantize.quiet_llama(force=True)
+        else:
+            from llama_cpp import _logger
+
+            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
     if not adapter:
-        why = " ".join(line.split(": ", 1)[-1].strip() for line in log.getvalue().splitlines()
-                       if "lora" in line.lower() or "error" in line.lower()) or "no reason logged"
+        # GGML_LOG_LEVEL_ERROR is 4 in this ggml (it was 3 before DEBUG moved to 1)
+        errors = [t.strip() for level, t in messages if level == 4 or "failed" in t.lower()]
+        why = "; ".join(dict.fromkeys(e.rsplit(": ", 1)[-1] for e in errors)) or "no reason logged"
         raise InputError(f"llama.cpp could not apply the LoRA adapter {path} to {base}: {why}")
     adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
     scales = (ctypes.c_float * 1)(float(scale))
