@@ -349,7 +349,8 @@ def _verify_stage(out_dir: Path, state: RunState, outputs: list[OutputFile], rec
     are those it verified last time and its report files are unchanged."""
     from . import verify as verify_pkg
 
-    key = stage_key({o.file: o.sha256 for o in outputs},
+    pairs = (record.get("lora") or {}).get("pairs") or []  # base GGUFs outside OUT_DIR count by their SHA-256
+    key = stage_key({**{o.file: o.sha256 for o in outputs}, **({"lora_pairs": pairs} if pairs else {})},
                     {"options": options, "llama_cpp": _dist_version("llama_cpp_python"),
                      "transformers": _dist_version("transformers"), "peft": _dist_version("peft")})
     prev = state.done("verify", key)
