@@ -233,6 +233,7 @@ def test_same_file_as_llama_cpp_converter(llama, tmp_path, reference_lora_conver
     assert_same_gguf(res.path, ref)
     if outtype == "q8_0":
         assert set(res.output.tensor_types) == {"Q8_0", "F16"}
+        assert any("not whole Q8_0 blocks" in n for n in res.notes)
 
 
 def test_f16_adapter_precision(llama, tmp_path):
@@ -296,6 +297,7 @@ def quantized(gpt_oss, tmp_path_factory):
     return root / "out", res, suite
 
 
+@pytest.mark.slow
 def test_quantized_bases_load_generate_and_are_reported(quantized):
     out, res, _ = quantized
     rec = json.loads((out / "run.json").read_text())
@@ -344,21 +346,31 @@ def test_rerun_resumes_the_lora_stages(quantized, gpt_oss):
     assert res.record["lora"]["pairs"] == json.loads(json.dumps(first.record["lora"]["pairs"]))
 
 
+@pytest.mark.slow
 def test_adapter_command_pairs_with_a_given_base(quantized, gpt_oss, tmp_path, capsys):
-    """`lora2gguf adapter` alone: the file, a record naming the base GGUF it was checked against, a
-    resumed rerun; the base GGUF of a build --lora-gguf is the one to pair with."""
+    """`lora2gguf adapter` alone: the file, a record naming the base GGUF it was checked against,
+    verify of the pair in llama.cpp against the fine-tune, a resumed rerun; the base GGUF of a
+    build --lora-gguf is the one to pair with."""
     from lora2gguf import cli
 
-    out, _, _ = quantized
+    out, _, suite = quantized
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(SHORT_TEXT)
     argv = ["adapter", str(gpt_oss["base"]), str(gpt_oss["adapter"]), "-o", str(tmp_path / "a"), "--name", "ft",
-            "--base-gguf", str(out / "m-base-Q8_0.gguf"), "--no-verify"]
-    assert cli.main(argv) == 0
+            "--base-gguf", str(out / "m-base-Q8_0.gguf")]
+    assert cli.main(argv + ["--suite", str(suite), "--text", str(text_file), "--samples", "0", "--max-tokens", "8",
+                            "--verify-threads", str(THREADS), "--no-speed"]) == 0
     text = capsys.readouterr().out
-    assert "ft-LoRA-F16.gguf" in text and "checked against" in text
+    assert "ft-LoRA-F16.gguf" in text and "checked against" in text and "m-base-Q8_0.gguf + ft-LoRA-F16.gguf" in text
     rec = json.loads((tmp_path / "a" / "run.json").read_text())
     assert rec["kind"] == "lora-adapter" and rec["outputs"][0]["file"] == "ft-LoRA-F16.gguf"
     (pair,) = rec["lora"]["pairs"]
     assert pair["path"] == str((out / "m-base-Q8_0.gguf").resolve()) and pair["type"] == "Q8_0"
+    (checked,) = rec["verify"]["files"]
+    assert checked["lora"]["base_sha256"] == pair["sha256"] and checked["metrics"]["kl_mean"] < 1.0
+    assert (tmp_path / "a" / "ft-LoRA-F16-on-m-base-Q8_0.Modelfile").read_text().splitlines()[2] == \
+        f"FROM {(out / 'm-base-Q8_0.gguf').resolve()}"
+    argv.append("--no-verify")
     ours, built = (gguf.GGUFReader(p) for p in (tmp_path / "a" / "ft-LoRA-F16.gguf", out / "m-LoRA-F16.gguf"))
     assert [(t.name, t.data.tobytes()) for t in ours.tensors] == [(t.name, t.data.tobytes()) for t in built.tensors]
     assert cli.main(argv) == 0

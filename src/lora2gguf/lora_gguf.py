@@ -214,11 +214,10 @@ def _applies(tp: TensorPlan) -> bool:
             and not name.endswith("_norm.weight"))
 
 
-def _qtype(outtype: str, shape: tuple[int, ...], name: str, notes: list[str]) -> gguf.GGMLQuantizationType:
+def _qtype(outtype: str, shape: tuple[int, ...], name: str, fallback: list[str]) -> gguf.GGMLQuantizationType:
     qt = OUTTYPES[outtype]
     if qt == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
-        notes.append(f"{name}: rows of {shape[-1]} are not whole Q8_0 blocks of 32: F16, as llama.cpp's converter "
-                     "falls back")
+        fallback.append(name)
         return Q.F16
     return qt
 
@@ -283,6 +282,7 @@ def plan_lora(family: Family, config: Mapping[str, Any], sources: Mapping[str, S
     if alpha <= 0 or not math.isfinite(alpha):
         raise InputError(f"{adapter.folder}: lora_alpha {cfg.get('lora_alpha')!r} is not a positive float32")
     tensors: list[LoraTensor] = []
+    f16: list[str] = []  # Q8_0 asked, rows not whole blocks
     for tp in plan.tensors:
         if not tp.touched:
             continue
@@ -303,12 +303,15 @@ def plan_lora(family: Family, config: Mapping[str, Any], sources: Mapping[str, S
             a_shape, b_shape = (shape[0], rank, cols), (shape[0], rows, rank)
         else:
             a_shape, b_shape = (rank, cols), (rows, rank)
-        a = OutTensor(tp.tensor.name + ".lora_a", a_shape, _qtype(outtype, a_shape, tp.tensor.name + ".lora_a", notes))
-        b = OutTensor(tp.tensor.name + ".lora_b", b_shape, _qtype(outtype, b_shape, tp.tensor.name + ".lora_b", notes))
+        a = OutTensor(tp.tensor.name + ".lora_a", a_shape, _qtype(outtype, a_shape, tp.tensor.name + ".lora_a", f16))
+        b = OutTensor(tp.tensor.name + ".lora_b", b_shape, _qtype(outtype, b_shape, tp.tensor.name + ".lora_b", f16))
         seen: dict[str, Term] = {}
         for t in terms:
             seen.setdefault(t.key, Term(t.key, t.rank, t.alpha, t.scale, fold(t, rank, alpha, adapter.use_rslora)))
         tensors.append(LoraTensor(tp.tensor.name, tuple(shape), rank, a, b, tp, tuple(seen.values()), embedding))
+    if f16:
+        notes.append(f"{len(f16)} tensor(s) (e.g. {f16[0]}) have rows that are not whole Q8_0 blocks of 32 (the rank "
+                     "axis of lora_b): F16, as llama.cpp's converter falls back")
     if not tensors and not left:
         raise InputError(f"{adapter.folder}: the adapter changes no tensor of the base")
     return LoraPlan(family, plan.config, adapter, outtype, alpha, tensors, left, notes)
