@@ -70,8 +70,9 @@ LEFT_OUT: dict[str, str] = {
     "LORA_BIAS": "the adapter trains bias terms (lora_bias); llama.cpp applies LoRA to weight matrices only",
     "LORA_NOT_APPLIED": "llama.cpp applies LoRA to 2-D and 3-D weight matrices only, not to norms, biases or "
                         "attention sinks",
-    "LORA_TIED_EMBEDDING": "the base ties its output matrix to the token embedding: llama.cpp would apply the "
-                           "embedding's LoRA (whose factors are laid out for a lookup) to the output matrix as well",
+    "LORA_TIED_EMBEDDING": "the base ties its output matrix to the token embedding: llama.cpp applies the "
+                           "embedding's LoRA (its factors laid out for a lookup) to the output matrix too, and aborts "
+                           "the process (GGML_ASSERT ggml_can_mul_mat in build_lora_mm)",
 }
 
 

@@ -119,7 +119,8 @@ def apply_lora(llm, path: str | os.PathLike[str], scale: float = 1.0, *, base: s
     if not adapter:
         # GGML_LOG_LEVEL_ERROR is 4 in this ggml (it was 3 before DEBUG moved to 1)
         errors = [t.strip() for level, t in messages if level == 4 or "failed" in t.lower()]
-        why = "; ".join(dict.fromkeys(e.rsplit(": ", 1)[-1] for e in errors)) or "no reason logged"
+        # "llama_adapter_lora_init_from_file_ptr: failed to apply lora adapter: <reason>"
+        why = "; ".join(dict.fromkeys(e.split(": ", 1)[-1] for e in errors)) or "no reason logged"
         raise InputError(f"llama.cpp could not apply the LoRA adapter {path} to {base}: {why}")
     adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
     scales = (ctypes.c_float * 1)(float(scale))
