@@ -1,8 +1,15 @@
 #!/usr/bin/env python3
-"""Benchmark: `lora2gguf build` on GPT-OSS bases of real width, beside `cp` and the standard route.
+"""Benchmark: `lora2gguf build` on bases of real width, beside `cp` and the standard route.
 
-    python bench/bench_build.py --layers 1,2 --standard --mxfp4
-    python bench/bench_build.py --layers 4
+    python bench/bench_build.py --layers 1,2 --standard --mxfp4          # gpt-oss-20b width
+    python bench/bench_build.py --family llama --layers 1,2,4 --standard  # Llama-3.1-8B width
+    python bench/bench_build.py --family qwen3_moe --layers 4 --standard  # Qwen3-30B-A3B width
+
+--family llama: hidden 4096, intermediate 14336, 32 heads, 8 KV heads, vocab 128,256 (the
+Llama 3 tokenizer), a llama3 rope scaling, a rank-16 adapter on every linear module.
+--family qwen3_moe: hidden 2048, 128 experts of width 768 (top 8), 32 heads, 4 KV heads, head_dim
+128, vocab 151,936, a rank-16 adapter on attention and on every expert (one pair per expert).
+Bases and adapters of these two are written by numpy (lora2gguf.testing.families).
 
 For each layer count N it makes (once, cached under --workdir) a bf16 base of gpt-oss-20b width
 (``synth.gpt_oss_config(**synth.REAL_WIDTH, num_hidden_layers=N)``) and a rank-16 adapter on
@@ -58,9 +65,50 @@ def _mark(folder: Path) -> None:
     (folder / ".bench-complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
-def make_inputs(workdir: Path, n_layers: int, rank: int, mxfp4: bool, log) -> dict[str, Path]:
+#: real-width configs of the other benchmarked families
+FAMILY_CONFIGS = {
+    "llama": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                  vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192},
+                  bos_token_id=128000, eos_token_id=[128001, 128008, 128009]),
+    "qwen3_moe": dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4,
+                      head_dim=128, vocab_size=151936, num_experts=128, num_experts_per_tok=8,
+                      moe_intermediate_size=768, norm_topk_prob=True, max_position_embeddings=40960,
+                      rope_theta=1000000.0, bos_token_id=None, eos_token_id=151645),
+}
+
+
+def make_family_inputs(workdir: Path, family: str, n_layers: int, rank: int, log) -> dict[str, Path]:
+    from lora2gguf.testing import families
+    from lora2gguf.testing import tokenizers as toks
+
+    base = workdir / f"{family}-bf16-L{n_layers}"
+    adapter = workdir / f"{family}-adapter-L{n_layers}-r{rank}"
+    cfg = dict(FAMILY_CONFIGS[family], num_hidden_layers=n_layers)
+    tok = toks.llama3_tokenizer if family == "llama" else toks.qwen3_tokenizer
+    if not _done(base):
+        shutil.rmtree(base, ignore_errors=True)
+        t0 = time.perf_counter()
+        log(f"making the {n_layers}-layer {family} base in {base} ...")
+        families.make_base_numpy(base, family, cfg, tokenizer=tok)
+        _mark(base)
+        log(f"  done in {time.perf_counter() - t0:.0f} s")
+    if not _done(adapter):
+        shutil.rmtree(adapter, ignore_errors=True)
+        if family == "qwen3_moe":
+            families.make_per_expert_adapter(base, adapter, r=rank, lora_alpha=2 * rank)
+        else:
+            families.make_adapter_numpy(base, adapter, family, r=rank, lora_alpha=2 * rank)
+        _mark(adapter)
+    return {"base": base, "adapter": adapter}
+
+
+def make_inputs(workdir: Path, n_layers: int, rank: int, mxfp4: bool, log, family: str = "gpt_oss") -> dict[str, Path]:
     from lora2gguf import synth
 
+    if family != "gpt_oss":
+        return make_family_inputs(workdir, family, n_layers, rank, log)
     base = workdir / f"bf16-L{n_layers}"
     adapter = workdir / f"adapter-L{n_layers}-r{rank}"
     out = {"base": base, "adapter": adapter}
@@ -232,15 +280,15 @@ def run_child(argv: list[str]) -> None:
     elif what == "peft":
         import torch
         from peft import PeftModel
-        from transformers import GptOssForCausalLM
+        from transformers import AutoModelForCausalLM
 
         base, adapter, out = argv[1:4]
-        model = GptOssForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         model.save_pretrained(out)
-        for f in TOKENIZER_FILES:
-            if (Path(adapter) / f).exists():
-                shutil.copy(Path(adapter) / f, Path(out) / f)
+        for f in Path(adapter).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                shutil.copy(f, Path(out) / f.name)
     else:
         raise SystemExit(f"unknown child {what!r}")
 
@@ -359,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", default="1,2,4", help="comma-separated layer counts (default 1,2,4)")
+    p.add_argument("--family", default="gpt_oss", choices=["gpt_oss", "llama", "qwen3_moe"],
+                   help="gpt_oss (gpt-oss-20b width), llama (Llama-3.1-8B width), qwen3_moe (Qwen3-30B-A3B width)")
     p.add_argument("--workdir", default=str(Path.home() / ".cache/lora2gguf/bench"))
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeat", type=int, default=3, help="runs of cp and of build each, alternating (default 3); "
@@ -385,14 +435,16 @@ def main(argv: list[str] | None = None) -> int:
     layers = [int(x) for x in args.layers.split(",") if x.strip()]
     rows = []
     for n in layers:
-        inputs = make_inputs(workdir, n, args.rank, args.mxfp4, log)
+        inputs = make_inputs(workdir, n, args.rank, args.mxfp4 and args.family == "gpt_oss", log, args.family)
         if args.prepare_only:
             continue
         free = shutil.disk_usage(workdir).free
         need = 3 * shard_bytes(inputs["base"])
         if free < need:
             raise SystemExit(f"{workdir}: {free / 1e9:.1f} GB free, ~{need / 1e9:.1f} GB needed for {n} layers")
-        rows.append(measure(n, inputs, scratch, args.standard and n <= 2, args.mxfp4, log, repeat=args.repeat))
+        rows.append(measure(n, inputs, scratch, args.standard and (n <= 2 or args.family != "gpt_oss"),
+                            args.mxfp4 and args.family == "gpt_oss", log, repeat=args.repeat))
+        rows[-1]["family"] = args.family
         log(json.dumps(rows[-1]))
         if args.remove_bases:
             for k in ("base", "mxfp4"):
@@ -402,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     shutil.rmtree(scratch, ignore_errors=True)
     info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "rows": rows}
-    (workdir / "results.json").write_text(json.dumps(info, indent=2))
+    (workdir / f"results-{args.family}.json").write_text(json.dumps(info, indent=2))
     print(f"{info['date']}, {info['machine']}")
     print(table(rows))
     return 0

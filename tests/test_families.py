@@ -4,7 +4,6 @@ PEFT, and lora2gguf's GGUF against llama.cpp's own converter on the float64 refe
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import gguf
@@ -190,3 +189,60 @@ def test_chat_finetune_embeddings_merged_as_llama_cpp_would(chat_case, reference
     ref = synth.peft_logits(base, adapter, tok_ids)
     kl, top1 = _score(root / "out32" / "m-F32.gguf", tok_ids, ref)
     assert kl < F32_MAX_MEAN_KL and top1 >= F32_MIN_TOP1, (kl, top1)
+
+
+# --------------------------------------------------------------------------- DoRA
+
+
+@pytest.fixture(scope="module")
+def dora_case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dora")
+    write_tokenizer, vocab, ids = TOKENIZERS["spm-llama2"]
+    base = families.make_model(root / "base", "llama", families.small_config("llama", vocab_size=vocab, **ids),
+                               tokenizer=write_tokenizer)
+    adapter = synth.make_adapter(base, root / "adapter", target_modules=families.ALL_LINEAR, target_parameters=(),
+                                 r=4, lora_alpha=8, use_rslora=True, rank_pattern={"v_proj": 8}, use_dora=True)
+    return base, adapter, root
+
+
+def test_dora_merged_as_peft_merges_it(dora_case, reference_llama_cpp, tmp_path):
+    """DoRA on attention and MLP: the converter's GGUF of PEFT's float64 merge (magnitude times
+    the merged weight normalized per output row), and llama.cpp's logits of the F32 GGUF match
+    PEFT; the same merge with the norm over the other axis (columns) fails that test."""
+    base, adapter, root = dora_case
+    build(base, adapter, root / "out", name="m")
+    model_dir = synth.write_reference_merge(base, adapter, root / "reference")
+    assert_same_gguf(root / "out" / "m-BF16.gguf", run_converter(reference_llama_cpp, model_dir, root / "ref.gguf"))
+    build(base, adapter, root / "out32", name="m", outtype="f32")
+    from transformers import AutoTokenizer
+
+    tok_ids = AutoTokenizer.from_pretrained(str(adapter))(TEXT, add_special_tokens=False)["input_ids"]
+    ref = synth.peft_logits(base, adapter, tok_ids)
+    f32 = root / "out32" / "m-F32.gguf"
+    kl, top1 = _score(f32, tok_ids, ref)
+    assert kl < F32_MAX_MEAN_KL and top1 >= F32_MIN_TOP1, (kl, top1)
+
+    # the wrong axis: o_proj (square) with each row scaled by magnitude / norm of a column
+    from safetensors.numpy import load_file
+
+    from lora2gguf.safetensors_io import Checkpoint, read_raw, to_f32
+
+    ck = Checkpoint.open(base)
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    scale = 8 / np.sqrt(4)  # rsLoRA, r=4 for o_proj
+    reader = gguf.GGUFReader(f32)
+    data = bytearray(f32.read_bytes())
+    n_layers = synth.read_config(base)["num_hidden_layers"]
+    for layer in range(n_layers):
+        key = f"model.layers.{layer}.self_attn.o_proj"
+        info = ck.tensors[key + ".weight"]
+        v = to_f32(read_raw(info), info.dtype).astype(np.float64) + scale * (lora[f"base_model.model.{key}.lora_B.weight"].astype(np.float64)
+                                            @ lora[f"base_model.model.{key}.lora_A.weight"].astype(np.float64))
+        m = lora[f"base_model.model.{key}.lora_magnitude_vector"].astype(np.float64)
+        wrong = v * (m / np.linalg.norm(v, axis=0))[:, None]
+        t = next(t for t in reader.tensors if t.name == f"blk.{layer}.attn_output.weight")
+        data[t.data_offset:t.data_offset + t.n_bytes] = wrong.astype(np.float32).tobytes()
+    broken = tmp_path / "wrong-axis.gguf"
+    broken.write_bytes(bytes(data))
+    kl, top1 = _score(broken, tok_ids, ref)
+    assert kl > 10 * F32_MAX_MEAN_KL, (kl, top1)

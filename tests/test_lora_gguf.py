@@ -99,7 +99,29 @@ def gpt_oss(tmp_path_factory, o200k_tokenizer_dir):
             "ref": synth.peft_logits(base, adapter, ids)}
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt_oss"])
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    """Tiny Mixtral saved per expert (each expert's w1/w2/w3 stacked into one 3-D GGUF tensor, the
+    llama q/k permute), with rsLoRA on attention and PEFT's target_parameters LoRA on the fused
+    expert parameters (routed to each expert's tensors by the plan)."""
+    root = tmp_path_factory.mktemp("lora_mixtral")
+    cfg = families.small_config("mixtral", vocab_size=512, bos_token_id=1, eos_token_id=2)
+    base = families.make_model(root / "base", "mixtral", cfg,
+                               tokenizer=lambda d: toks.sentencepiece_tokenizer(d, style="mistral"))
+    adapter = synth.make_adapter(base, root / "adapter", target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+                                 target_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), r=4,
+                                 lora_alpha=8, use_rslora=True, alpha_pattern={"o_proj": 2})
+    res = build(base, adapter, root / "out", name="m", outtype="f32", lora_gguf="f32")
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(base))(TEXT, add_special_tokens=False)["input_ids"]
+    out = root / "out"
+    return {"family": "mixtral", "root": root, "base": base, "adapter": adapter, "cfg": cfg, "res": res, "ids": ids,
+            "merged": out / "m-F32.gguf", "base_gguf": out / "m-base-F32.gguf", "lora": out / "m-LoRA-F32.gguf",
+            "ref": synth.peft_logits(base, adapter, ids)}
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt_oss", "mixtral"])
 def case(request):
     c = request.getfixturevalue(request.param)
     c["merged_logits"] = gguf_logits(c["merged"], c["ids"], n_threads=THREADS)
@@ -147,7 +169,7 @@ def test_the_file_is_what_llama_cpp_checks(case):
     rec = case["res"].record
     assert rec["lora"]["file"] == case["lora"].name and rec["lora"]["left_out"] == []
     assert set(rec["lora"]["tensors"]) == targets
-    if "blk.0.ffn_gate_exps.weight" in targets:  # GPT-OSS: the experts, stacked, gate and up from gate_up_proj
+    if "blk.0.ffn_gate_exps.weight" in targets:  # the experts, stacked (GPT-OSS: gate and up from gate_up_proj)
         assert {"blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight"} <= targets
         assert len(shapes["blk.0.ffn_gate_exps.weight.lora_a"]) == 3
     else:
@@ -156,7 +178,10 @@ def test_the_file_is_what_llama_cpp_checks(case):
     # the patterned alphas get their own factors
     folds = {t: [x["fold"] for x in d["terms"]] for t, d in rec["lora"]["tensors"].items()}
     assert folds["blk.0.attn_q.weight"] == [2.0]
-    assert folds["blk.0.attn_v.weight"] == [pytest.approx(8 / np.sqrt(8) * 8 / 8)]
+    if case["family"] == "mixtral":  # alpha_pattern o_proj 2: 2/sqrt(4) * 4/8
+        assert folds["blk.0.attn_output.weight"] == [0.5]
+    else:  # rank_pattern v_proj 8: 8/sqrt(8) * 8/8
+        assert folds["blk.0.attn_v.weight"] == [pytest.approx(8 / np.sqrt(8) * 8 / 8)]
 
 
 def _rewrite(src: Path, dst: Path, fn) -> Path:
@@ -174,12 +199,12 @@ def _rewrite(src: Path, dst: Path, fn) -> Path:
 
 
 def test_wrong_folds_fail(case, tmp_path, reference_lora_converter):
-    """The same comparison catches every way a fold can go wrong: (GPT-OSS) gate and up swapped;
+    """The same comparison catches every way a fold can go wrong: (GPT-OSS, Mixtral) gate and up swapped;
     (Llama) B without the rotary permute, and the plain alpha/r scaling llama.cpp's own converter
     writes for an rsLoRA adapter with patterns."""
     merged = case["merged_logits"]
     broken: dict[str, Path] = {}
-    if case["family"] == "gpt_oss":
+    if case["family"] in ("gpt_oss", "mixtral"):
         def swap(name, arrays):
             for a, b in (("gate", "up"), ("up", "gate")):
                 if f"ffn_{a}_exps.weight.lora_b" in name:
@@ -380,7 +405,7 @@ def test_adapter_command_pairs_with_a_given_base(quantized, gpt_oss, tmp_path, c
 # --------------------------------------------------------------------------- what llama.cpp cannot apply
 
 
-@pytest.mark.parametrize("kind", ["modules_to_save", "trainable_tokens", "tied_embedding"])
+@pytest.mark.parametrize("kind", ["modules_to_save", "trainable_tokens", "tied_embedding", "dora"])
 def test_what_llama_cpp_cannot_apply_stops_unless_accepted(llama, tmp_path, capsys, kind):
     base = llama["base"]
     if kind == "tied_embedding":
@@ -388,6 +413,8 @@ def test_what_llama_cpp_cannot_apply_stops_unless_accepted(llama, tmp_path, caps
         base = families.make_model(tmp_path / "tied", "llama", cfg,
                                    tokenizer=lambda d: toks.sentencepiece_tokenizer(d, style="llama2"))
         opts, code = dict(target_modules=("q_proj", "embed_tokens")), "LORA_TIED_EMBEDDING"
+    elif kind == "dora":
+        opts, code = dict(target_modules=("q_proj",), use_dora=True), "LORA_DORA"
     elif kind == "modules_to_save":
         opts, code = dict(target_modules=("q_proj",), modules_to_save=("lm_head",)), "LORA_FULL_WEIGHTS"
     else:

@@ -4,6 +4,7 @@ rounding boundaries, and across BLAS thread counts, tile sizes and orientations.
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -174,3 +175,32 @@ def test_exact_round_against_fractions():
                 continue  # past half's range
             got = merge.exact_round(vals, dtype)
             assert _bits(np.array([got]))[0] == _round_fraction(q, dtype), (vals, dtype)
+
+
+def test_dora_rows_deterministic_and_bounded():
+    """DoRA's per-row scaling: merge_block's result is the fixed-order reference rounded once
+    (dora_rows), with any BLAS thread count, and the row norms do not depend on numpy's reductions."""
+    rng = np.random.default_rng(9)
+    n, m, k = 37, 53, 6
+    w = (rng.standard_normal((n, m)) * 0.02).astype(np.float32)
+    left, right = rng.standard_normal((n, k)) * 0.1, rng.standard_normal((k, m)) * 0.1
+    mag = np.abs(rng.standard_normal(n)) + 0.5
+    outs = []
+    for threads in (1, 2):
+        with threadpool_limits(limits=threads, user_api="blas"):
+            outs.append(_run(w, left, right, "bf16", row_scale=mag))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    want = np.stack([numerics.f64_to_bf16_bits(merge.dora_rows(w[i], 0.0, left[i], right, mag[i])) for i in range(n)])
+    np.testing.assert_array_equal(outs[0], want)
+    # every row of the result has the magnitude as its norm (to bf16 precision)
+    got = numerics.bf16_bits_to_f32(outs[0]).astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), mag, rtol=1e-2)
+    # the fixed tree sums equal exact sums to float64 rounding, and odd widths pad with zeros
+    x = rng.standard_normal((4, 13))
+    np.testing.assert_allclose(merge.tree_sum_rows(x), [math.fsum(r) for r in x], rtol=1e-14)
+
+
+def test_dora_zero_norm_is_reported():
+    w = np.zeros((2, 3), np.float32)
+    out = np.empty((2, 3), np.uint16)
+    assert merge.merge_block(w, w.shape, None, None, "bf16", out=out, row_scale=np.ones(2)) is False

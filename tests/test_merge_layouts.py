@@ -61,7 +61,7 @@ def _gguf_layout(base_bits, factors, op, block_rows):
         out = np.empty(o.shape, np.uint16)
         scratch = stream._Scratch()
         for matrix, rows in tp.blocks():
-            piece = stream.compute_unit(tp, matrix, rows, factors, scratch, lambda s, d: np.empty(s, d))
+            piece = stream.compute_unit(tp, matrix, rows, [factors], scratch, lambda s, d: np.empty(s, d))
             out[matrix, rows] = piece
         got.append(out)
     return got
@@ -128,5 +128,5 @@ def test_nan_or_inf_is_reported_not_written():
     from lora2gguf.errors import NumericError
 
     with pytest.raises(NumericError, match="NaN or Inf"):
-        stream.compute_unit(tp, 0, slice(0, 8), [f], stream._Scratch(), lambda s, d: np.empty(s, d))
+        stream.compute_unit(tp, 0, slice(0, 8), [[f]], stream._Scratch(), lambda s, d: np.empty(s, d))
     assert lora.expert_rank(2, 1) == 2

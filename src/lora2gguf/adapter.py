@@ -36,7 +36,6 @@ KEY_PREFIX = "base_model.model."
 
 # adapter_config fields that change what the merge must do; a truthy value we do not handle stops the run
 UNSUPPORTED_FEATURES: dict[str, str] = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "LoRA bias terms (lora_bias)",
     "layer_replication": "layer replication",
     "use_qalora": "QA-LoRA",
@@ -61,6 +60,8 @@ class LoraTerm:
     kind: str  # "linear", "embedding" or "experts"
     num_experts: int = 1
     fan_in_fan_out: bool = False
+    layout: str = "in_out"  # experts: how the 3-D parameter holds each matrix (lora.expert_matrix_factors)
+    magnitude: TensorInfo | None = None  # DoRA: the magnitude vector (one value per output row)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ def check_config(config: Mapping[str, Any], path: Path) -> None:
 LORA_SUFFIXES = {".lora_A.weight": ("A", "linear"), ".lora_B.weight": ("B", "linear"),
                  ".lora_embedding_A": ("A", "embedding"), ".lora_embedding_B": ("B", "embedding")}
 TOKEN_ROWS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
 
 
 def _split_key(key: str) -> tuple[str, str, int, str]:
@@ -141,6 +143,11 @@ def _split_key(key: str) -> tuple[str, str, int, str]:
             return module, which, depth, kind
     if name.endswith(TOKEN_ROWS_SUFFIX):
         return name[: -len(TOKEN_ROWS_SUFFIX)] + ".weight", "T", 0, "rows"
+    if name.endswith(MAGNITUDE_SUFFIX) or name.endswith(MAGNITUDE_SUFFIX + ".weight"):
+        module = name[: name.rindex(MAGNITUDE_SUFFIX)]
+        while module.endswith(".base_layer"):
+            module = module[: -len(".base_layer")]
+        return module, "M", 0, "magnitude"
     if name.endswith((".weight", ".bias")):
         module, _, leaf = name.rpartition(".")
         if re.search(r"\.original_module(\.[^.]+)?$", module):
@@ -156,6 +163,14 @@ def _split_key(key: str) -> tuple[str, str, int, str]:
         f"adapter tensor {key!r} is not a LoRA matrix (lora_A/lora_B, lora_embedding_A/B), a full weight "
         "(modules_to_save) or trainable token rows; other adapter kinds are not merged yet"
     )
+
+
+def _aliased(module: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """An adapter's module name as the base checkpoint names it (the family's module aliases)."""
+    for old, new in renames:
+        if (module + ".").startswith(old):
+            return (new + (module + ".")[len(old):])[:-1]
+    return module
 
 
 def _token_indices(config: Mapping[str, Any], target: str, path: Path) -> tuple[int, ...]:
@@ -198,13 +213,19 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
     where = folder / WEIGHTS_NAME
     adapter = Adapter(folder, dict(config), ckpt)
     pairs: dict[tuple[str, int, str], dict[str, tuple[str, TensorInfo]]] = {}
+    magnitudes: dict[str, TensorInfo] = {}
     base_shapes = dict(base_shapes)
+    renames = arch.alias_renames(base_shapes)  # transformers renames some modules on loading
     for key, info in sorted(ckpt.tensors.items()):
         try:
             module, which, depth, kind = _split_key(key)
         except UnsupportedError as e:
             raise UnsupportedError(f"{where}: {e}") from None
+        module = _aliased(module, renames)
         if kind == "original":
+            continue
+        if kind == "magnitude":
+            magnitudes[module] = info
             continue
         if kind == "full":
             if module in adapter.replaced:
@@ -271,8 +292,8 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
             target = f"{module}.{param}"
             shape = base_shapes[target]
             if len(shape) != 3:
-                raise InputError(f"{where}: {target} has shape {shape}; expected (experts, in, out)")
-            n_exp, in_f, out_f = shape
+                raise InputError(f"{where}: {target} has shape {shape}; expected a 3-D (experts, ..., ...) parameter")
+            n_exp, in_f, out_f = shape if arch.expert_layout == "in_out" else (shape[0], shape[2], shape[1])
             r = int(lora.pattern_value(rank_pattern, target, r0))
             alpha = float(lora.pattern_value(alpha_pattern, target, alpha0))
             if a.shape != (r * n_exp, in_f) or b.shape != (out_f, r * n_exp):
@@ -282,11 +303,41 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
                     "Is this adapter for another model, or another expert count?"
                 )
             term = LoraTerm(target, a_key.rsplit(".lora_A", 1)[0], a, b, r, alpha,
-                            lora.scaling(alpha, r, rslora), "experts", num_experts=n_exp)
+                            lora.scaling(alpha, r, rslora), "experts", num_experts=n_exp,
+                            layout=arch.expert_layout)
+        mag = magnitudes.pop(module, None)
+        if mag is not None:
+            term = _with_magnitude(term, mag, where)
         adapter.terms.setdefault(term.target, []).append(term)
+    if magnitudes:
+        first = next(iter(magnitudes.values()))
+        raise FormatError(f"{where}: DoRA magnitude {first.name} has no LoRA pair beside it")
+    if bool(config.get("use_dora")) != any(t.magnitude is not None for t in adapter.all_terms):
+        raise FormatError(f"{where}: adapter_config.json says use_dora={config.get('use_dora')!r}, but the "
+                          "weights " + ("hold no" if config.get("use_dora") else "hold") + " DoRA magnitude vectors; "
+                          "save the adapter again with PEFT's save_pretrained")
     if not adapter.terms and not adapter.replaced and not adapter.token_rows:
         raise InputError(f"{where}: holds no LoRA tensors")
     return adapter
+
+
+def _with_magnitude(term: LoraTerm, mag: TensorInfo, where: Path) -> LoraTerm:
+    """DoRA on a Linear layer: one magnitude per output row (PEFT normalizes each output row of
+    W + delta). DoRA on an embedding normalizes columns, which a row-by-row merge cannot do."""
+    from dataclasses import replace
+
+    if term.kind != "linear" or term.fan_in_fan_out:
+        what = "an embedding" if term.kind == "embedding" else "a fan_in_fan_out (Conv1D) layer" \
+            if term.fan_in_fan_out else "expert parameters"
+        raise UnsupportedError(
+            f"{where}: {mag.name}: DoRA on {what} ({term.key}) is not merged by lora2gguf (it normalizes over "
+            "columns). Merge with PEFT (merge_and_unload) and convert the merged model, or train DoRA on the "
+            "Linear layers only.")
+    out_rows = term.b.shape[0]
+    if tuple(mag.shape) != (out_rows,):
+        raise InputError(f"{where}: DoRA magnitude {mag.name} {mag.shape} does not fit {term.target} "
+                         f"({out_rows} output rows). Is this adapter for another model?")
+    return replace(term, magnitude=mag)
 
 
 def saved_vocab_rows(folder: Path | str) -> int | None:

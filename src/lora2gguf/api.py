@@ -175,7 +175,7 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
     t0 = time.perf_counter()
     ckpt = Checkpoint.open(base_dir)
     sources = logical_tensors(ckpt)
-    adapter = load_adapter(adapter_dir, {n: s.shape for n, s in sources.items()}, arch)
+    adapter = load_adapter(adapter_dir, _shapes(arch, sources), arch)
     sources = apply_adapter(sources, adapter)
     plan = make_plan(arch, config, sources, adapter, outtype, keep_mxfp4=keep_mxfp4)
     config = plan.config  # a vocabulary resized by the adapter's embeddings says so
@@ -379,6 +379,13 @@ def _verify_stage(out_dir: Path, state: RunState, outputs: list[OutputFile], rec
                             "report_html": result.report_html.name if result.report_html else None,
                             "modelfiles": [Path(m).name for m in result.modelfiles]}})
     return result
+
+
+def _shapes(family, sources) -> dict[str, tuple[int, ...]]:
+    """The base's tensor shapes an adapter can target: its tensors, and the fused expert
+    parameters its per-expert tensors stand for (the family's ``fused``)."""
+    shapes = {n: tuple(s.shape) for n, s in sources.items()}
+    return {**family.fused_shapes(shapes), **shapes}
 
 
 def _eog_tokens(vocab, family) -> dict[str, int]:

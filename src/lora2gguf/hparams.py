@@ -138,8 +138,22 @@ def _write_rope(writer, config: Mapping, where: str) -> dict[str, Any]:
 
 
 def write_hparams(writer: gguf.GGUFWriter, family: Family, config: Mapping, where: str = "config.json") -> dict:
-    """Write the hyperparameters of a (normalized) config; returns {writer method: value}."""
+    """Write the hyperparameters of a (normalized) config; returns {writer method: value}.
+    A family whose converter writes its keys itself (``common_hparams`` False) gets only its own."""
     written: dict[str, Any] = {}
+    if family.common_hparams:
+        _write_common(writer, config, where, written)
+    if family.hparams is not None:
+        def put(method: str, value: Any, key: str) -> None:
+            _put(writer, method, value, where, key)
+            written[method] = value
+
+        family.hparams(config, put)
+    return written
+
+
+def _write_common(writer: gguf.GGUFWriter, config: Mapping, where: str, written: dict[str, Any]) -> None:
+    """The keys llama.cpp's converter writes for every text model."""
     for method, keys, required in TEXT_HPARAMS:
         value = find(config, keys, where, required)
         if value is not None:
@@ -153,13 +167,6 @@ def write_hparams(writer: gguf.GGUFWriter, family: Family, config: Mapping, wher
         _put(writer, "add_key_length", hd, where, "head_dim")
         _put(writer, "add_value_length", hd, where, "head_dim")
         written["add_key_length"] = hd
-    if family.hparams is not None:
-        def put(method: str, value: Any, key: str) -> None:
-            _put(writer, method, value, where, key)
-            written[method] = value
-
-        family.hparams(config, put)
-    return written
 
 
 def validate(family: Family, config: Mapping, where: str = "config.json") -> None:

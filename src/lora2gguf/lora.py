@@ -8,7 +8,9 @@ Facts (PEFT's conventions):
 - Expert parameters (PEFT's ParamWrapper over a 3-D parameter of shape (E, in, out), the
   layout of fused expert tensors in transformers): A is saved as (r*E, in) and read as (E, r, in); B is saved as
   (out, r*E) and read as (out, r, E): the expert index is the slow axis of A's rows but the
-  fast axis of B's columns. delta[e] = s * (A_e^T @ B_e^T) with shape (in, out).
+  fast axis of B's columns. delta[e] = s * (A_e^T @ B_e^T) with shape (in, out). A parameter
+  stored (E, out, in) (each expert a Linear weight, as transformers 5.x's fused Qwen/Mixtral
+  experts) has in = its last axis: delta[e] = s * B_e @ A_e.
 - A delta is handed to the merge as two factors (left, right) with the scale folded into B:
   layout views cut them (layout.View.factors) and merge.merge_block adds left @ right.
 """
@@ -70,19 +72,23 @@ def expert_factors(a: np.ndarray, b: np.ndarray, num_experts: int, e: int) -> tu
     return a.reshape(num_experts, r, n_in)[e], b.reshape(n_out, r, num_experts)[:, :, e]
 
 
-def expert_matrix_factors(a: np.ndarray, b: np.ndarray, scale: float, num_experts: int, e: int
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """(left, right), float64, with ``left @ right`` the delta of expert ``e`` of a parameter
-    stored (E, in, out) as PEFT's ParamWrapper computes it: A_e^T @ (s B_e)^T, shape (in, out)."""
+def expert_matrix_factors(a: np.ndarray, b: np.ndarray, scale: float, num_experts: int, e: int,
+                          layout: str = "in_out") -> tuple[np.ndarray, np.ndarray]:
+    """(left, right), float64, with ``left @ right`` the delta of expert ``e`` of a 3-D parameter
+    as PEFT's ParamWrapper computes it: stored (E, in, out) (``layout`` "in_out", an experts module
+    PEFT calls transposed): A_e^T @ (s B_e)^T; stored (E, out, in) ("out_in", each expert a Linear
+    weight): (s B_e) @ A_e."""
     a_e, b_e = expert_factors(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), num_experts, e)
+    if layout == "out_in":
+        return b_e * scale, a_e
     return a_e.T, (b_e * scale).T
 
 
 def expert_delta(a: np.ndarray, b: np.ndarray, scale: float, num_experts: int,
-                 experts: slice | None = None) -> np.ndarray:
-    """Delta for an expert parameter of shape (E, in, out), float64 (e, in, out) for the selected experts."""
+                 experts: slice | None = None, layout: str = "in_out") -> np.ndarray:
+    """Delta of a 3-D expert parameter in its stored layout, float64, for the selected experts."""
     sel = range(num_experts)[experts] if experts is not None else range(num_experts)
-    return np.stack([np.matmul(*expert_matrix_factors(a, b, scale, num_experts, e)) for e in sel])
+    return np.stack([np.matmul(*expert_matrix_factors(a, b, scale, num_experts, e, layout)) for e in sel])
 
 
 def expert_rank(a_rows: int, num_experts: int) -> int:

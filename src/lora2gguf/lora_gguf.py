@@ -271,9 +271,10 @@ def plan_lora(family: Family, config: Mapping[str, Any], sources: Mapping[str, S
         left.append(LeftOut("LORA_TOKEN_ROWS", f"{target}: rows {list(rows.indices)[:8]}"
                                                + (" ..." if len(rows.indices) > 8 else "")))
     cfg = adapter.config
-    if cfg.get("use_dora"):
-        n = sum(1 for k in adapter.checkpoint.tensors if "lora_magnitude_vector" in k)
-        left.append(LeftOut("LORA_DORA", f"use_dora: the magnitude vectors of {n} module(s)"))
+    dora = sorted({t.key for t in adapter.all_terms if t.magnitude is not None})
+    if dora or cfg.get("use_dora"):
+        left.append(LeftOut("LORA_DORA", f"use_dora: the magnitude vectors of {len(dora)} module(s)"
+                                         + (f" (e.g. {dora[0]})" if dora else "")))
     if cfg.get("lora_bias"):
         left.append(LeftOut("LORA_BIAS", "lora_bias: the lora_B biases"))
 
@@ -287,7 +288,7 @@ def plan_lora(family: Family, config: Mapping[str, Any], sources: Mapping[str, S
     for tp in plan.tensors:
         if not tp.touched:
             continue
-        terms = [t for i in tp.inputs for t in i.terms]
+        terms = [b.term for i in tp.inputs for b in i.terms]  # plan.Bound: a term as one source sees it
         if not _applies(tp):
             left.append(LeftOut("LORA_NOT_APPLIED", f"{tp.tensor.name} {list(tp.tensor.shape)} ({_keys(terms)})"))
             continue
@@ -295,7 +296,7 @@ def plan_lora(family: Family, config: Mapping[str, Any], sources: Mapping[str, S
         if embedding and tied:
             left.append(LeftOut("LORA_TIED_EMBEDDING", f"{tp.tensor.name} ({_keys(terms)})"))
             continue
-        rank = max(sum(t.rank for t in tp.inputs[p.input].terms) for p in tp.parts)
+        rank = max(sum(b.term.rank for b in tp.inputs[p.input].terms) for p in tp.parts)
         shape = tp.tensor.shape
         rows, cols = shape[-2], shape[-1]
         if embedding:
@@ -315,7 +316,7 @@ def plan_lora(family: Family, config: Mapping[str, Any], sources: Mapping[str, S
                      "axis of lora_b): F16, as llama.cpp's converter falls back")
     if not tensors and not left:
         raise InputError(f"{adapter.folder}: the adapter changes no tensor of the base")
-    return LoraPlan(family, plan.config, adapter, outtype, alpha, tensors, left, notes)
+    return LoraPlan(family, plan.config, adapter, outtype, alpha, tensors, left, [*plan.notes, *notes])
 
 
 # --------------------------------------------------------------------------- the factors
@@ -324,8 +325,9 @@ def plan_lora(family: Family, config: Mapping[str, Any], sources: Mapping[str, S
 def tensor_factors(lt: LoraTensor, alpha: float, use_rslora: bool, cache: dict | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(lora_a, lora_b) of one file tensor, float64 in numpy order: every output matrix's factors
-    as the merge cuts them (stream.block_factors over the plan's parts and views), each term's
-    scale replaced by its fold, zero-padded to the tensor's rank."""
+    as the merge cuts them (stream.block_factors over the plan's parts and views, each input's
+    terms as that source sees them: plan.Bound), each term's scale replaced by its fold,
+    zero-padded to the tensor's rank. DoRA magnitudes are not applied (left out, LORA_DORA)."""
     from .stream import block_factors, read_factors
 
     cache = {} if cache is None else cache
@@ -337,10 +339,12 @@ def tensor_factors(lt: LoraTensor, alpha: float, use_rslora: bool, cache: dict |
     for i, part in enumerate(tp.parts):
         inp = tp.inputs[part.input]
         factors = []
-        for t in inp.terms:
-            key = (t.key, t.target, lt.rank)
+        for bound in inp.terms:
+            t = bound.term
+            key = (t.key, t.target, bound.matrix, bound.view, lt.rank)
             if key not in cache:
-                cache[key] = read_factors(replace(t, scale=fold(t, lt.rank, alpha, use_rslora)))
+                folded = replace(t, scale=fold(t, lt.rank, alpha, use_rslora), magnitude=None)
+                cache[key] = read_factors(replace(bound, term=folded))
             factors.append(cache[key])
         got = block_factors(factors, part.matrix, part.view)
         if got is None:
@@ -406,7 +410,7 @@ def write_lora(lplan: LoraPlan, path: str | os.PathLike[str], *, name: str, prog
     try:
         for i, lt in enumerate(lplan.tensors):
             a, b = tensor_factors(lt, lplan.alpha, lplan.adapter.use_rslora, cache)
-            files = sorted({str(t.a.path) for i in lt.plan.inputs for t in i.terms})
+            files = sorted({str(b.term.a.path) for i in lt.plan.inputs for b in i.terms})
             keys = ", ".join(t.key for t in lt.terms) + f" (in {', '.join(files)})"
             out.write(lt.a.name, encode(a, lt.a, keys))
             out.write(lt.b.name, encode(b, lt.b, keys))

@@ -78,6 +78,32 @@ def exact_round(values, dtype: str):
     return numerics.round_f64(np.array([side]), dtype)[0]
 
 
+def tree_sum_rows(x: np.ndarray) -> np.ndarray:
+    """Row sums in a fixed pairwise order (zero-padded to a power of two, halves added
+    elementwise): the same bits on any CPU, whatever numpy's or BLAS's reductions do."""
+    n, m = x.shape
+    p = 1 << max(0, (m - 1).bit_length())
+    buf = np.zeros((n, p), np.float64)
+    buf[:, :m] = x
+    while p > 1:
+        p //= 2
+        np.add(buf[:, :p], buf[:, p:2 * p], out=buf[:, :p])
+    return buf[:, 0].copy()
+
+
+def dora_rows(w_row: np.ndarray, add: float, left_row: np.ndarray | None, right: np.ndarray | None,
+              magnitude: float) -> np.ndarray:
+    """The DoRA rule's reference value of one row, in a fixed order: W + add + sum_k l_k * r_k
+    accumulated elementwise k by k in float64, its norm by :func:`tree_sum_rows`, then
+    magnitude / norm times each element (PEFT's DoRA merge, evaluated deterministically)."""
+    acc = np.asarray(w_row, np.float64) + add
+    if left_row is not None:
+        for k in range(left_row.shape[0]):
+            acc = acc + left_row[k] * right[k]
+    norm = math.sqrt(tree_sum_rows((acc * acc)[None, :])[0])
+    return (magnitude / norm) * acc
+
+
 def _bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32)
 
@@ -103,10 +129,10 @@ def _settle(v: np.ndarray, flat_out: np.ndarray, idx: np.ndarray, err: float, va
     else the exact sum rounded once (``exact(i)``)."""
     vals = v.reshape(-1)[idx]
     e2 = err + _U * (vabs + err)  # the two additions below may round inward by half a float64 step
-    lo = numerics.round_f64(vals - e2, dtype)
-    hi = numerics.round_f64(vals + e2, dtype)
+    both = numerics.round_f64(np.concatenate([vals - e2, vals + e2, vals]), dtype)  # one call: tiny arrays
+    n = vals.size
+    lo, hi, rounded = both[:n], both[n:2 * n], both[2 * n:].copy()
     same = _bits(lo) == _bits(hi)
-    rounded = numerics.round_f64(vals, dtype)
     for h in np.flatnonzero(~same):
         rounded[h] = exact(int(idx[h]))
     flat_out[idx] = rounded
@@ -114,14 +140,17 @@ def _settle(v: np.ndarray, flat_out: np.ndarray, idx: np.ndarray, err: float, va
 
 def merge_block(w: np.ndarray | TileSource, shape: tuple[int, int], left: np.ndarray | None,
                 right: np.ndarray | None, dtype: str, *, out: np.ndarray, add: float = 0.0,
-                work: Work | None = None) -> bool:
+                work: Work | None = None, row_scale: np.ndarray | None = None) -> bool:
     """Merge one block of rows and round it into ``out`` by the rule above.
 
     ``w``: the base values, float32 (or float64) of ``shape`` (n, m), or a function giving them a
     tile of rows at a time (so a transposing gather stays in the cache); ``left`` (n, K) and
     ``right`` (K, m) float64 with ``left @ right`` the sum of the LoRA deltas in this block's
     layout (None or K = 0: no delta); ``add``: a constant added to every element; ``out``:
-    (n, m) uint16 bit patterns for bf16/f16, float32 for f32.
+    (n, m) uint16 bit patterns for bf16/f16, float32 for f32; ``row_scale``: DoRA's magnitude per
+    row (float64): each merged row is scaled to ``magnitude / ||row||`` (the norm in a fixed
+    order, :func:`tree_sum_rows`), and the rule is then "rounded once from the fixed-order float64
+    evaluation" (:func:`dora_rows`), with the same bound-and-settle scheme.
 
     Returns False (``out`` then undefined) when a merged value is NaN or Inf; the caller finds
     the cause."""
@@ -161,6 +190,12 @@ def merge_block(w: np.ndarray | TileSource, shape: tuple[int, int], left: np.nda
         if k or extra:
             s = float(np.dot(np.abs(left[r0:r1]).max(axis=0), right_max)) if k else 0.0
             err = (k + extra + 8) * _U * (vabs + s)
+        dora = None
+        if row_scale is not None:
+            dora = _dora_scale(d, row_scale[r0:r1], err, vabs)
+            if dora is None:
+                return False
+            err, vabs = dora
         o = out[r0:r1]
         if dtype == "bf16":
             x = x_all[: rows * m].reshape(rows, m)
@@ -184,11 +219,43 @@ def merge_block(w: np.ndarray | TileSource, shape: tuple[int, int], left: np.nda
                 idx = np.flatnonzero((d - e2).astype(ft) != (d + e2).astype(ft))
         if idx.size:
             base = np.asarray(wt, np.float64)
+            if row_scale is not None:
+                rows_done: dict[int, np.ndarray] = {}
 
-            def exact(i: int, _r0=r0, _base=base):
-                row, col = divmod(i, m)
-                products = left[_r0 + row] * right[:, col] if k else ()
-                return exact_round([_base[row, col], add, *products], dtype)
+                def exact(i: int, _r0=r0, _base=base, _done=rows_done):
+                    row, col = divmod(i, m)
+                    if row not in _done:
+                        _done[row] = dora_rows(_base[row], add, left[_r0 + row] if k else None, right if k else None,
+                                               float(row_scale[_r0 + row]))
+                    return numerics.round_f64(_done[row][col:col + 1], dtype)[0]
+            else:
+                def exact(i: int, _r0=r0, _base=base):
+                    row, col = divmod(i, m)
+                    products = left[_r0 + row] * right[:, col] if k else ()
+                    return exact_round([_base[row, col], add, *products], dtype)
 
             _settle(d, o.reshape(-1), idx, err, vabs, dtype, exact)
     return True
+
+
+def _dora_scale(d: np.ndarray, magnitude: np.ndarray, err: float, vabs: float) -> tuple[float, float] | None:
+    """Scale each row of the merged tile ``d`` (in place) by magnitude / ||row||; returns the new
+    error bound against :func:`dora_rows` and the new max |value| (None: a zero or non-finite norm).
+
+    With |V - S| <= err and the fixed-order reference V' also within err of S, |V - V'| <= 2 err;
+    the norm then moves by at most sqrt(m) * 2 err plus its own roundings, and so does the factor
+    relative to it; the product adds one rounding."""
+    m = d.shape[1]
+    norms = np.sqrt(tree_sum_rows(d * d))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = np.asarray(magnitude, np.float64) / norms
+    if not np.isfinite(f).all() or not (norms > 0).all():
+        return None
+    vmax = np.abs(d).max(axis=1)
+    d *= f[:, None]
+    e1 = 2 * err + _U * vabs
+    levels = max(1, (m - 1).bit_length())
+    rel_n = (math.sqrt(m) * e1) / norms + (2 * levels + 8) * _U
+    per_row = np.abs(f) * e1 + vmax * np.abs(f) * (1.01 * rel_n + 2 * _U) + 2 * _U * np.abs(f) * vmax
+    new_vabs = float((np.abs(f) * vmax).max()) if m else 0.0
+    return float(per_row.max()) + 2 * _U * new_vabs, new_vabs

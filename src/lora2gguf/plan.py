@@ -18,7 +18,7 @@ import numpy as np
 
 from . import layout
 from .adapter import Adapter, LoraTerm
-from .arch import Family, block_id
+from .arch import Family, Stack, block_id
 from .errors import InputError, UnsupportedError
 from .sources import Source
 
@@ -59,11 +59,22 @@ class OutTensor:
 
 
 @dataclass(frozen=True)
+class Bound:
+    """A LoRA term as one source tensor sees it: the term's delta for matrix ``matrix`` (an
+    expert; None: the source's own matrix), cut by ``view`` (the rows of a fused expert
+    parameter that a per-expert tensor is)."""
+
+    term: LoraTerm
+    matrix: int | None = None
+    view: layout.View = layout.View()
+
+
+@dataclass(frozen=True)
 class Input:
     """A source tensor and the LoRA terms that change it."""
 
     source: Source
-    terms: tuple[LoraTerm, ...] = ()
+    terms: tuple[Bound, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -140,6 +151,7 @@ class Plan:
 
 
 def gguf_name(family: Family, name_map: gguf.TensorNameMap, hf_name: str) -> tuple[str, gguf.MODEL_TENSOR]:
+    hf_name = family.text_name(hf_name)
     for suffix in (".weight", ".bias"):
         if hf_name.endswith(suffix):
             stem = hf_name[: -len(suffix)]
@@ -163,6 +175,67 @@ def output_qtype(family: Family, name: str, kind: gguf.MODEL_TENSOR | None, ndim
     if ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or kind in family.f32_tensors:
         return gguf.GGMLQuantizationType.F32
     return OUTTYPES[outtype]
+
+
+def _stack_groups(family: Family, sources: Mapping[str, Source], config: Mapping
+                  ) -> dict[str, tuple[tuple[str, Stack], list[str]]]:
+    """Per-expert tensors of the family's stacks: name -> ((prefix, stack), the members in
+    expert order). Every expert 0..n-1 must be there, with one shape."""
+    groups: dict[tuple[str, Stack], dict[int, str]] = {}
+    for name in sources:
+        for stack in family.stacks:
+            hit = stack.match(name)
+            if hit is not None:
+                groups.setdefault((hit[0], stack), {})[hit[1]] = name
+    from .hparams import find
+
+    want = find(config, ("num_local_experts", "num_experts", "n_routed_experts"), "config.json", required=False)
+    out: dict[str, tuple[tuple[str, Stack], list[str]]] = {}
+    for key, by_e in groups.items():
+        n = max(by_e) + 1
+        missing = [e for e in range(n) if e not in by_e]
+        if missing or (want is not None and n != want):
+            raise InputError(
+                f"the checkpoint holds {len(by_e)} experts of {key[0]}{key[1].template} "
+                f"(indices {sorted(by_e)[:4]}...{sorted(by_e)[-1]}), config.json says {want}: a shard is missing "
+                "or the config belongs to another model. Download the checkpoint again.")
+        members = [by_e[e] for e in range(n)]
+        shapes = {tuple(sources[m].shape) for m in members}
+        if len(shapes) != 1:
+            raise InputError(f"the experts of {key[0]}{key[1].template} have different shapes {sorted(shapes)}; "
+                             "the checkpoint is damaged")
+        for m in members:
+            out[m] = (key, members)
+    return out
+
+
+def _route_fused(family: Family, sources: Mapping[str, Source], terms: dict[str, list[LoraTerm]]
+                 ) -> dict[str, tuple[Bound, ...]]:
+    """LoRA terms on fused expert parameters (transformers 5.x) of a base saved per expert: each
+    expert's tensors get the term's delta of that expert, cut to their rows of the fused matrix."""
+    out: dict[str, list[Bound]] = {}
+    for target in [t for t in terms if t not in sources]:
+        for f in family.fused:
+            if not target.endswith(f.name):
+                continue
+            prefix = target[: -len(f.name)]
+            first = [prefix + p.format(e=0) for p in f.parts]
+            if not all(n in sources for n in first):
+                continue
+            for term in terms.pop(target):
+                for e in range(term.num_experts):
+                    off = 0
+                    for p in f.parts:
+                        name = prefix + p.format(e=e)
+                        if name not in sources:
+                            raise InputError(f"the adapter changes {target!r} ({term.num_experts} experts), but the "
+                                             f"base checkpoint has no {name!r}")
+                        rows = sources[name].shape[0]
+                        out.setdefault(name, []).append(
+                            Bound(term, e, layout.View(rows=layout.Span(off, off + rows))))
+                        off += rows
+            break
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def _check_keep_mxfp4(sources: Mapping[str, Source], terms: Mapping[str, tuple[LoraTerm, ...]]) -> list[str]:
@@ -222,10 +295,33 @@ def make_plan(family: Family, config: Mapping, sources: Mapping[str, Source], ad
         tensors.append(TensorPlan(OutTensor(gname, tuple(values.shape), gguf.GGMLQuantizationType.F32), (), (),
                                   values=values, op="generated", kind=found[0] if found else None))
 
+    bound = _route_fused(family, sources, terms)
+    stacked = _stack_groups(family, sources, config)
+    done_stacks: set[tuple[str, Stack]] = set()
+    other_modality: list[str] = []
     for name in _sorted_names(sources):
-        if name.endswith(family.skip_suffixes):
+        why = family.skipped(name)
+        if why is not None:
+            _skip(family, name, sources[name], terms.pop(name, ()), why, other_modality)
             continue
         src = sources[name]
+        group = stacked.get(name)
+        if group is not None:
+            key, members = group
+            if key in done_stacks:
+                continue
+            done_stacks.add(key)
+            prefix, stack = key
+            inputs = tuple(Input(sources[m], tuple(Bound(t) for t in terms.pop(m, ())) + bound.pop(m, ()))
+                           for m in members)
+            gname, kind = gguf_name(family, name_map, prefix + stack.output)
+            claim(gname, f"{members[0]} .. {members[-1]}")
+            shape = (len(members), *src.shape)
+            t = OutTensor(gname, shape, output_qtype(family, gname, kind, len(shape), outtype))
+            parts = tuple(layout.Part(i, 0, layout.View()) for i in range(len(members)))
+            tensors.append(TensorPlan(t, inputs, parts, block_rows=_block_rows(t, src, slab_bytes, False),
+                                      op="Stack", kind=kind))
+            continue
         found = family.rule_for(name)
         if found:
             prefix, rule = found
@@ -237,7 +333,7 @@ def make_plan(family: Family, config: Mapping, sources: Mapping[str, Source], ad
         if len(outs) != len(hf_outs):
             raise UnsupportedError(f"{family.name}: the rule for {name!r} names {len(hf_outs)} outputs, its "
                                    f"operation makes {len(outs)}")
-        inp = Input(src, tuple(terms.pop(name, ())))
+        inp = Input(src, tuple(Bound(t) for t in terms.pop(name, ())) + bound.pop(name, ()))
         packed = name in keep
         for hf_out, o in zip(hf_outs, outs):
             gname, kind = gguf_name(family, name_map, hf_out)
@@ -261,12 +357,32 @@ def make_plan(family: Family, config: Mapping, sources: Mapping[str, Source], ad
     plan = Plan(family, config, outtype, tensors, adapter)
     if resized:
         plan.notes.append(resized)
+    if other_modality:
+        plan.notes.append(
+            f"the adapter also changes {len(other_modality)} tensors of another modality (e.g. {other_modality[0]!r}); "
+            "the GGUF holds the text model only (llama.cpp's converter writes a vision tower and its projector to "
+            "a separate mmproj file), so those changes are not in it")
     if keep:
         n_out = sum(1 for t in tensors if t.packed)
         plan.notes.append(
             f"--keep-mxfp4: the MoE experts ({n_out} tensors) are written as MXFP4, repacked from the base "
             "without decoding (the adapter does not change them); general.file_type is MOSTLY_MXFP4_MOE")
     return plan
+
+
+def _skip(family: Family, name: str, src: Source, terms: tuple, why: str, other_modality: list[str]) -> None:
+    """A tensor the GGUF does not hold: fine unless the fine-tune changed it. Changes to another
+    modality are noted (the text GGUF does not need them); a change to a text tensor that
+    llama.cpp's architecture has no place for would be lost, so it is refused."""
+    if not terms and src.origin != "adapter":
+        return
+    if why == "modality":
+        other_modality.append(name)
+        return
+    raise UnsupportedError(
+        f"the adapter changes {name!r}, which llama.cpp's {family.gguf_arch_name} architecture does not hold "
+        "(its converter drops the tensor), so the GGUF would lose that part of the fine-tune. Retrain without "
+        f"{name.rsplit('.', 1)[0].rsplit('.', 1)[-1]!r} in target_modules / modules_to_save")
 
 
 def _resized_vocab(embeddings: list[tuple[str, TensorPlan]], config: Mapping) -> tuple[Mapping, str | None]:

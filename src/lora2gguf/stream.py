@@ -74,26 +74,50 @@ def encode(x: np.ndarray, qtype: gguf.GGMLQuantizationType, name: str) -> np.nda
 
 @dataclass(frozen=True)
 class Factors:
-    """A LoRA pair read once per tensor, float64 (exact widenings of the stored values)."""
+    """A LoRA pair read once per tensor, float64 (exact widenings of the stored values), and how
+    the source sees its delta (plan.Bound)."""
 
     term: LoraTerm
     a: np.ndarray
     b: np.ndarray
+    matrix: int | None = None
+    view: layout.View = layout.View()
+    magnitude: np.ndarray | None = None  # DoRA: one value per output row of the source
 
 
-def read_factors(term: LoraTerm) -> Factors:
+def read_factors(bound) -> Factors:
+    """The factors of a plan.Bound (or a bare LoraTerm)."""
+    term = getattr(bound, "term", bound)
     a = to_f32(read_raw(term.a), term.a.dtype, name=term.a.name).astype(np.float64)
     b = to_f32(read_raw(term.b), term.b.dtype, name=term.b.name).astype(np.float64)
-    return Factors(term, a, b)
+    mag = None
+    if term.magnitude is not None:
+        mag = to_f32(read_raw(term.magnitude), term.magnitude.dtype, name=term.magnitude.name).astype(np.float64)
+    return Factors(term, a, b, getattr(bound, "matrix", None), getattr(bound, "view", layout.View()), mag)
+
+
+def row_scale(factors: list[Factors], view: layout.View, name: str) -> np.ndarray | None:
+    """DoRA's magnitudes in the output matrix's row order (the view's row selection), or None."""
+    mags = [f.magnitude for f in factors if f.magnitude is not None]
+    if not mags:
+        return None
+    if len(mags) > 1 or view.transpose or view.cols != layout.ALL:
+        raise NumericError(f"{name}: DoRA with this layout (several DoRA terms, or a transposed / column-cut "
+                           "tensor) cannot be merged row by row; merge with PEFT and convert the merged model")
+    return np.ascontiguousarray(mags[0][layout.index_array(view.rows)])
 
 
 def source_factors(f: Factors, matrix: int) -> tuple[np.ndarray, np.ndarray]:
     """(left, right) with left @ right = the term's delta of source matrix ``matrix`` in the
-    source's own orientation (lora.py: the scale folded into B)."""
+    source's own orientation (lora.py: the scale folded into B); a term bound to one expert of a
+    fused parameter gives that expert's delta, cut to the source's rows of it."""
     t = f.term
     if t.kind in ("linear", "embedding"):  # an embedding's delta (B @ A)^T is the fan_in_fan_out form
-        return lora.linear_factors(f.a, f.b, t.scale, fan_in_fan_out=t.fan_in_fan_out)
-    return lora.expert_matrix_factors(f.a, f.b, t.scale, t.num_experts, matrix)
+        left, right = lora.linear_factors(f.a, f.b, t.scale, fan_in_fan_out=t.fan_in_fan_out)
+    else:
+        e = matrix if f.matrix is None else f.matrix
+        left, right = lora.expert_matrix_factors(f.a, f.b, t.scale, t.num_experts, e, t.layout)
+    return (left, right) if f.view.is_identity else f.view.factors(left, right)
 
 
 def block_factors(factors: list[Factors], matrix: int, view: layout.View) -> tuple[np.ndarray, np.ndarray] | None:
@@ -205,13 +229,15 @@ def _explain_nonfinite(tp: TensorPlan, matrix: int, rows: slice, factors: list[F
         f"from {files}; check the adapter's scaling (lora_alpha, r, use_rslora)")
 
 
-def compute_unit(tp: TensorPlan, matrix: int, rows: slice, factors: list[Factors], scratch: _Scratch,
+def compute_unit(tp: TensorPlan, matrix: int, rows: slice, factors: list[list[Factors]], scratch: _Scratch,
                  take: Callable[[tuple[int, ...], np.dtype], np.ndarray]) -> np.ndarray:
-    """The output bytes of one unit: rows ``rows`` of output matrix ``matrix`` of ``tp``."""
+    """The output bytes of one unit: rows ``rows`` of output matrix ``matrix`` of ``tp``
+    (``factors``: per input of ``tp``, its LoRA factors)."""
     t = tp.tensor
     if tp.values is not None:
         return tp.values
     part = tp.parts[matrix]
+    factors = factors[part.input] if factors else []
     src = tp.inputs[part.input].source
     mshape = layout.matrix_shape(src.shape)
     view = part.view.source_rows(mshape, rows)
@@ -240,7 +266,12 @@ def compute_unit(tp: TensorPlan, matrix: int, rows: slice, factors: list[Factors
     dtype = _DTYPE[t.qtype]
     out = take((n, out_cols), np.float32 if dtype == "f32" else np.uint16)
     tiles = _tile_source(region, kind, v, 0, scratch)
-    if not merge.merge_block(tiles, (n, out_cols), left, right, dtype, out=out, add=tp.add, work=scratch.work):
+    scale = row_scale(factors, part.view, src.name)
+    if not merge.merge_block(tiles, (n, out_cols), left, right, dtype, out=out, add=tp.add, work=scratch.work,
+                             row_scale=None if scale is None else scale[rows]):
+        if scale is not None:
+            raise NumericError(f"merged tensor {src.name!r}{_where(rows, matrix, tp)}: a row of W + delta has norm 0 "
+                               "or NaN/Inf, so DoRA's magnitude / norm is not a number; check the adapter")
         raise _explain_nonfinite(tp, matrix, rows, factors)
     return out.reshape(_piece_shape(t, n, out_cols))
 
@@ -346,7 +377,7 @@ def execute(plan: Plan, out: Sink, *, progress: Progress | None = None, threads:
     try:
         with threadpool_limits(limits=1, user_api="blas"):
             for tp in plan.tensors:
-                factors = [read_factors(term) for inp in tp.inputs for term in inp.terms]
+                factors = [[read_factors(b) for b in inp.terms] for inp in tp.inputs]
                 for matrix, rows in tp.blocks():
                     fut = pool.submit(compute_unit, tp, matrix, rows, factors, scratch, buffers.take)
                     unit = _Unit(tp, matrix, rows, fut)

@@ -537,13 +537,15 @@ def make_adapter(
     modules_to_save: Sequence[str] = (),
     trainable_token_indices: Sequence[int] | dict[str, Sequence[int]] | None = None,
     resize_vocab: int | None = None,
+    use_dora: bool = False,
 ) -> Path:
     """Make a LoRA adapter for the base in ``base_dir`` with PEFT itself and return ``dest_dir``.
 
     Chat fine-tunes: ``resize_vocab`` resizes the base's embeddings first (added tokens), and
     ``modules_to_save`` (e.g. embed_tokens, lm_head) trains full copies of those modules (PEFT then
     saves them whole: seeded changes to every row here); ``trainable_token_indices`` trains only
-    those rows of the input embedding (seeded new values).
+    those rows of the input embedding (seeded new values). ``use_dora``: DoRA (PEFT initializes
+    the magnitudes to the row norms; here they are changed by about 10%, as training would).
 
     The base is loaded with transformers (float32), wrapped with ``get_peft_model(LoraConfig(...))``,
     every lora_A/lora_B is set to seeded random values (PEFT's own init makes B zero, hence a zero
@@ -572,6 +574,8 @@ def make_adapter(
     extra: dict[str, Any] = {}
     if modules_to_save:
         extra["modules_to_save"] = list(modules_to_save)
+    if use_dora:
+        extra["use_dora"] = True
     if trainable_token_indices is not None:
         extra["trainable_token_indices"] = (dict(trainable_token_indices) if isinstance(trainable_token_indices, dict)
                                             else list(trainable_token_indices))
@@ -605,6 +609,9 @@ def make_adapter(
                 noise = _rng(seed, pname).standard_normal(tuple(p.shape)).astype(np.float32)
                 scale = float(p.detach().float().std()) or 1.0
                 p.copy_(p.detach() + torch.from_numpy(noise * np.float32(0.2 * scale)).to(p.dtype))
+            elif "lora_magnitude_vector" in pname:  # DoRA: trained magnitudes, about 10% off the row norms
+                noise = _rng(seed, pname).standard_normal(tuple(p.shape)).astype(np.float32)
+                p.copy_(p.detach() * torch.from_numpy(1 + np.float32(0.1) * noise).to(p.dtype))
     dest.mkdir(parents=True, exist_ok=True)
     pm.peft_config["default"].base_model_name_or_path = (
         str(base) if base_model_name_or_path is None else base_model_name_or_path)
@@ -794,25 +801,24 @@ def write_reference_merge(base_dir: str | os.PathLike[str], adapter_dir: str | o
     """The float64 reference merge as a model folder llama.cpp's converter can read: PEFT's
     ``merge_and_unload()`` on the base loaded in float64, every tensor rounded once to bf16 with
     :func:`numerics.f64_to_bf16_bits` (torch's float64 -> bfloat16 rounds twice, through float32),
-    written as bf16 safetensors beside the base's config and the tokenizer files of
-    ``tokenizer_dir`` (default: the adapter's, else the base's). Tied tensors appear once, under
-    the names the base's checkpoint uses."""
+    then saved by transformers' ``save_pretrained`` in bfloat16 (its own checkpoint layout: tied
+    tensors once, MoE experts per expert, the config's vocab_size after a resize) with the
+    tokenizer files of ``tokenizer_dir`` (default: the adapter's, else the base's)."""
+    import torch
+
     base, dest = Path(base_dir), Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    state = peft_merged_state_dict(base, adapter_dir, "float64")
-    stored = set(_checkpoint_names(base))
-    specs = [(k, tuple(v.shape), "bfloat16") for k, v in sorted(state.items()) if k in stored]
-    bits = {k: numerics.f64_to_bf16_bits(state[k]) for k, _, _ in specs}
-    write_safetensors_streamed(dest / "model.safetensors", specs, lambda k: iter([bits[k].reshape(-1)]))
-    for fname in ("config.json", "generation_config.json"):
-        if (base / fname).exists():
-            shutil.copy(base / fname, dest / fname)
-    emb = next((v for k, v in state.items() if k.endswith("embed_tokens.weight")), None)
-    cfg = json.loads((dest / "config.json").read_text())
-    if emb is not None and cfg.get("vocab_size") != emb.shape[0]:  # resize_token_embeddings updates it
-        cfg["vocab_size"] = int(emb.shape[0])
-        (dest / "config.json").write_text(json.dumps(cfg, indent=2))
-    tok = Path(tokenizer_dir) if tokenizer_dir is not None else Path(adapter_dir)
+    pm = _peft_model(base, adapter_dir, "float64")
+    with torch.no_grad():
+        merged = pm.merge_and_unload() if adapter_dir is not None else pm
+        for _, p in merged.named_parameters():
+            bits = numerics.f64_to_bf16_bits(p.detach().cpu().numpy())
+            p.copy_(torch.from_numpy(numerics.bf16_bits_to_f32(bits).astype(np.float64)))  # exact in bf16
+        merged = merged.to(torch.bfloat16)  # exact: every value is a bf16 value
+    merged.save_pretrained(str(dest))
+    if (base / "generation_config.json").exists():
+        shutil.copy(base / "generation_config.json", dest / "generation_config.json")
+    tok = Path(tokenizer_dir) if tokenizer_dir is not None else Path(adapter_dir) if adapter_dir else base
     if not any((tok / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         tok = base
     for f in tok.iterdir():

@@ -10,10 +10,20 @@ tests), not editing the pipeline. A family is data plus a few named override poi
   is absent from config.json (llama.cpp's converter reads the config through ``AutoConfig``, so
   they decide the GGUF as much as config.json does);
 - ``hparams``: the GGUF keys beyond the ones every text model gets (:mod:`lora2gguf.hparams`);
+  ``common_hparams`` False when llama.cpp's converter writes the family's keys itself, without
+  the common ones (``hparams`` then writes every key);
 - ``generated``: tensors made from the config alone (Llama 3's ``rope_freqs``), written first;
 - ``f32_tensors``: tensors kept in F32 whatever the output type (routers);
+- ``skip_suffixes`` / ``skip_prefixes``: HF tensors the GGUF does not hold (not model weights,
+  a tensor llama.cpp's architecture has no place for; a multimodal checkpoint's vision tower and
+  projector, which llama.cpp keeps in a separate mmproj file); ``rename_prefixes``: HF name
+  prefixes replaced before the GGUF name lookup (a multimodal checkpoint's text model under
+  ``model.language_model.``); ``module_aliases``: module prefixes transformers renames on loading
+  (an adapter names the loaded model's modules, the base's files may use the other name);
 - ``expert_params``: 3-D expert parameters PEFT can target (``target_parameters``), in the order
-  the HF module registers them (PEFT nests its ParamWrappers in that order);
+  the HF module registers them (PEFT nests its ParamWrappers in that order), and their
+  ``expert_layout``; ``stacks``: per-expert checkpoint tensors stacked into one GGUF tensor;
+  ``fused``: how transformers 5.x's fused expert parameters relate to the per-expert tensors;
 - ``chat_format`` and its end-of-generation tokens; ``vocab_options``: which tokenizer kinds the
   converter tries, in which order, and the few per-family quirks (lora2gguf.vocab.VocabOptions).
 """
@@ -42,10 +52,42 @@ class Rule:
     outputs: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Stack:
+    """Per-expert tensors stacked into one 3-D GGUF tensor: the HF tensors ``template`` names for
+    experts 0..n-1 (``{e}`` the expert index, relative to a layer's prefix) become the output
+    ``output`` (an HF-style name gguf-py's TensorNameMap knows), expert ``e`` its matrix ``e``."""
+
+    template: str  # e.g. "mlp.experts.{e}.gate_proj.weight"
+    output: str  # e.g. "mlp.experts.gate_proj.weight"
+
+    def match(self, name: str) -> tuple[str, int] | None:
+        """(layer prefix, expert index) when ``name`` is one of the stacked tensors."""
+        head, _, tail = self.template.partition("{e}")
+        m = re.search(re.escape(head) + r"(\d+)" + re.escape(tail) + "$", name)
+        if m is None:
+            return None
+        return name[: m.start()], int(m.group(1))
+
+
+@dataclass(frozen=True)
+class Fused:
+    """A 3-D expert parameter as transformers 5.x holds it (and PEFT's ``target_parameters``
+    target it): expert ``e``'s matrix is the per-expert tensors ``parts`` (``{e}`` the index)
+    one above the other, in rows. Lets an adapter made for one layout merge into the other."""
+
+    name: str  # e.g. "mlp.experts.gate_up_proj"
+    parts: tuple[str, ...]  # e.g. ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight")
+
+
 # config -> {GGUF name: float32 values}: tensors made from the config alone
 Generated = Callable[[Mapping[str, Any]], dict[str, np.ndarray]]
 # (config, put) -> None: extra GGUF keys; put(method, value, config key) checks and writes
 HParams = Callable[[Mapping[str, Any], Callable[[str, Any, str], None]], None]
+
+
+#: HF tensor name suffixes that are not model weights (llama.cpp's converter skips them too)
+NOT_WEIGHTS = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
 
 
 @dataclass(frozen=True)
@@ -59,11 +101,26 @@ class Family:
     # (key, function of the config) filled in when the key is absent or None, in order
     derived: tuple[tuple[str, Callable[[Mapping[str, Any]], Any]], ...] = ()
     hparams: HParams | None = None
+    # False: llama.cpp's converter writes none of the common text-model keys for this family
+    # (its set_gguf_parameters starts from scratch): ``hparams`` writes every key
+    common_hparams: bool = True
     generated: Generated | None = None
     f32_tensors: frozenset[gguf.MODEL_TENSOR] = field(default_factory=frozenset)
     expert_params: tuple[str, ...] = ()
+    # how the 3-D expert parameters hold each expert's matrix: "in_out" (x @ W[e], GPT-OSS) or
+    # "out_in" (a Linear's weight, W[e] @ x); it decides the orientation of PEFT's expert deltas
+    expert_layout: str = "in_out"
+    stacks: tuple[Stack, ...] = ()
+    fused: tuple[Fused, ...] = ()
     # HF tensor name suffixes that are not model weights (llama.cpp's converter skips them too)
-    skip_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
+    skip_suffixes: tuple[str, ...] = NOT_WEIGHTS
+    # HF tensor name prefixes of another modality (vision tower, projector): not in the text GGUF
+    skip_prefixes: tuple[str, ...] = ()
+    # (old, new) HF name prefixes, replaced before the GGUF name lookup
+    rename_prefixes: tuple[tuple[str, str], ...] = ()
+    # (loaded model's prefix, checkpoint's prefix): transformers renames these modules when it
+    # loads a checkpoint, so an adapter may name them one way and the base's files the other
+    module_aliases: tuple[tuple[str, str], ...] = ()
     chat_format: str = "jinja"
     # end-of-generation tokens the chat format itself needs (Harmony's), and its EOS
     eog_tokens: tuple[str, ...] = ()
@@ -83,6 +140,54 @@ class Family:
             if hf_name.endswith("." + rule.suffix) or hf_name == rule.suffix:
                 return hf_name[: len(hf_name) - len(rule.suffix)], rule
         return None
+
+    def fused_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """The shapes of the fused expert parameters (``fused``) of a per-expert checkpoint, per
+        layer: what an adapter trained on transformers 5.x's fused experts targets."""
+        out: dict[str, tuple[int, ...]] = {}
+        for f in self.fused:
+            first = f.parts[0].format(e=0)
+            for name in shapes:
+                if not name.endswith(first):
+                    continue
+                prefix = name[: -len(first)]
+                n = 0
+                while all(prefix + p.format(e=n) in shapes for p in f.parts):
+                    n += 1
+                mats = [shapes[prefix + p.format(e=0)] for p in f.parts]
+                if n and all(len(m) == 2 and m[1] == mats[0][1] for m in mats):
+                    out[prefix + f.name] = (n, sum(m[0] for m in mats), mats[0][1])
+        return out
+
+    def skipped(self, hf_name: str) -> str | None:
+        """Why the GGUF does not hold an HF tensor ("weights": not a weight of llama.cpp's
+        architecture; "modality": another modality's), or None when it does."""
+        if self.skip_prefixes and hf_name.startswith(self.skip_prefixes):
+            return "modality"
+        if hf_name.endswith(self.skip_suffixes):
+            return "weights"
+        return None
+
+    def text_name(self, hf_name: str) -> str:
+        """The HF name as the GGUF name lookup takes it (``rename_prefixes`` applied)."""
+        for old, new in self.rename_prefixes:
+            if hf_name.startswith(old):
+                return new + hf_name[len(old):]
+        return hf_name
+
+    def alias_renames(self, names) -> tuple[tuple[str, str], ...]:
+        """(prefix, replacement) pairs that turn an adapter's module names into the names a
+        checkpoint holding ``names`` uses (each alias in the direction the checkpoint needs)."""
+        names = list(names)
+        out = []
+        for loaded, saved in self.module_aliases:
+            has_loaded = any(n.startswith(loaded) for n in names)
+            has_saved = any(n.startswith(saved) for n in names)
+            if has_saved and not has_loaded:
+                out.append((loaded, saved))
+            elif has_loaded and not has_saved:
+                out.append((saved, loaded))
+        return tuple(out)
 
     def vocab_for(self, config: Mapping[str, Any]):
         """The vocabulary options for this config (lora2gguf.vocab.VocabOptions or None)."""
@@ -108,7 +213,7 @@ class Family:
 
 
 _REGISTRY: dict[str, Family] = {}
-_MODULES = ("gpt_oss", "llama", "qwen")
+_MODULES = ("gpt_oss", "llama", "qwen", "qwen_moe", "mixtral", "gemma", "phi3")
 
 
 def register(family: Family) -> Family:

@@ -428,3 +428,209 @@ def with_split_pattern(tj: dict[str, Any], pattern: str) -> None:
             for v in node:
                 walk(v)
     walk(tj.get("pre_tokenizer"))
+
+
+# --------------------------------------------------------------------------- Gemma
+
+
+def _unused(n: int) -> tuple[str, ...]:
+    return tuple(f"<unused{i}>" for i in range(n))
+
+
+#: Gemma's pieces after <pad> <eos> <bos> <unk> (ids 0..3), as user-defined SentencePiece pieces
+#: from id 4: Gemma 2's (<start_of_turn> 106, <end_of_turn> 107) and Gemma 3's (105, 106, then
+#: its image markers, which the real vocabulary has at 255999 / 256000)
+GEMMA2_PIECES = ("<mask>", "<2mass>", "[@BOS@]", *_unused(99), "<start_of_turn>", "<end_of_turn>")
+GEMMA3_PIECES = ("<mask>", "[multimodal]", *_unused(99), "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                 "<end_of_image>")
+#: of those, the ones tokenizer_config.json marks special (the others are listed, not special)
+GEMMA_SPECIAL = frozenset({"<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"})
+#: Gemma 3's image token: an added token, the first id past the SentencePiece pieces
+GEMMA3_IMAGE_TOKEN = "<image_soft_token>"
+
+#: Gemma 2 Instruct's chat template (google/gemma-2-*-it)
+GEMMA2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+#: Gemma 3 Instruct's chat template (google/gemma-3-*-it): a system message goes before the first user turn
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+
+@functools.lru_cache(maxsize=4)
+def _gemma_spm_model(vocab_size: int, pieces: tuple[str, ...]) -> bytes:
+    try:
+        import sentencepiece as spm
+    except ImportError as e:
+        raise UnsupportedError("training a SentencePiece model needs sentencepiece: pip install sentencepiece") from e
+    buf = io.BytesIO()
+    # Gemma's trainer spec: BPE, byte fallback, digits split, identity normalization, no dummy
+    # prefix, whitespace kept, <pad> <eos> <bos> <unk> at 0 1 2 3, its markers user-defined
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>", allow_whitespace_only_pieces=True, character_coverage=1.0,
+        num_threads=1, minloglevel=2, user_defined_symbols=list(pieces), seed_sentencepiece_size=10000)
+    return buf.getvalue()
+
+
+def gemma_tokenizer(dest: str | Path, *, generation: int = 3, vocab_size: int = 640,
+                    tokenizer_json: bool = True) -> Path:
+    """A Gemma 2 (``generation=2``) or Gemma 3 (``3``) tokenizer folder as google's instruct
+    repositories have it: ``tokenizer.model`` (trained here, ``vocab_size`` pieces: ``<pad>``
+    ``<eos>`` ``<bos>`` ``<unk>`` at 0..3, Gemma's markers from 4 with ``<start_of_turn>`` /
+    ``<end_of_turn>`` at the real ids, no dummy prefix), tokenizer_config.json (``<eos>`` as
+    eos_token, the chat template, the markers in added_tokens_decoder; Gemma 3's
+    ``<image_soft_token>`` added at id ``vocab_size``), special_tokens_map.json and the
+    tokenizer.json transformers converts (``tokenizer_json``). The model's embedding rows must
+    exceed ``vocab_size`` for Gemma 3 (its config's are 262,208 for 262,144 pieces).
+    The model's generation_config.json ends a turn with eos_token_id [1, id of <end_of_turn>]."""
+    if generation not in (2, 3):
+        raise InputError(f"generation={generation!r}: choose 2 or 3")
+    dest = _mkdir(dest)
+    pieces = GEMMA2_PIECES if generation == 2 else GEMMA3_PIECES
+    model = _gemma_spm_model(vocab_size, pieces)
+    (dest / "tokenizer.model").write_bytes(model)
+    named = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", **{4 + k: p for k, p in enumerate(pieces)}}
+    if generation == 3:
+        named[vocab_size] = GEMMA3_IMAGE_TOKEN
+    config: dict[str, Any] = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": {str(i): _added(c, c in GEMMA_SPECIAL or c == GEMMA3_IMAGE_TOKEN)
+                                 for i, c in named.items()},
+        "bos_token": "<bos>",
+        "chat_template": GEMMA2_CHAT_TEMPLATE if generation == 2 else GEMMA3_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<eos>",
+        "model_max_length": NO_MAX_LENGTH,
+        "pad_token": "<pad>",
+        "padding_side": "left",
+        "sp_model_kwargs": {},
+        "spaces_between_special_tokens": False,
+        "tokenizer_class": "GemmaTokenizer",
+        "unk_token": "<unk>",
+        "use_default_system_prompt": False,
+    }
+    special_map = {"bos_token": _added("<bos>"), "eos_token": _added("<eos>"), "pad_token": _added("<pad>"),
+                   "unk_token": _added("<unk>")}
+    if generation == 2:
+        config["additional_special_tokens"] = ["<start_of_turn>", "<end_of_turn>"]
+        special_map["additional_special_tokens"] = ["<start_of_turn>", "<end_of_turn>"]
+    if tokenizer_json:
+        tj = json.loads(_spm_tokenizer_json(model, json.dumps(config)))
+        have = {t["id"] for t in tj["added_tokens"]}
+        for i, c in named.items():
+            if i not in have:
+                tj["added_tokens"].append({"id": i, **_added(c, c in GEMMA_SPECIAL or c == GEMMA3_IMAGE_TOKEN)})
+        tj["added_tokens"].sort(key=lambda t: t["id"])
+        _write_json(dest / "tokenizer.json", tj)
+    _write_json(dest / "tokenizer_config.json", config)
+    _write_json(dest / "special_tokens_map.json", special_map)
+    return dest
+
+
+# --------------------------------------------------------------------------- Phi-3
+
+#: Phi-3's added tokens after the 32,000 Llama 2 pieces (content, rstrip); all marked special
+PHI3_ADDED: tuple[tuple[str, bool], ...] = (
+    ("<|endoftext|>", False), ("<|assistant|>", True), ("<|placeholder1|>", True), ("<|placeholder2|>", True),
+    ("<|placeholder3|>", True), ("<|placeholder4|>", True), ("<|system|>", True), ("<|end|>", True),
+    ("<|placeholder5|>", True), ("<|placeholder6|>", True), ("<|user|>", True),
+)
+#: Phi-3's config vocab_size beyond the pieces (32,064 = 32,000 + 64)
+PHI3_EXTRA_ROWS = 64
+
+#: Phi-3-mini-4k-instruct's chat template
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def phi3_ids(vocab_size: int = 512) -> dict[str, int]:
+    """The ids of Phi-3's added tokens in a :func:`phi3_tokenizer` of ``vocab_size`` pieces."""
+    return {c: vocab_size + k for k, (c, _) in enumerate(PHI3_ADDED)}
+
+
+def phi3_tokenizer(dest: str | Path, *, vocab_size: int = 512,
+                   extra_tokens: Sequence[tuple[str, bool]] = ()) -> Path:
+    """A Phi-3 tokenizer folder as microsoft/Phi-3-mini-4k-instruct has it: a Llama-2-style
+    ``tokenizer.model`` (``vocab_size`` pieces), Phi-3's added tokens from id ``vocab_size``
+    (:func:`phi3_ids`; special, most with rstrip), ``<|endoftext|>`` as eos and pad token, no BOS
+    added, the chat template, and tokenizer.json. ``extra_tokens`` (content, special) follow them
+    (a fine-tune's own tokens). The model folder's generation_config.json has eos_token_id
+    [<|endoftext|>, <|assistant|>, <|end|>] and config.json's vocab_size is ``vocab_size + 64``."""
+    ids = phi3_ids(vocab_size)
+    added = {c: (ids[c], True) for c, _ in PHI3_ADDED}
+    added.update({c: (vocab_size + len(PHI3_ADDED) + k, s) for k, (c, s) in enumerate(extra_tokens)})
+    rstrip = {c for c, r in PHI3_ADDED if r}
+
+    def hook(config: dict[str, Any]) -> None:
+        config.update(add_bos_token=False, chat_template=PHI3_CHAT_TEMPLATE, eos_token="<|endoftext|>",
+                      pad_token="<|endoftext|>", legacy=False, model_max_length=4096, padding_side="left")
+        for entry in config["added_tokens_decoder"].values():
+            entry["rstrip"] = entry["content"] in rstrip
+
+    dest = sentencepiece_tokenizer(dest, style="llama2", vocab_size=vocab_size, added_tokens=added, config_hook=hook,
+                                   tokenizer_json=False)
+    # tokenizer.json as transformers converts the final tokenizer_config.json (no BOS added)
+    config_text = (dest / "tokenizer_config.json").read_text(encoding="utf-8")
+    tj = json.loads(_spm_tokenizer_json(_spm_model(vocab_size, ()), config_text))
+    for entry in tj["added_tokens"]:
+        entry["rstrip"] = entry["content"] in rstrip
+    _write_json(dest / "tokenizer.json", tj)
+    special_map = json.loads((dest / "special_tokens_map.json").read_text(encoding="utf-8"))
+    special_map.update(eos_token=_added("<|endoftext|>"), pad_token=_added("<|endoftext|>"))
+    _write_json(dest / "special_tokens_map.json", special_map)
+    return dest

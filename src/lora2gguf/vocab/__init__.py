@@ -101,7 +101,8 @@ def read_vocab(folder: Path, vocab_size: int, options: VocabOptions | None = Non
     cfg = tokenizer_config(folder) if tokenizer_cfg is None else tokenizer_cfg
     kind = tokenizer_kind(folder, options)
     if kind == SENTENCEPIECE:
-        return sentencepiece_vocab(folder, vocab_size, cfg)
+        return sentencepiece_vocab(folder, vocab_size, cfg,
+                                   added_types_from_special=bool(options and options.added_types_from_special))
     if kind == LLAMA_HF:
         raise UnsupportedError(llama_hf_message(folder))
     return vocab_of(load_tokenizer_json(folder), folder / "tokenizer.json", vocab_size)

@@ -31,13 +31,18 @@ class VocabOptions:
     ``add_bos``: write ``tokenizer.ggml.add_bos_token`` with this value whatever the tokenizer
     says (the Llama family for a 49,152-token vocabulary: False).
     ``fixed_special_ids``: special-token type -> id, written unless tokenizer_config.json names
-    a token for that type (CodeLlama's prefix/suffix/middle/eot, CodeGemma's)."""
+    a token for that type (CodeLlama's prefix/suffix/middle/eot, CodeGemma's).
+    ``added_types_from_special``: a SentencePiece vocabulary's added tokens (tokenizer_config.json's
+    ``added_tokens_decoder``, then tokenizer.json's ``added_tokens``) are control tokens exactly
+    when marked ``special`` and user-defined otherwise, their text as written (the converters
+    with their own SentencePiece reader: no "looks special" rule, no ``\u2581`` rewrite)."""
 
     kinds: tuple[str, ...] = (BPE,)
     space_prefix_from_config: bool = False
     space_prefix: bool | None = None
     add_bos: bool | None = None
     fixed_special_ids: Mapping[str, int] = field(default_factory=dict)
+    added_types_from_special: bool = False
 
     def __post_init__(self) -> None:
         bad = [k for k in self.kinds if k not in KINDS]

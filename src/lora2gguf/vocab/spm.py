@@ -87,9 +87,28 @@ def _added_tokens_decoder(tokenizer_config: Mapping[str, Any], folder: Path) -> 
     return out
 
 
-def sentencepiece_vocab(folder: Path, vocab_size: int, tokenizer_config: Mapping[str, Any] | None = None) -> Vocab:
+def _tokenizer_json_added(folder: Path) -> list[tuple[int, dict[str, Any]]]:
+    """tokenizer.json's added tokens as (id, entry) ([] without a tokenizer.json)."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return []
+    from .bpe import load_tokenizer_json
+
+    added = load_tokenizer_json(folder).get("added_tokens") or []
+    out = []
+    for entry in added if isinstance(added, list) else []:
+        i = entry.get("id") if isinstance(entry, dict) else None
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0 or not isinstance(entry.get("content"), str):
+            raise FormatError(f"{path}: an added token without an id and a content string: {entry!r}")
+        out.append((i, entry))
+    return out
+
+
+def sentencepiece_vocab(folder: Path, vocab_size: int, tokenizer_config: Mapping[str, Any] | None = None, *,
+                        added_types_from_special: bool = False) -> Vocab:
     """The tokens, scores and types of ``folder``'s tokenizer.model and added tokens for a model
-    with ``vocab_size`` embedding rows; InputError for a token id at or past it."""
+    with ``vocab_size`` embedding rows; InputError for a token id at or past it.
+    ``added_types_from_special``: see :class:`lora2gguf.vocab.VocabOptions`."""
     folder = Path(folder)
     path = folder / MODEL_FILE
     sp = load_sentencepiece(path)
@@ -117,6 +136,10 @@ def sentencepiece_vocab(folder: Path, vocab_size: int, tokenizer_config: Mapping
     extra = [(i, content, "added_tokens.json") for content, i in from_json.items()]
     decoder = _added_tokens_decoder(tokenizer_config or {}, folder)
     extra += [(i, entry["content"], "tokenizer_config.json") for i, entry in decoder]
+    if added_types_from_special:
+        from_tj = _tokenizer_json_added(folder)
+        extra += [(i, entry["content"], "tokenizer.json") for i, entry in from_tj]
+        decoder += from_tj
     if extra and max(extra)[0] >= vocab_size:  # the largest id past the rows, and the file that has it
         i, content, name = max(extra)
         raise too_large(folder / name, i, content, vocab_size)
@@ -125,7 +148,10 @@ def sentencepiece_vocab(folder: Path, vocab_size: int, tokenizer_config: Mapping
         added[content] = i
     for i, entry in decoder:
         content = entry["content"]
-        if entry.get("special") or looks_special(content):
+        if added_types_from_special:
+            types[i] = int(gguf.TokenType.CONTROL if entry.get("special") else gguf.TokenType.USER_DEFINED)
+            tokens[i] = content
+        elif entry.get("special") or looks_special(content):
             types[i] = int(gguf.TokenType.CONTROL)
             tokens[i] = content
         else:
