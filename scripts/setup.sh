@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up lora2gguf in ./.venv: a portable llama-cpp-python wheel (built once, cached), torch CPU,
-# the package with its reference/test extras, and llama.cpp's converter as a test reference.
+# the package with its reference/test extras, and llama.cpp's converters as test references.
 # Idempotent: a second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,11 +40,12 @@ if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
 fi
 cp -u "$WHEELS"/llama_cpp_python-*.whl "$LOCAL_WHEELS"/
 
-if [ ! -f "$REF/convert_hf_to_gguf.py" ]; then
-  say "unpacking llama.cpp's converter (a test reference) from the source package"
+if [ ! -f "$REF/convert_hf_to_gguf.py" ] || [ ! -f "$REF/convert_lora_to_gguf.py" ]; then
+  say "unpacking llama.cpp's converters (test references) from the source package"
   mkdir -p "$CACHE/ref"
   tar -xzf "$SDIST" -C "$CACHE/ref" \
     "llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp/convert_hf_to_gguf.py" \
+    "llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp/convert_lora_to_gguf.py" \
     "llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp/conversion" \
     "llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp/gguf-py"
 fi

@@ -112,10 +112,14 @@ def check_config(config: Mapping[str, Any], path: Path) -> None:
         value = config.get(key)
         if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
             raise InputError(f"{path}: field {key!r} is {value!r}, expected a positive number")
-    for key in ("rank_pattern", "alpha_pattern"):
+    for key, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
         value = config.get(key) or {}
         if not isinstance(value, dict):
             raise InputError(f"{path}: field {key!r} is {value!r}, expected an object")
+        for pattern, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, kind) or not math.isfinite(v) or v <= 0:
+                raise InputError(f"{path}: {key}[{pattern!r}] is {v!r}, expected a positive "
+                                 f"{'integer' if kind is int else 'number'}")
 
 
 LORA_SUFFIXES = {".lora_A.weight": ("A", "linear"), ".lora_B.weight": ("B", "linear"),

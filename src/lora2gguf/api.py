@@ -60,11 +60,13 @@ class OutputFile:
     tensors: dict[str, str]
     source: str | None = None
     note: str | None = None
+    role: str | None = None  # "lora": a LoRA GGUF; "lora-base": a base GGUF it pairs with (lora_run)
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "type": self.type, "bytes": self.bytes, "sha256": self.sha256,
-                "seconds": round(self.seconds, 3), "from": self.source, "tensor_types": self.tensor_types,
-                "tensors": self.tensors, "note": self.note}
+        out = {"file": self.file, "type": self.type, "bytes": self.bytes, "sha256": self.sha256,
+               "seconds": round(self.seconds, 3), "from": self.source, "tensor_types": self.tensor_types,
+               "tensors": self.tensors, "note": self.note}
+        return out | {"role": self.role} if self.role else out
 
 
 @dataclass
@@ -109,10 +111,14 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
           outtype: str = "bf16", quants: Sequence[str] | str = (), accept: Sequence[str] = (),
           save_merged: str | Path | None = None, tokenizer: str = "auto", verify: bool = False,
           nthread: int = 0, progress: ProgressFn | None = None, command: Sequence[str] | None = None,
-          verify_options: dict[str, Any] | None = None, keep_mxfp4: bool = False) -> BuildResult:
+          verify_options: dict[str, Any] | None = None, keep_mxfp4: bool = False,
+          lora_gguf: str | None = None, base_gguf: Sequence[str | Path] = ()) -> BuildResult:
     """Merge `adapter_dir` into `base_dir` while writing OUT_DIR/NAME-<OUTTYPE>.gguf, quantize it
     to each of `quants` with llama.cpp, record everything in OUT_DIR/run.json, and verify when
-    asked. Raises a Lora2GGUFError subclass with an actionable message on bad input."""
+    asked. ``lora_gguf`` (f32, f16, bf16, q8_0): also write the adapter as a GGUF LoRA
+    (NAME-LoRA-<TYPE>.gguf) and the base GGUFs it pairs with (NAME-base-*.gguf), or pair it with
+    the base GGUFs ``base_gguf`` names (lora_run). Raises a Lora2GGUFError subclass with an
+    actionable message on bad input."""
     t_start = time.perf_counter()
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
     outtype = outtype.lower()
@@ -124,6 +130,13 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
             "the rest becomes Q8_0); for other types build without --keep-mxfp4 (the experts are then decoded).")
     name = name or default_name(adapter_dir)
     stages: dict[str, Any] = {}
+    if base_gguf and not lora_gguf:
+        raise InputError("--base-gguf names base GGUFs for a LoRA GGUF: add --lora-gguf")
+    lora_options = None
+    if lora_gguf:
+        from .lora_run import LoraOptions
+
+        lora_options = LoraOptions.of(lora_gguf, accept, base_gguf)
 
     raw_config = read_json(base_dir / "config.json", "the base model's config")
     arch = arch_registry.for_config(raw_config, where=str(base_dir / "config.json"))
@@ -135,12 +148,13 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
         return _build_locked(base_dir, adapter_dir, out_dir, config=config, arch=arch, name=name, outtype=outtype,
                              quant_list=quant_list, accept=accept, save_merged=save_merged, tokenizer=tokenizer,
                              verify=verify, nthread=nthread, progress=progress, command=command,
-                             verify_options=verify_options, stages=stages, t_start=t_start, keep_mxfp4=keep_mxfp4)
+                             verify_options=verify_options, stages=stages, t_start=t_start, keep_mxfp4=keep_mxfp4,
+                             lora_options=lora_options)
 
 
 def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, arch, name, outtype, quant_list,
                   accept, save_merged, tokenizer, verify, nthread, progress, command, verify_options, stages,
-                  t_start, keep_mxfp4=False) -> BuildResult:
+                  t_start, keep_mxfp4=False, lora_options=None) -> BuildResult:
     """The build with OUT_DIR locked: stages whose key (input fingerprints, options, version) and
     outputs (SHA-256) match the manifest (runstate) are skipped; the others run."""
     removed = remove_partials(out_dir)
@@ -166,14 +180,19 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
     plan = make_plan(arch, config, sources, adapter, outtype, keep_mxfp4=keep_mxfp4)
     config = plan.config  # a vocabulary resized by the adapter's embeddings says so
     vocab_size = int(config.get("vocab_size", 0))
+    lplan = None
+    if lora_options is not None:  # what llama.cpp cannot apply stops the run before anything is written
+        from . import lora_run
+
+        lplan = lora_run.prepare(arch, config, ckpt, adapter, lora_options)
 
     main_file = out_dir / f"{name}-{outtype.upper()}.gguf"
     info: dict[str, Any] = {}
 
-    def add_metadata(w) -> None:
+    def add_metadata(w, p=plan, title=name) -> None:
         w.add_type("model")
-        w.add_name(name)
-        w.add_file_type(int(plan.file_type))
+        w.add_name(title)
+        w.add_file_type(int(p.file_type))
         w.add_quantization_version(2)
         write_hparams(w, arch, config, str(base_dir / "config.json"))
         vocab, special = write_vocab(w, choice.dir, vocab_size, arch.vocab_for(config), config=config,
@@ -257,6 +276,15 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         stages["quantize"] = {"seconds": round(time.perf_counter() - t_q, 3)}
         if q_confirmed:
             stages["quantize"]["confirmed"] = q_confirmed
+    lora_section = None
+    if lplan is not None:
+        t_l = time.perf_counter()
+        made, lora_section = lora_run.build_stage(
+            lplan, lora_options, arch=arch, config=config, ckpt=ckpt, out_dir=out_dir, name=name, outtype=outtype,
+            quant_list=quant_list, state=state, inputs=build_key["inputs"], add_metadata=add_metadata,
+            nthread=nthread, progress=progress, resumed=resumed)
+        outputs += made
+        stages["lora"] = {"seconds": round(time.perf_counter() - t_l, 3)}
 
     vocab, special = info["vocab"], info["special"]
     eos_id = special.special_token_ids.get("eos")
@@ -284,6 +312,7 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         "rounding": MERGE_RULE,
         "notes": list(plan.notes),
         "outputs": [o.to_json() for o in outputs],
+        **({"lora": lora_section} if lora_section is not None else {}),
         "stages": stages,
         "resumed": resumed,
         "removed_partials": [p.name for p in removed],
@@ -308,7 +337,7 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
     }
     stages["total"] = {"seconds": round(time.perf_counter() - t_start, 3)}
     write_record(out_dir, record)
-    result = BuildResult(out_dir, outputs, record, notes=list(plan.notes))
+    result = BuildResult(out_dir, outputs, record, notes=list(plan.notes) + (lplan.notes if lplan else []))
     if verify:
         result.verify = _verify_stage(out_dir, state, outputs, record, verify_options or {}, progress)
     return result
@@ -320,7 +349,8 @@ def _verify_stage(out_dir: Path, state: RunState, outputs: list[OutputFile], rec
     are those it verified last time and its report files are unchanged."""
     from . import verify as verify_pkg
 
-    key = stage_key({o.file: o.sha256 for o in outputs},
+    pairs = (record.get("lora") or {}).get("pairs") or []  # base GGUFs outside OUT_DIR count by their SHA-256
+    key = stage_key({**{o.file: o.sha256 for o in outputs}, **({"lora_pairs": pairs} if pairs else {})},
                     {"options": options, "llama_cpp": _dist_version("llama_cpp_python"),
                      "transformers": _dist_version("transformers"), "peft": _dist_version("peft")})
     prev = state.done("verify", key)
@@ -422,6 +452,24 @@ def doctor(base_dir: str | Path, adapter_dir: str | Path, **kwargs):
         return doctor_pkg.run(Path(base_dir), Path(adapter_dir), **kwargs)
     finally:
         jsonfile.forget()  # the tokenizer.json doctor parsed, kept for a build that is not coming
+
+
+def export_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, name: str | None = None,
+                   outtype: str = "f16", accept: Sequence[str] = (), base_gguf: Sequence[str | Path] = (),
+                   verify: bool = True, verify_options: dict[str, Any] | None = None,
+                   progress: ProgressFn | None = None, command: Sequence[str] | None = None):
+    """Write the adapter as a GGUF LoRA, OUT_DIR/NAME-LoRA-<OUTTYPE>.gguf (f32, f16, bf16, q8_0), that
+    llama.cpp applies at load time on a base GGUF; read are the adapter and the base's config and
+    headers only. ``accept``: codes of lora_gguf.LEFT_OUT to leave out what llama.cpp cannot apply
+    (otherwise BlockedError names it). ``base_gguf``: base GGUFs to check the adapter against
+    (architecture, tensor shapes; SHA-256 recorded) and, with ``verify``, to run it on in llama.cpp
+    against the fine-tune. Returns lora_run.AdapterResult; OUT_DIR/run.json records the run."""
+    from . import lora_run
+
+    options = lora_run.LoraOptions.of(outtype, accept, base_gguf)
+    with _forgetting_json():
+        return lora_run.export(base_dir, adapter_dir, out_dir, name=name, options=options, verify=verify,
+                               verify_options=verify_options, progress=progress, command=command)
 
 
 def verify(out_dir: str | Path, **kwargs):

@@ -106,11 +106,53 @@ def cmd_build(args: argparse.Namespace) -> int:
             args.base, args.adapter, args.out, name=args.name, outtype=args.outtype, quants=args.quant or "",
             accept=[a.upper() for a in args.accept], save_merged=args.save_merged, tokenizer=args.tokenizer,
             verify=not args.no_verify, nthread=args.threads, progress=bar, command=["lora2gguf", *sys.argv[1:]],
-            keep_mxfp4=args.keep_mxfp4, verify_options=verify_kwargs(args),
+            keep_mxfp4=args.keep_mxfp4, verify_options=verify_kwargs(args), lora_gguf=args.lora_gguf,
+            base_gguf=args.base_gguf,
         )
     finally:
         bar.close()
     print_build_summary(result)
+    failed = getattr(result.verify, "required_failed", None)
+    return 3 if failed else 0
+
+
+def print_adapter_summary(result, out=None) -> None:
+    out = out if out is not None else sys.stdout
+    o, lo = result.output, result.record.get("lora") or {}
+    out.write(f"\nlora2gguf {__version__}: wrote {o.file} to {result.out_dir}\n")
+    out.write(f"  {o.file:<40} {_human(o.bytes):>10}  {o.seconds:6.1f} s  {len(lo.get('tensors') or {})} adapted "
+              f"tensors, adapter.lora.alpha {lo.get('alpha')}\n")
+    folded = sum(1 for t in (lo.get("tensors") or {}).values() if any(x["fold"] != 1.0 for x in t["terms"]))
+    if folded:
+        out.write(f"  B rescaled in {folded} tensor(s) so that llama.cpp's alpha/rank gives PEFT's scale "
+                  "(rsLoRA, rank_pattern, alpha_pattern)\n")
+    for x in lo.get("left_out") or []:
+        out.write(f"  left out (--accept {x['code']}): {x['what']}\n")
+    for note in result.notes:
+        out.write(f"  note: {note}\n")
+    for p in lo.get("pairs") or []:
+        out.write(f"  checked against {p.get('path') or p['file']} ({p.get('type')}, sha256 {p.get('sha256')})\n")
+    if not lo.get("pairs"):
+        out.write("  not checked against a base GGUF: pass --base-gguf FILE (a GGUF of the base, e.g. the "
+                  "NAME-base-*.gguf of `lora2gguf build ... --lora-gguf`) to check it and verify it in llama.cpp\n")
+    out.write(f"  run it: llama-cli -m BASE.gguf --lora {result.out_dir / o.file}\n")
+    out.write(f"  record: {result.run_json}\n")
+    if result.verify is not None:
+        out.write(result.verify.summary() + "\n")
+
+
+def cmd_adapter(args: argparse.Namespace) -> int:
+    from .api import export_adapter
+
+    bar = ProgressBar()
+    try:
+        result = export_adapter(args.base, args.adapter, args.out, name=args.name, outtype=args.outtype,
+                                accept=[a.upper() for a in args.accept], base_gguf=args.base_gguf,
+                                verify=not args.no_verify, verify_options=verify_kwargs(args), progress=bar,
+                                command=["lora2gguf", *sys.argv[1:]])
+    finally:
+        bar.close()
+    print_adapter_summary(result)
     failed = getattr(result.verify, "required_failed", None)
     return 3 if failed else 0
 
@@ -199,10 +241,37 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokenizer", default="auto", help="auto (the adapter's if it has one), adapter, base")
     b.add_argument("--keep-mxfp4", action="store_true",
                    help="MXFP4 base and experts untouched by the adapter: keep the experts MXFP4 in the GGUF")
+    b.add_argument("--lora-gguf", nargs="?", const="f16", default=None, metavar="TYPE",
+                   choices=("f32", "f16", "bf16", "q8_0"),
+                   help="also write the adapter as a GGUF LoRA (NAME-LoRA-TYPE.gguf, default f16) and the base GGUFs "
+                        "it pairs with (NAME-base-*.gguf, one per type), and verify base + LoRA beside the merged files")
+    b.add_argument("--base-gguf", action="append", default=[], metavar="FILE",
+                   help="with --lora-gguf: pair the LoRA GGUF with this base GGUF instead of writing one (repeatable)")
     b.add_argument("--no-verify", action="store_true", help="skip verify at the end")
     add_verify_options(b)
     b.add_argument("--threads", type=int, default=0, help="worker threads for the merge and for llama.cpp's quantizer (default: the usable cores; the merge uses at most 8)")
     b.set_defaults(func=cmd_build)
+
+    a = sub.add_parser("adapter", help="write the adapter as a GGUF LoRA that llama.cpp applies on a base GGUF",
+                       description="Write a PEFT LoRA adapter as a GGUF LoRA (NAME-LoRA-F16.gguf) for llama.cpp's "
+                                   "--lora, Ollama's ADAPTER and llama-server, from the adapter and the base's config "
+                                   "and headers alone (seconds). rsLoRA, rank_pattern and alpha_pattern are folded "
+                                   "in; MoE expert LoRA is stacked per expert. With --base-gguf the pair is checked "
+                                   "and verified in llama.cpp against the fine-tune.")
+    a.add_argument("base", help="base model folder (Hugging Face layout: config.json and safetensors headers are read)")
+    a.add_argument("adapter", help="PEFT adapter folder")
+    a.add_argument("-o", "--out", required=True, help="output folder")
+    a.add_argument("--name", help="file name stem (default: the adapter folder's name)")
+    a.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f16",
+                   help="type of lora_a / lora_b (llama.cpp multiplies in float32 whatever the type)")
+    a.add_argument("--accept", action="append", default=[], metavar="CODE",
+                   help="leave out a part llama.cpp cannot apply at load time (LORA_FULL_WEIGHTS, LORA_TOKEN_ROWS, "
+                        "LORA_DORA, LORA_NOT_APPLIED, LORA_TIED_EMBEDDING; repeatable); it is recorded")
+    a.add_argument("--base-gguf", action="append", default=[], metavar="FILE",
+                   help="a base GGUF to check the adapter against and verify it on (repeatable)")
+    a.add_argument("--no-verify", action="store_true", help="with --base-gguf: check the pair but do not run verify")
+    add_verify_options(a)
+    a.set_defaults(func=cmd_adapter)
 
     v = sub.add_parser("verify", help="run the GGUFs of an output folder in llama.cpp and write the report")
     v.add_argument("out", help="output folder of a build (holds run.json)")

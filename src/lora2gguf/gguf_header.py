@@ -12,7 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -44,6 +44,8 @@ class Header:
     alignment: int
     data_start: int
     tensors: dict[str, TensorInfo]
+    #: the value of every scalar and string key (arrays are skipped: the vocabulary stays unread)
+    values: dict[str, object] = field(default_factory=dict)
 
 
 class _Cursor:
@@ -119,7 +121,8 @@ class _Cursor:
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:
-    """Parse and check a GGUF header: magic, version, every key (values skipped), every tensor info;
+    """Parse and check a GGUF header: magic, version, every key (scalar and string values kept, arrays
+    skipped), every tensor info;
     tensor data must lie, aligned and in order of its offsets without overlap, inside the file."""
     path = Path(path)
     size = path.stat().st_size
@@ -136,6 +139,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
                 raise FormatError(f"{path}: GGUF version {version} is not supported")
             n_tensors, n_kv = c.u64(), c.u64()
             keys = []
+            values: dict[str, object] = {}
             alignment = gguf.GGUF_DEFAULT_ALIGNMENT
             for _ in range(n_kv):
                 key = c.string()
@@ -145,6 +149,8 @@ def read_header(path: str | os.PathLike[str]) -> Header:
                         raise FormatError(f"{path}: {key} = {v!r} is not a power of two")
                     alignment = v
                 keys.append(key)
+                if v is not None:
+                    values[key] = v
             infos = []
             for _ in range(n_tensors):
                 name = c.string()
@@ -178,7 +184,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         tensors[t.name] = t
     if data_start + end > size:
         raise FormatError(f"{path}: tensor data ends at byte {data_start + end}, past the file's {size} bytes")
-    return Header(version, tuple(keys), alignment, data_start, {t.name: t for t in infos})
+    return Header(version, tuple(keys), alignment, data_start, {t.name: t for t in infos}, values)
 
 
 def tensor_types(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .run_files import commands, stop_tokens
+from .run_files import commands, lora_pairs, pair_modelfile_name, stop_tokens
 
 UNQUANTIZED = ("F32", "BF16", "F16")
 
@@ -37,16 +37,35 @@ def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str
         red = None
         if biggest_unq and o.get("bytes") is not None:
             red = 1.0 - o["bytes"] / biggest_unq
+        role = o.get("role")
         files.append({
             "file": o["file"], "type": o.get("type"), "bytes": o.get("bytes"), "size": human_bytes(o.get("bytes")),
-            "reduction": red, "sha256": o.get("sha256"), "seconds": o.get("seconds"), "from": o.get("from"),
-            "tensor_types": o.get("tensor_types") or {}, "note": o.get("note"),
+            "reduction": red, "sha256": o.get("sha256"), "seconds": o.get("seconds"),
+            "from": o.get("from") or ({"lora": "adapter", "lora-base": "base"}.get(role) if role else None),
+            "role": role, "tensor_types": o.get("tensor_types") or {}, "note": o.get("note"),
             "metrics": vf.get("metrics"), "gate": vf.get("gate"), "speed": vf.get("speed"),
             "stop_tokens": vf.get("stop_tokens"),
             "tokenization": _tokenization(vf.get("tokenization")),
-            "commands": commands(record, o["file"], str(out_dir) if out_dir else None),
-            "modelfile": Path(o["file"]).stem + ".Modelfile",
+            "commands": None if role else commands(record, o["file"], str(out_dir) if out_dir else None),
+            "modelfile": None if role else Path(o["file"]).stem + ".Modelfile",
         })
+    # what verify ran: each model file, and each base GGUF with the LoRA GGUF applied
+    ran = []
+    for vf in v.get("files", []):
+        lo = vf.get("lora")
+        ran.append({
+            "file": vf["file"], "type": vf.get("type"), "bytes": vf.get("bytes"), "size": human_bytes(vf.get("bytes")),
+            "metrics": vf.get("metrics"), "gate": vf.get("gate"), "speed": vf.get("speed"),
+            "tokenization": _tokenization(vf.get("tokenization")), "lora": lo,
+            "base_type": (lo or {}).get("base_type") or vf.get("type"),
+        })
+    pairs = []
+    for base, adapter, b in lora_pairs(record):
+        pairs.append({"base": base, "adapter": adapter, "type": b.get("type"), "base_size": human_bytes(b.get("bytes")),
+                      "sha256": b.get("sha256"), "path": b.get("path"),
+                      "commands": commands(record, base, str(out_dir) if out_dir else None, lora=adapter),
+                      "modelfile": pair_modelfile_name(base, adapter)})
+    side_by_side = _side_by_side(ran)
     cmd = record.get("command") or []
     reproduce = []
     if cmd:
@@ -56,7 +75,7 @@ def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str
                          + (f" --suite {shlex.quote(v['suite']['source'])}" if v.get("suite", {}).get("source") not in (None, "built-in") else "")
                          + (f" --text {shlex.quote(v['eval']['source'])}" if v.get("eval", {}).get("source") not in (None, "built-in", "given text") else ""))
     # behaviour table: one row per (prompt, check), a cell per model
-    models = ["reference"] + [o["file"] for o in outputs if o["file"] in (v.get("runs") or {})]
+    models = ["reference"] + [r["file"] for r in ran if r["file"] in (v.get("runs") or {})]
     answers: dict[str, dict[str, Any]] = {}
     for p in (v.get("suite") or {}).get("prompts", []):
         answers[p["id"]] = {}
@@ -69,17 +88,26 @@ def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str
     def label(f: dict[str, Any]) -> str:  # the type, or the file's stem where types repeat
         return f["type"] if f["type"] and types.count(f["type"]) == 1 else Path(f["file"]).stem
 
-    quantized_points = [(label(f), _mb(f["bytes"]), (f["metrics"] or {}).get("kl_mean"))
-                        for f in files if str(f["type"]).upper() not in UNQUANTIZED and f["metrics"]]
-    speed_rows = [(label(f), f["speed"]["pp_tokens_per_s"], f["speed"]["tg_tokens_per_s"])
-                  for f in files if f.get("speed")]
+    run_types = [r["type"] for r in ran]
+
+    def run_label(r: dict[str, Any]) -> str:
+        if r["lora"]:
+            return f"{r['base_type']} + LoRA"
+        return r["type"] if r["type"] and run_types.count(r["type"]) == 1 else Path(r["file"]).stem
+
+    quantized_points = [(run_label(r), _mb(r["bytes"] if not r["lora"] else (r["lora"].get("base_bytes") or 0)
+                                          + (r["bytes"] or 0)), (r["metrics"] or {}).get("kl_mean"))
+                        for r in ran if str(r["base_type"]).upper() not in UNQUANTIZED and r["metrics"]]
+    speed_rows = [(run_label(r), r["speed"]["pp_tokens_per_s"], r["speed"]["tg_tokens_per_s"])
+                  for r in ran if r.get("speed")]
     stages = record.get("stages") or {}
     chat = v.get("chat_format") or {}
     return {
         "record": record, "name": record.get("name") or "model", "version": record.get("lora2gguf_version"),
         "created": record.get("created"), "base_dir": record.get("base_dir"), "adapter_dir": record.get("adapter_dir"),
         "architecture": record.get("architecture"), "tokenizer": record.get("tokenizer") or {},
-        "findings": record.get("findings") or [], "files": files, "reproduce": reproduce,
+        "findings": record.get("findings") or [], "files": files, "runs": ran, "reproduce": reproduce,
+        "lora": record.get("lora") or None, "pairs": pairs, "side_by_side": side_by_side,
         "technical": record.get("technical") or {}, "stages": stages, "verify": v, "models": models,
         "answers": answers, "quantized_points": quantized_points, "speed_rows": speed_rows,
         "stops": stop_tokens(record), "adapter": record.get("adapter") or {},
@@ -94,6 +122,28 @@ def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str
         "fine_tune_facts_heading": (v.get("fine_tune_facts_heading") if v else None)
         or {"title": "Facts about the fine-tune", "text": ""},
     }
+
+
+def _side_by_side(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per base type, the merged file beside the base GGUF with the LoRA GGUF applied: what each
+    costs on disk and in speed, and how close each is to the reference."""
+    merged = {str(r["type"]).upper(): r for r in runs if not r["lora"]}
+    rows = []
+    for r in runs:
+        if not r["lora"]:
+            continue
+        m = merged.get(str(r["base_type"]).upper())
+
+        def cells(x):
+            if x is None:
+                return {"file": None, "size": None, "kl": None, "top1": None, "tg": None, "pp": None}
+            met, sp = x["metrics"] or {}, x["speed"] or {}
+            return {"file": x["file"], "size": x["size"], "kl": met.get("kl_mean"), "top1": met.get("top1"),
+                    "tg": sp.get("tg_tokens_per_s"), "pp": sp.get("pp_tokens_per_s")}
+
+        rows.append({"type": r["base_type"], "merged": cells(m), "lora": cells(r),
+                     "base_size": human_bytes((r["lora"] or {}).get("base_bytes"))})
+    return rows
 
 
 def _tokenization(t: dict[str, Any] | None) -> str:

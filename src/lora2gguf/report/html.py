@@ -123,6 +123,19 @@ def render_html(f: dict[str, Any]) -> str:
         ["LoRA", f"r={ad.get('r')}, alpha={ad.get('lora_alpha')}, rsLoRA={ad.get('use_rslora')}, "
                  f"{ad.get('pairs')} A/B pairs on {', '.join(ad.get('targets') or [])}" if ad else "n/a"]])]
 
+    lo = f["lora"]
+    if lo:
+        H.append("<h2>LoRA GGUF</h2>")
+        H.append(f"<p><code>{escape(lo['file'])}</code> ({escape(str(lo.get('type')))}): "
+                 f"{len(lo.get('tensors') or {})} adapted base tensors, applied by llama.cpp at load time, "
+                 f"adapter.lora.alpha = {escape(str(lo.get('alpha')))}. {escape(lo.get('scaling', ''))}.</p>")
+        if lo.get("left_out"):
+            H.append(_t(["Code", "What", "Why"], [[_code(x["code"]), x["what"], x["why"]]
+                                                 for x in lo["left_out"]], "lora-left-out"))
+        H.append(_t(["Base GGUF checked against", "Type", "Size", "sha256"],
+                    [[_code(p.get("path") or p["file"]), str(p.get("type")), _n(p.get("bytes")),
+                      _code(p.get("sha256"))] for p in lo.get("pairs") or []], "lora-pairs"))
+
     H.append("<h2>Findings and how they were resolved</h2>")
     if f["findings"]:
         H.append(_t(["Code", "Severity", "Finding", "What", "Fix", "Resolution"],
@@ -152,7 +165,7 @@ def render_html(f: dict[str, Any]) -> str:
               f"{escape(ev['source'])}, {ev['n_tokens']} tokens as {escape(f['rendered_as'])}; {ev['n_scored']} "
               f"next-token predictions scored (from position {ev['first_scored']}). KL is KL(reference || file) in nats.</p>"]
         rows = []
-        for x in f["files"]:
+        for x in f["runs"]:
             m, g = x["metrics"], x["gate"] or {}
             if m is None:
                 rows.append([_code(x["file"]), x["type"], "reference", "", "", "", "", ""])
@@ -163,7 +176,16 @@ def render_html(f: dict[str, Any]) -> str:
                           "ok" if g.get("passed") else "bad")])
         H.append(_t(["File", "Type", "Mean KL", "KL p99", "Max KL", "Top-1", "Perplexity", "Gate"], rows, "agreement"))
         H.append(f"<p>{escape(f['tokenization_note'])}</p>")
-        H.append(_t(["File", "Tokenizer"], [[_code(x["file"]), escape(x["tokenization"])] for x in f["files"]]))
+        H.append(_t(["File", "Tokenizer"], [[_code(x["file"]), escape(x["tokenization"])] for x in f["runs"]]))
+        if f["side_by_side"]:
+            H.append("<h3>Merged file or base + LoRA</h3><p>The same fine-tune two ways per type: merged into one "
+                     "GGUF, or the base GGUF with the LoRA GGUF applied by llama.cpp at load time.</p>")
+            H.append(_t(["Type", "Merged file", "Size", "Mean KL", "Gen. tok/s", "Base + LoRA", "Adapter size",
+                         "Mean KL", "Gen. tok/s"],
+                        [[r["type"], _code(r["merged"]["file"] or "-"), _n(r["merged"]["size"] or "-"),
+                          _n(num(r["merged"]["kl"])), _n(num(r["merged"]["tg"], 4)), _code(r["lora"]["file"]),
+                          _n(f"{r['lora']['size']} (+ base {r['base_size']})"), _n(num(r["lora"]["kl"])),
+                          _n(num(r["lora"]["tg"], 4))] for r in f["side_by_side"]], "lora-vs-merged"))
         H.append('<div class="plots">')
         H.append(scatter_size_vs_kl(f["quantized_points"], title="Quantized files: size against mean KL"))
         H.append(bars_tokens_per_s(f["speed_rows"], threads=v.get("threads")))
@@ -199,7 +221,7 @@ def render_html(f: dict[str, Any]) -> str:
         H.append(_t(["File", "Type", "Prompt tokens/s", "Generation tokens/s", "Threads"],
                     [[_code(x["file"]), x["type"], _n(x["speed"]["pp_tokens_per_s"]),
                       _n(x["speed"]["tg_tokens_per_s"]), _n(str(x["speed"]["threads"]))]
-                     for x in f["files"] if x.get("speed")], "speed"))
+                     for x in f["runs"] if x.get("speed")], "speed"))
 
     t = f["technical"]
     H += ["<h2>Technical details</h2>", _t(None, [
@@ -223,6 +245,12 @@ def render_html(f: dict[str, Any]) -> str:
              "Ollama Modelfile next to it.</p>")
     for x in f["files"]:
         c = x["commands"]
+        if c is None:  # a LoRA GGUF, or a base written for it: run as a pair below
+            continue
         H.append(f"<h3><code>{escape(x['file'])}</code></h3><pre>{escape(chr(10).join([c['llama-server'], c['llama-cli'], c['ollama']]))}</pre>")
+    for x in f["pairs"]:
+        c = x["commands"]
+        H.append(f"<h3><code>{escape(x['base'])}</code> with the LoRA <code>{escape(x['adapter'])}</code></h3>"
+                 f"<pre>{escape(chr(10).join([c['llama-server'], c['llama-cli'], c['ollama']]))}</pre>")
     H.append("</main></body></html>")
     return "\n".join(H)

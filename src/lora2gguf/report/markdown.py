@@ -82,6 +82,8 @@ def render_markdown(f: dict[str, Any]) -> str:
                  f"{ad.get('pairs')} A/B pairs on {', '.join(ad.get('targets') or [])}" if ad else "n/a"],
     ])
 
+    L += lora_md(f)
+
     L += ["## Findings and how they were resolved", ""]
     if f["findings"]:
         L += _table(["Code", "Severity", "Finding", "What", "Fix", "Resolution"],
@@ -112,7 +114,7 @@ def render_markdown(f: dict[str, Any]) -> str:
               f"{ev['n_scored']} next-token predictions scored (from position {ev['first_scored']}, as "
               "llama-perplexity scores the second half of a chunk). KL divergence is KL(reference || file) in nats.", ""]
         rows = []
-        for x in f["files"]:
+        for x in f["runs"]:
             m, g = x["metrics"], x["gate"] or {}
             if m is None:
                 rows.append([f"`{x['file']}`", x["type"], "reference", "", "", "", "", ""])
@@ -122,7 +124,8 @@ def render_markdown(f: dict[str, Any]) -> str:
                          ("✅ " if g.get("passed") else "❌ ") + g.get("detail", "")])
         L += _table(["File", "Type", "Mean KL", "KL p99", "Max KL", "Top-1 agreement", "Perplexity", "Gate"], rows)
         L += [f["tokenization_note"], ""]
-        L += _table(["File", "Tokenizer"], [[f"`{x['file']}`", x["tokenization"]] for x in f["files"]])
+        L += _table(["File", "Tokenizer"], [[f"`{x['file']}`", x["tokenization"]] for x in f["runs"]])
+        L += lora_side_by_side_md(f)
 
         L += ["## Test results", ""]
         s = v["suite"]
@@ -154,7 +157,7 @@ def render_markdown(f: dict[str, Any]) -> str:
         L += ["## Speed", ""]
         rows = [[f"`{x['file']}`", x["type"], num(x["speed"]["pp_tokens_per_s"], 4),
                  num(x["speed"]["tg_tokens_per_s"], 4), x["speed"]["threads"]]
-                for x in f["files"] if x.get("speed")]
+                for x in f["runs"] if x.get("speed")]
         L += [f"llama.cpp (llama-cpp-python) on this machine, {v.get('threads')} thread(s); prompt processing of "
               "a batch and generation one token at a time, as llama-bench measures them.", ""]
         L += _table(["File", "Type", "Prompt tokens/s", "Generation tokens/s", "Threads"], rows)
@@ -184,5 +187,58 @@ def render_markdown(f: dict[str, Any]) -> str:
     L += [f"Stop tokens for runtimes that stop on text: {', '.join(f'`{s}`' for s in f['stops'])}.", ""]
     for x in f["files"]:
         c = x["commands"]
+        if c is None:  # a LoRA GGUF, or a base written for it: run as a pair below
+            continue
         L += [f"### `{x['file']}`", "", "```bash", c["llama-server"], c["llama-cli"], c["ollama"], "```", ""]
+    for x in f["pairs"]:
+        c = x["commands"]
+        L += [f"### `{x['base']}` with the LoRA `{x['adapter']}`", "", "```bash", c["llama-server"], c["llama-cli"],
+              c["ollama"], "```", ""]
     return "\n".join(L)
+
+
+def lora_md(f: dict[str, Any]) -> list[str]:
+    """The LoRA GGUF: what it holds, what was left out, which base files it was checked against."""
+    lo = f["lora"]
+    if not lo:
+        return []
+    L = ["## LoRA GGUF", ""]
+    L += [f"`{lo['file']}` ({lo.get('type')}, {lo.get('bytes')} bytes, sha256 `{(lo.get('sha256') or '')[:16]}`): "
+          f"{len(lo.get('tensors') or {})} adapted base tensors, applied by llama.cpp at load time "
+          f"(`--lora`), adapter.lora.alpha = {lo.get('alpha')}. {lo.get('scaling', '')}.", ""]
+    folded = {k: [t["fold"] for t in x["terms"]] for k, x in (lo.get("tensors") or {}).items()
+              if any(t["fold"] != 1.0 for t in x["terms"])}
+    if folded:
+        L += [f"B is rescaled in {len(folded)} tensor(s) (rsLoRA, rank_pattern or alpha_pattern), e.g. "
+              + ", ".join(f"`{k}` x{v[0]:.6g}" for k, v in list(folded.items())[:4]) + ".", ""]
+    left = lo.get("left_out") or []
+    if left:
+        L += ["Left out (llama.cpp cannot apply them at load time; accepted with `--accept`):", ""]
+        L += _table(["Code", "What", "Why"], [[x["code"], x["what"], x["why"]] for x in left])
+    if lo.get("pairs"):
+        L += ["Checked against these base GGUFs (architecture and the shape of every adapted tensor):", ""]
+        L += _table(["Base GGUF", "Type", "Size", "sha256"],
+                    [[f"`{p.get('path') or p['file']}`", p.get("type"), p.get("bytes"), f"`{p.get('sha256')}`"]
+                     for p in lo["pairs"]])
+    else:
+        L += ["Not paired with a base GGUF (give one with `--base-gguf FILE` to check and verify it).", ""]
+    return L
+
+
+def lora_side_by_side_md(f: dict[str, Any]) -> list[str]:
+    rows = f["side_by_side"]
+    if not rows:
+        return []
+    L = ["### Merged file or base + LoRA", "",
+         "The same fine-tune two ways per type: merged into one GGUF, or the base GGUF with the LoRA GGUF applied "
+         "by llama.cpp at load time (one shared base file, a small adapter per fine-tune; the runtime LoRA costs "
+         "speed).", ""]
+    body = []
+    for r in rows:
+        m, lo = r["merged"], r["lora"]
+        body.append([r["type"], f"`{m['file']}`" if m["file"] else "-", m["size"] or "-", num(m["kl"]),
+                     num(m["tg"], 4), f"`{lo['file']}`", f"{lo['size']} (+ base {r['base_size']})", num(lo["kl"]),
+                     num(lo["tg"], 4)])
+    L += _table(["Type", "Merged file", "Size", "Mean KL", "Gen. tok/s", "Base + LoRA", "Adapter size", "Mean KL",
+                 "Gen. tok/s"], body)
+    return L

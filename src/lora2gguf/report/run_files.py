@@ -56,11 +56,36 @@ def _quoted(text: str, what: str) -> str:
     return '"""' + text + '"""'
 
 
-def modelfile_text(record: dict[str, Any], gguf_file: str) -> str:
+def lora_pairs(record: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(base GGUF as a Modelfile names it, adapter file, the pair's record) for each base GGUF
+    run.json's ``lora`` section pairs the LoRA GGUF with: ``./NAME`` in the output folder, else the
+    absolute path."""
+    lo = record.get("lora")
+    if not isinstance(lo, dict) or not lo.get("file"):
+        return []
+    return [(b["path"] or b["file"], lo["file"], b) for b in lo.get("pairs") or []]
+
+
+def pair_modelfile_name(base: str, adapter: str) -> str:
+    return f"{Path(adapter).stem}-on-{Path(base).stem}.Modelfile"
+
+
+def _ref(path: str) -> str:
+    return path if Path(path).is_absolute() else f"./{path}"
+
+
+def modelfile_text(record: dict[str, Any], gguf_file: str, adapter: str | None = None) -> str:
+    """The Modelfile of a model GGUF, or (``adapter``) of a base GGUF with a LoRA GGUF applied:
+    ``FROM base`` and ``ADAPTER adapter`` (Ollama hands the adapter to llama.cpp's --lora)."""
     spec = ollama_spec(record)
-    lines = [f"# Ollama Modelfile for {gguf_file}, written by lora2gguf {record.get('lora2gguf_version', '')}.",
-             f"# ollama create {Path(gguf_file).stem.lower()} -f {Path(gguf_file).stem}.Modelfile",
-             f"FROM ./{gguf_file}"]
+    mf = pair_modelfile_name(gguf_file, adapter) if adapter else Path(gguf_file).stem + ".Modelfile"
+    what = f"{Path(gguf_file).name} with the LoRA {adapter}" if adapter else gguf_file
+    tag = Path(mf).stem.lower() if adapter else Path(gguf_file).stem.lower()
+    lines = [f"# Ollama Modelfile for {what}, written by lora2gguf {record.get('lora2gguf_version', '')}.",
+             f"# ollama create {tag} -f {mf}",
+             f"FROM {_ref(gguf_file)}"]
+    if adapter:
+        lines.append(f"ADAPTER {_ref(adapter)}")
     lines += [f"# {c}" for c in spec.comments]
     if spec.template is not None:
         lines.append("TEMPLATE " + _quoted(spec.template, "template"))
@@ -72,26 +97,36 @@ def modelfile_text(record: dict[str, Any], gguf_file: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def commands(record: dict[str, Any], gguf_file: str, out_dir: str | None = None) -> dict[str, str]:
-    """llama.cpp command lines for one file (``llama-server``, ``llama-cli``) and the Ollama one."""
-    path = str(Path(out_dir) / gguf_file) if out_dir else gguf_file
+def commands(record: dict[str, Any], gguf_file: str, out_dir: str | None = None,
+             lora: str | None = None) -> dict[str, str]:
+    """llama.cpp command lines for one file (``llama-server``, ``llama-cli``) and the Ollama one;
+    ``lora``: a LoRA GGUF applied at load time (``--lora``)."""
+    def where(f: str) -> str:
+        return shlex.quote(str(Path(out_dir) / f) if out_dir and not Path(f).is_absolute() else f)
+
     ctx = min(int((record.get("technical") or {}).get("context_length") or 8192), 8192)
-    q = shlex.quote(path)
-    stem = Path(gguf_file).stem
+    q = where(gguf_file) + (f" --lora {where(lora)}" if lora else "")
+    mf = pair_modelfile_name(gguf_file, lora) if lora else Path(gguf_file).stem + ".Modelfile"
+    stem = Path(mf).stem
     return {
         "llama-server": f"llama-server -m {q} --jinja -c {ctx} --host 127.0.0.1 --port 8080",
         "llama-cli": f"llama-cli -m {q} --jinja -c {ctx} -cnv",
-        "ollama": f"ollama create {stem.lower()} -f {shlex.quote(str(Path(out_dir or '.') / (stem + '.Modelfile')))}"
+        "ollama": f"ollama create {stem.lower()} -f {shlex.quote(str(Path(out_dir or '.') / mf))}"
                   f" && ollama run {stem.lower()}",
     }
 
 
 def write_modelfiles(out_dir: Path, record: dict[str, Any]) -> list[Path]:
+    """A Modelfile per model GGUF and per base GGUF + LoRA GGUF pair (a LoRA GGUF, or a base GGUF
+    written to pair with it, is not the fine-tune on its own)."""
+    todo = [(Path(o["file"]).stem + ".Modelfile", o["file"], None) for o in record.get("outputs", [])
+            if not o.get("role")]
+    todo += [(pair_modelfile_name(base, adapter), base, adapter) for base, adapter, _ in lora_pairs(record)]
     written = []
-    for o in record.get("outputs", []):
-        p = Path(out_dir) / (Path(o["file"]).stem + ".Modelfile")
+    for name, gguf_file, adapter in todo:
+        p = Path(out_dir) / name
         try:
-            p.write_text(modelfile_text(record, o["file"]), encoding="utf-8")
+            p.write_text(modelfile_text(record, gguf_file, adapter), encoding="utf-8")
         except OSError as e:
             raise OutputError(f"cannot write {p}: {e}") from e
         written.append(p)

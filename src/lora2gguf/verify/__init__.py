@@ -417,6 +417,50 @@ def _compare_tokens(file: str, ref: dict[str, list[int]], got: dict[str, list[in
     return {"checked": True, "same": not bad, "texts": len(ref), "differences": bad}
 
 
+@dataclass(frozen=True)
+class _Subject:
+    """What verify runs in llama.cpp: a model GGUF, or a base GGUF with a LoRA GGUF applied."""
+
+    label: str  # the file name, or "BASE + LORA" for a pair (the key of its runs and its row)
+    path: Path
+    type: str  # the model file's type (the base's for a pair): its numeric gate
+    bytes: int | None
+    lora: Path | None = None
+    lora_type: str | None = None
+    base_bytes_: int | None = None
+    base_sha256: str | None = None
+    lora_sha256: str | None = None
+
+    @property
+    def base_bytes(self) -> int | None:
+        return self.base_bytes_ if self.base_bytes_ is not None else self.bytes
+
+    def lora_record(self) -> dict[str, Any]:
+        return {"base": self.path.name, "base_path": str(self.path), "base_type": self.type,
+                "base_bytes": self.base_bytes_, "base_sha256": self.base_sha256,
+                "adapter": self.lora.name if self.lora else None, "adapter_type": self.lora_type,
+                "adapter_sha256": self.lora_sha256}
+
+
+def _lora_subjects(out: Path, rec: dict[str, Any]) -> list[_Subject]:
+    """Each base GGUF of run.json's ``lora`` section with the LoRA GGUF applied (lora_run)."""
+    lo = rec.get("lora")
+    if not isinstance(lo, dict) or not lo.get("file"):
+        return []
+    adapter = out / lo["file"]
+    if not adapter.is_file():
+        raise InputError(f"{adapter} is listed in run.json but missing; rebuild, or remove it from run.json")
+    subs = []
+    for b in lo.get("pairs") or []:
+        path = Path(b["path"]) if b.get("path") else out / b["file"]
+        if not path.is_file():
+            raise InputError(f"{path}: the base GGUF the adapter {lo['file']} was checked against is missing; "
+                             "rerun the command that paired them")
+        subs.append(_Subject(f"{b['file']} + {lo['file']}", path, b.get("type") or "?", lo.get("bytes"),
+                             adapter, lo.get("type"), b.get("bytes"), b.get("sha256"), lo.get("sha256")))
+    return subs
+
+
 def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | None = None,
            suite: str | os.PathLike[str] | Suite | None = None, reference: str = "auto",
            samples: int | None = None, max_tokens: int | None = None, n_threads: int | None = None,
@@ -442,7 +486,14 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
     if max_tokens is not None:
         st.max_tokens = int(max_tokens)
     threads = n_threads or default_threads()
-    outputs = rec["outputs"]
+    # what runs: every model GGUF on its own, and every base GGUF with the LoRA GGUF applied (a
+    # LoRA GGUF and the bases it pairs with do not run alone: lora_run's roles)
+    outputs = [o for o in rec["outputs"] if o.get("role") not in ("lora", "lora-base")]
+    subjects = [_Subject(o["file"], out / o["file"], o.get("type") or "?", o.get("bytes")) for o in outputs]
+    subjects += _lora_subjects(out, rec)
+    if not subjects:
+        raise InputError(f"{out / 'run.json'}: nothing to verify: no model GGUF, and no base GGUF paired with the "
+                         "LoRA GGUF (`lora2gguf adapter ... --base-gguf FILE`)")
     unq = [o for o in outputs if o.get("type", "").upper() in ("BF16", "F16", "F32")]
     fallback = unq[0]["file"] if unq else None
 
@@ -450,8 +501,9 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
     ft = _fine_tune_tokens(rec)
     ref_tok = ft.tokenizer
     if ref_tok is None:  # compare nothing; tokenize with the first unquantized GGUF instead
-        llm0 = open_gguf(out / (fallback or outputs[0]["file"]), n_ctx=256, n_threads=1, vocab_only=True)
-        ref_tok = LlamaTokens(llm0, fallback or outputs[0]["file"])
+        first_path = out / fallback if fallback else subjects[0].path
+        llm0 = open_gguf(first_path, n_ctx=256, n_threads=1, vocab_only=True)
+        ref_tok = LlamaTokens(llm0, first_path.name)
     st = st.for_format(ft.fmt)
     eval_text, eval_source = _eval_text(text)
     rendered = ft.fmt.render_text(eval_text)
@@ -459,7 +511,7 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
     ref_prompts = Prompts.render(ft.fmt, st, ref_tok, own_ids=True)
     first, _ = metrics.scored_rows(len(toks))
 
-    n_params = _n_params(unq[0] if unq else outputs[0])
+    n_params = _n_params(unq[0] if unq else {"bytes": subjects[0].base_bytes, "type": subjects[0].type})
     vocab = int((rec.get("technical") or {}).get("vocab_size") or 0) or max(toks) + 1
     ref = choose_reference(reference, n_params=n_params, base_dir=rec.get("base_dir"),
                            adapter_dir=rec.get("adapter_dir"), fallback_file=fallback,
@@ -468,8 +520,8 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
 
     # one progress count for the whole run: per model, each prompt run; per file, logits and speed
     runs_per_model = len(st.prompts) * (1 + st.samples)
-    n_models = 1 + len(outputs) - (1 if ref.kind == "gguf" else 0)  # a GGUF reference runs once
-    total_steps = runs_per_model * n_models + len(outputs) * (2 if speed else 1)
+    n_models = 1 + len(subjects) - (1 if ref.kind == "gguf" else 0)  # a GGUF reference runs once
+    total_steps = runs_per_model * n_models + len(subjects) * (2 if speed else 1)
     done_steps = [0]
 
     def note(_done: int, _total: int, what: str) -> None:
@@ -485,7 +537,8 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
     ref_texts = {"": toks, **ref_prompts.ids}
     failures: list[dict[str, Any]] = []
 
-    def gguf_side(path: Path, eng: GGUFEngine) -> tuple[ChatFormat, LlamaTokens, Prompts, dict[str, Any]]:
+    def gguf_side(path: Path, eng: GGUFEngine, label: str | None = None
+                  ) -> tuple[ChatFormat, LlamaTokens, Prompts, dict[str, Any]]:
         """A GGUF's own rendering and tokenization of the prompts and the evaluation text, compared
         with the fine-tune's."""
         view = eng.tokenizer
@@ -495,7 +548,7 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
         if ft.tokenizer is None:
             cmp = {"checked": False, "reason": ft.reason}
         else:
-            cmp = _compare_tokens(path.name, ref_texts, got, ft.tokenizer, view, failures)
+            cmp = _compare_tokens(label or path.name, ref_texts, got, ft.tokenizer, view, failures)
         return fmt, view, prompts, cmp
 
     # --- the reference: logits and generations
@@ -522,41 +575,44 @@ def verify(out_dir: str | os.PathLike[str], *, text: str | os.PathLike[str] | No
 
     files: list[dict[str, Any]] = []
     runs: dict[str, list[dict[str, Any]]] = {}
-    for i, o in enumerate(outputs):
-        path = out / o["file"]
+    for i, sub in enumerate(subjects):
+        path, lora = sub.path, sub.lora
         t0 = time.perf_counter()
-        is_ref = ref.kind == "gguf" and o["file"] == ref.file
+        is_ref = ref.kind == "gguf" and lora is None and sub.label == ref.file
         m = None
         if not is_ref:
-            m = metrics.compare(ref_logits, gguf_logits(path, toks, n_threads=threads), toks, first).to_dict()
-        note(i, len(outputs), f"{o['file']}: logits")
-        gate = _gate(st, o, m)
-        eng = GGUFEngine(path, n_ctx=n_ctx, n_threads=threads)
+            m = metrics.compare(ref_logits, gguf_logits(path, toks, n_threads=threads, lora=lora), toks,
+                                first).to_dict()
+        note(i, len(subjects), f"{sub.label}: logits")
+        gate = _gate(st, {"type": sub.type}, m)
+        eng = GGUFEngine(path, n_ctx=n_ctx, n_threads=threads, lora=lora)
         try:
             if is_ref:
                 tokenization, gens, g_fmt = ref_tokenization, ref_runs, None
             else:
-                g_fmt, g_view, g_prompts, tokenization = gguf_side(path, eng)
+                g_fmt, g_view, g_prompts, tokenization = gguf_side(path, eng, sub.label)
                 gens = run_suite(eng, st, fmt=g_fmt, prompts=g_prompts, tokenizer=g_view, progress=on_run,
-                                 label=o["file"])
+                                 label=sub.label)
             view = eng.tokenizer
             stops = {k: {"id": v, "token": view.decode([v])} for k, v in eng.stops.items()}
             chat = (g_fmt or _gguf_format(rec, eng.meta, view, str(path))).describe()
         finally:
             eng.close()
-        runs[o["file"]] = [g.to_dict() for g in gens]
+        runs[sub.label] = [g.to_dict() for g in gens]
         sp = None
         if speed:
-            sp = measure_speed(path, toks, n_threads=threads)
-            note(i, len(outputs), f"{o['file']}: speed")
-        files.append({"file": o["file"], "type": o.get("type"), "bytes": o.get("bytes"),
-                      "metrics": m, "gate": gate, "speed": sp, "stop_tokens": stops,
-                      "tokenization": tokenization, "chat_format": chat,
-                      "seconds": round(time.perf_counter() - t0, 3)})
+            sp = measure_speed(path, toks, n_threads=threads, lora=lora)
+            note(i, len(subjects), f"{sub.label}: speed")
+        entry = {"file": sub.label, "type": sub.type if lora is None else f"{sub.type} + {sub.lora_type}",
+                 "bytes": sub.bytes, "metrics": m, "gate": gate, "speed": sp, "stop_tokens": stops,
+                 "tokenization": tokenization, "chat_format": chat, "seconds": round(time.perf_counter() - t0, 3)}
+        if lora is not None:
+            entry["lora"] = sub.lora_record()
+        files.append(entry)
         if gate["passed"] is False and gate.get("required", True):
-            failures.append({"file": o["file"], "check": "agreement with the reference", "prompt": None,
+            failures.append({"file": sub.label, "check": "agreement with the reference", "prompt": None,
                              "against": "reference", "detail": gate["detail"],
-                             "why": f"its next-token distributions are outside the {o.get('type')} gate"})
+                             "why": f"its next-token distributions are outside the {sub.type} gate"})
     if ft.tokenizer is None:
         ref_tok.llm.close()
 

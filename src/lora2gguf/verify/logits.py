@@ -56,9 +56,11 @@ def _quiet_stderr():
 
 
 def open_gguf(path: str | os.PathLike[str], *, n_ctx: int, n_threads: int | None = None,
-              logits_all: bool = False, seed: int = 0, n_batch: int = 512, vocab_only: bool = False):
+              logits_all: bool = False, seed: int = 0, n_batch: int = 512, vocab_only: bool = False,
+              lora: str | os.PathLike[str] | None = None, lora_scale: float = 1.0):
     """A ``llama_cpp.Llama`` for ``path`` (raises UnsupportedError without llama-cpp-python and
-    InputError when llama.cpp cannot load the file). ``vocab_only``: the tokenizer alone."""
+    InputError when llama.cpp cannot load the file). ``vocab_only``: the tokenizer alone.
+    ``lora``: a GGUF LoRA adapter applied at load time (:func:`apply_lora`)."""
     try:
         from llama_cpp import Llama
     except ImportError as e:
@@ -67,23 +69,73 @@ def open_gguf(path: str | os.PathLike[str], *, n_ctx: int, n_threads: int | None
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: GGUF file not found (was it moved after the build?)")
+    if lora is not None and not Path(lora).is_file():
+        raise InputError(f"{lora}: LoRA GGUF not found (was it moved after the build?)")
     try:
         with _quiet_stderr():
-            return Llama(model_path=str(p), n_ctx=n_ctx, n_threads=n_threads or default_threads(),
-                         n_threads_batch=n_threads or default_threads(), n_batch=min(n_batch, n_ctx),
-                         logits_all=logits_all, seed=seed, vocab_only=vocab_only, verbose=False)
+            llm = Llama(model_path=str(p), n_ctx=n_ctx, n_threads=n_threads or default_threads(),
+                        n_threads_batch=n_threads or default_threads(), n_batch=min(n_batch, n_ctx),
+                        logits_all=logits_all, seed=seed, vocab_only=vocab_only, verbose=False)
     except (ValueError, RuntimeError) as e:
         raise InputError(f"llama.cpp could not load {p}: {e}; rebuild the file or check it with "
                          "`lora2gguf doctor`") from e
+    if lora is not None:
+        try:
+            apply_lora(llm, lora, lora_scale, base=p)
+        except BaseException:
+            llm.close()
+            raise
+    return llm
+
+
+def apply_lora(llm, path: str | os.PathLike[str], scale: float = 1.0, *, base: str | os.PathLike[str] = "") -> None:
+    """Load the GGUF LoRA ``path`` onto ``llm``'s model and set it on its context (llama.cpp's
+    llama_adapter_lora_init / llama_set_adapters_lora), the model mapped as usual. A failed load is
+    a NULL pointer, which llama-cpp-python returns as a false ctypes pointer, not None (its own
+    ``lora_path`` check misses it): checked here by truth value, and raised as InputError with the
+    reason llama.cpp logs. The model owns the adapter and frees it with itself."""
+    import ctypes
+
+    import llama_cpp
+
+    from .. import quantize
+
+    messages: list[tuple[int, str]] = []
+
+    @llama_cpp.llama_log_callback
+    def _capture(level, text, user_data):  # noqa: ARG001
+        messages.append((int(level), text.decode("utf-8", "replace")))
+
+    llama_cpp.llama_log_set(_capture, ctypes.c_void_p(0))
+    try:
+        adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(path).encode("utf-8"))
+    finally:  # back to lora2gguf's silent callback if it was set, else llama-cpp-python's own
+        if quantize._LOG_CB is not None:
+            quantize.quiet_llama(force=True)
+        else:
+            from llama_cpp import _logger
+
+            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    if not adapter:
+        # GGML_LOG_LEVEL_ERROR is 4 in this ggml (it was 3 before DEBUG moved to 1)
+        errors = [t.strip() for level, t in messages if level == 4 or "failed" in t.lower()]
+        # "llama_adapter_lora_init_from_file_ptr: failed to apply lora adapter: <reason>"
+        why = "; ".join(dict.fromkeys(e.split(": ", 1)[-1] for e in errors)) or "no reason logged"
+        raise InputError(f"llama.cpp could not apply the LoRA adapter {path} to {base}: {why}")
+    adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+    scales = (ctypes.c_float * 1)(float(scale))
+    if llama_cpp.llama_set_adapters_lora(llm.ctx, adapters, 1, scales):
+        raise InputError(f"llama.cpp could not set the LoRA adapter {path} on a context of {base}")
 
 
 def gguf_logits(path: str | os.PathLike[str], tokens: Sequence[int], *, n_threads: int | None = None,
-                seed: int = 0) -> np.ndarray:
-    """Logits (``(len(tokens), n_vocab)``, float32) of the GGUF at every position of ``tokens``."""
+                seed: int = 0, lora: str | os.PathLike[str] | None = None) -> np.ndarray:
+    """Logits (``(len(tokens), n_vocab)``, float32) of the GGUF (with the LoRA GGUF ``lora`` applied)
+    at every position of ``tokens``."""
     toks = [int(t) for t in tokens]
     if not toks:
         raise InputError("gguf_logits: no tokens")
-    llm = open_gguf(path, n_ctx=ctx_size(len(toks)), n_threads=n_threads, logits_all=True, seed=seed)
+    llm = open_gguf(path, n_ctx=ctx_size(len(toks)), n_threads=n_threads, logits_all=True, seed=seed, lora=lora)
     try:
         if max(toks) >= llm.n_vocab():
             raise InputError(f"{path}: token id {max(toks)} is outside its vocabulary of {llm.n_vocab()}")

@@ -81,10 +81,10 @@ class GGUFEngine:
 
     kind = "gguf"
 
-    def __init__(self, path, *, n_ctx: int, n_threads: int | None = None):
+    def __init__(self, path, *, n_ctx: int, n_threads: int | None = None, lora=None):
         self.path = path
         self.n_threads = n_threads or default_threads()
-        self.llm = open_gguf(path, n_ctx=n_ctx, n_threads=self.n_threads)
+        self.llm = open_gguf(path, n_ctx=n_ctx, n_threads=self.n_threads, lora=lora)
         self.meta = dict(self.llm.metadata)
         self.stops = declared_stop_tokens(self.meta)
 
@@ -185,16 +185,16 @@ def run_suite(engine, suite: Suite, *, fmt: ChatFormat, prompts: Prompts, tokeni
 
 
 def measure_speed(path, tokens: Sequence[int], *, n_threads: int | None = None, n_prompt: int = 128,
-                  n_gen: int = 32) -> dict[str, Any]:
-    """llama.cpp prompt-processing and generation speed of a GGUF, tokens per second, the way
-    llama-bench measures them: ``n_prompt`` tokens evaluated in one batch (pp), then ``n_gen``
-    tokens decoded one at a time (tg)."""
+                  n_gen: int = 32, lora=None) -> dict[str, Any]:
+    """llama.cpp prompt-processing and generation speed of a GGUF (with the LoRA GGUF ``lora``
+    applied at runtime, which costs speed), tokens per second, the way llama-bench measures them:
+    ``n_prompt`` tokens evaluated in one batch (pp), then ``n_gen`` tokens decoded one at a time (tg)."""
     threads = n_threads or default_threads()
     toks = [int(t) for t in tokens]
     while len(toks) < n_prompt:
         toks = toks + toks
     pp = toks[:n_prompt]
-    llm = open_gguf(path, n_ctx=ctx_size(n_prompt + n_gen + 8), n_threads=threads)
+    llm = open_gguf(path, n_ctx=ctx_size(n_prompt + n_gen + 8), n_threads=threads, lora=lora)
     try:
         llm.reset()
         llm.eval(pp[:8])  # warm up (allocations, first-touch of the mmap)
