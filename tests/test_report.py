@@ -86,8 +86,8 @@ def test_modelfile_harmony_template_and_stops(run):
     text = (out / "tiny-Q8_0.Modelfile").read_text()
     assert "FROM ./tiny-Q8_0.gguf" in text.splitlines()
     stops = re.findall(r'^PARAMETER stop "(.*)"$', text, flags=re.M)
-    # generation_config.json's eos ids (<|endoftext|> among them) and Harmony's, less <|end|>
-    assert stops == ["<|endoftext|>", "<|return|>", "<|call|>"]
+    # the EOS the GGUF declares and Harmony's own reply ends (not <|end|>, which ends a message)
+    assert stops == ["<|return|>", "<|call|>"]
     tpl = re.search(r'TEMPLATE """(.*?)"""', text, flags=re.S).group(1)
     assert tpl.startswith("<|start|>system<|message|>") and tpl.endswith("<|start|>assistant")
     assert "<|channel|>final<|message|>{{ $m.Content }}" in tpl
