@@ -200,25 +200,9 @@ def test_parity_with_llama_cpp_converter(built, reference_llama_cpp, tmp_path, t
             shutil.copy(tiny_adapter / f, model_dir / f)
     ref_file = tmp_path / "ref.gguf"
     _run_reference(reference_llama_cpp, model_dir, ref_file)
-    ours_t, ours_kv = read_gguf(result.out_dir / "tiny-BF16.gguf")
-    ref_t, ref_kv = read_gguf(ref_file)
-    assert sorted(ours_t) == sorted(ref_t)
-    for name in ref_t:
-        assert ours_t[name][:2] == ref_t[name][:2], name
-        assert ours_t[name][2] == ref_t[name][2], f"{name}: bytes differ"
-    provenance = {k for k in ref_kv if k.startswith("general.") and k not in (
-        "general.architecture", "general.file_type", "general.quantization_version")}
-    provenance |= {k for k in ours_kv if k.startswith("general.") and k not in (
-        "general.architecture", "general.file_type", "general.quantization_version")}
-    ref_keys = set(ref_kv) - provenance
-    our_keys = set(ours_kv) - provenance
-    assert our_keys == ref_keys, (sorted(our_keys - ref_keys), sorted(ref_keys - our_keys))
-    for key in sorted(ref_keys):
-        a, b = ours_kv[key], ref_kv[key]
-        if isinstance(b, float):
-            assert a == pytest.approx(b, rel=1e-7), key
-        else:
-            assert a == b, key
+    from reference import assert_same_gguf
+
+    assert_same_gguf(result.out_dir / "tiny-BF16.gguf", ref_file)
 
 
 def test_legacy_rope_config_gives_same_metadata(tmp_path, tiny_base, tiny_adapter, built):

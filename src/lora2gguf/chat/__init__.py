@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from ..errors import UnsupportedError
+from ..vocab import token_ids
 from .base import (ANSWER, EOS, REASONING, ChatFormat, Issue, Message, OllamaSpec, Parsed, Rendered, StructureResult,
                    TokenizerFacts, TokenizerView)
 
@@ -66,16 +67,6 @@ def chat_format(family: Any = None, *, name: str | None = None, template: str | 
     return maker(family, template, dict(specials or {}), where)
 
 
-def _ids(value: Any) -> list[int]:
-    if isinstance(value, bool):
-        return []
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
-    return []
-
-
 def tokenizer_facts(tok, generation_config: Mapping[str, Any] | None = None,
                     config: Mapping[str, Any] | None = None) -> TokenizerFacts:
     """What doctor's chat checks need of an inspected tokenizer (:class:`lora2gguf.inspect.TokenizerInfo`):
@@ -93,6 +84,6 @@ def tokenizer_facts(tok, generation_config: Mapping[str, Any] | None = None,
     if eos_id is not None:
         eog[eos_id] = EOS
     for name, cfg in (("generation_config.json", generation_config), ("config.json", config)):
-        for i in _ids((cfg or {}).get("eos_token_id")):
+        for i in token_ids((cfg or {}).get("eos_token_id")):
             eog.setdefault(i, f"{name} eos_token_id")
     return TokenizerFacts(str(tok.folder), tok.chat_template, tok.chat_template_source, specials, added, vocab, eog)

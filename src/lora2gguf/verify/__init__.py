@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from ..chat import ChatFormat, chat_format
 from ..errors import InputError, OutputError, VerifyError
+from ..vocab import token_ids
 from . import judge, metrics
 from .logits import (choose_reference, ctx_size, default_threads, gguf_logits, load_reference_model, open_gguf,
                      reference_logits)
@@ -327,16 +328,6 @@ def _record_specials(tech: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def _ids(value: Any) -> list[int]:
-    if isinstance(value, bool):
-        return []
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
-    return []
-
-
 def declared_reference_stops(rec: dict[str, Any]) -> dict[str, int]:
     """The end-of-generation ids the fine-tune declares: its tokenizer's EOS (as run.json records
     it) and the ``eos_token_id`` transformers' generate stops on: the base's generation_config.json,
@@ -351,7 +342,7 @@ def declared_reference_stops(rec: dict[str, Any]) -> dict[str, int]:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        for i in _ids(data.get("eos_token_id") if isinstance(data, dict) else None):
+        for i in token_ids(data.get("eos_token_id") if isinstance(data, dict) else None):
             if i not in out.values():
                 out[f"{name} {i}"] = i
         break

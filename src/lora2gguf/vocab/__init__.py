@@ -41,7 +41,7 @@ from .spm import load_sentencepiece, sentencepiece_vocab
 __all__ = [
     "BPE", "CHKHSH", "KINDS", "LLAMA_HF", "PRE_TOKENIZERS", "SENTENCEPIECE", "PreTokenizer", "SpecialTokens", "Vocab",
     "VocabOptions",
-    "eog_ids", "identify_pre", "llama_hf_message", "load_sentencepiece", "load_tokenizer_json", "looks_special", "merges_of",
+    "eog_ids", "token_ids", "identify_pre", "llama_hf_message", "load_sentencepiece", "load_tokenizer_json", "looks_special", "merges_of",
     "read_vocab", "sentencepiece_vocab", "tokenizer_config", "tokenizer_kind", "vocab_of", "write_vocab",
     "_bytelevel_post_processor",
 ]
@@ -108,7 +108,8 @@ def read_vocab(folder: Path, vocab_size: int, options: VocabOptions | None = Non
     return vocab_of(load_tokenizer_json(folder), folder / "tokenizer.json", vocab_size)
 
 
-def _ids(value: Any) -> list[int]:
+def token_ids(value: Any) -> list[int]:
+    """A config's token id field (``eos_token_id``: an int or a list of them) as a list."""
     if isinstance(value, bool):
         return []
     if isinstance(value, int):
@@ -124,7 +125,7 @@ def eog_ids(special: SpecialTokens, n_tokens: int, config: Mapping[str, Any] | N
     generation_config.json's and config.json's eos_token_id (Llama 3 lists three there)."""
     ids = [special.special_token_ids[t] for t in ("eos", "eot", "eom") if t in special.special_token_ids]
     for cfg in (generation_config or {}, config or {}):
-        ids += _ids(cfg.get("eos_token_id"))
+        ids += token_ids(cfg.get("eos_token_id"))
     return tuple(sorted({i for i in ids if 0 <= i < n_tokens}))
 
 
