@@ -20,14 +20,15 @@ class ProgressBar:
         self.stream = stream if stream is not None else sys.stderr  # the stderr of now, not of import time
         self.tty = self.stream.isatty()
         self.stage = None
+        self.total = None
         self.t0 = 0.0
         self.last = 0.0
 
     def __call__(self, stage: str, done: int, total: int, detail: str = "") -> None:
         now = time.monotonic()
-        if stage != self.stage:
+        if stage != self.stage or total != self.total:  # a new stage, or a new job in it (another download)
             self.close()
-            self.stage, self.t0, self.last = stage, now, 0.0
+            self.stage, self.total, self.t0, self.last = stage, total, now, 0.0
         finished = total and done >= total
         if not finished and now - self.last < (0.1 if self.tty else 5.0):
             return
