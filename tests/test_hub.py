@@ -304,13 +304,14 @@ probe = api.doctor("org/base-elsewhere", "org/adapter", out_dir=out, free_bytes=
 res = next(f for f in probe["findings"] if f["code"] == "RESOURCES")["data"]
 free = res["bytes_needed"] + res["download"]["bytes"] // 2   # room for the outputs, not for the download too
 tight = api.doctor("org/base-elsewhere", "org/adapter", out_dir=out, free_bytes=free)
-print(json.dumps({"probe": probe, "tight": tight.to_dict(), "stand_in": str(tight.base_dir)}))
+print(json.dumps({"probe": probe, "tight": tight.to_dict()}))
 """
 
 
 def test_doctor_by_id_counts_the_download_and_build_stops_before_the_weights(fake_hub, tmp_path, tiny_base):
-    home = tmp_path / "hf"
-    env = _env(fake_hub, home)
+    home, tmp = tmp_path / "hf", tmp_path / "tmp"
+    tmp.mkdir()
+    env = _env(fake_hub, home, TMPDIR=str(tmp))
     res = _py(DOCTOR, env, tmp_path, str(tmp_path / "out"))
     shard_bytes = sum((tiny_base / n).stat().st_size for n in SHARDS)
     data = next(f for f in res["probe"]["findings"] if f["code"] == "RESOURCES")["data"]
@@ -320,7 +321,9 @@ def test_doctor_by_id_counts_the_download_and_build_stops_before_the_weights(fak
     disk = [f for f in res["tight"]["findings"] if f["code"] == "DISK_SPACE"]
     assert len(disk) == 1 and disk[0]["data"]["download_bytes"] == shard_bytes
     assert disk[0]["data"]["bytes_needed"] == data["bytes_needed"] + shard_bytes
-    assert not Path(res["stand_in"]).exists()  # the header-only stand-in was removed
+    assert list(tmp.iterdir()) == []  # the header-only stand-in was removed
+    snapshot = home / "hub" / "models--org--base-elsewhere" / "snapshots" / res["tight"]["inputs"]["base"]["commit"]
+    assert Path(res["tight"]["base_dir"]) == snapshot  # the report names where the files will be
     # doctor read the shards' headers (ranged reads), never their data
     gets = [x for x in fake_hub.requests("GET", "org/base-elsewhere") if x["file"] in SHARDS]
     assert gets and all(x["range"] == "bytes=0-99999" for x in gets)

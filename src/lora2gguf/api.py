@@ -81,11 +81,15 @@ class BuildResult:
 
 
 def _run_doctor(base_dir: Path, adapter_dir: Path, out_dir: Path, outputs: Sequence[str], accept: Sequence[str],
-                tokenizer: str, free_bytes: int | None = None, *, download=None, base_info=None):
+                tokenizer: str, free_bytes: int | None = None, *, download=None, base_info=None, stand_in=None):
+    """doctor, raising BlockedError on a blocker not accepted. ``stand_in``: the hub.Source whose
+    header-only stand-in ``base_dir`` is (the findings then name its snapshot)."""
     from . import doctor as doctor_pkg
 
     report = doctor_pkg.run(base_dir, adapter_dir, out_dir=out_dir, outputs=tuple(outputs), tokenizer=tokenizer,
                             free_bytes=free_bytes, download=download, base_info=base_info)
+    if stand_in is not None:
+        stand_in.relabel(report)
     blocking = report.blocking(set(accept))
     if blocking:
         lines = "\n".join(f"  [{f.code}] {f.title}\n      {_indent(f.what)}\n      fix: {f.fix}" for f in blocking)
@@ -119,8 +123,8 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
     to each of `quants` with llama.cpp, record everything in OUT_DIR/run.json, and verify when
     asked. Raises a Lora2GGUFError subclass with an actionable message on bad input.
 
-    `base_dir` and `adapter_dir` are folders or hub ids (``org/name``, ``org/name@revision``, or
-    `base_revision` / `adapter_revision`), resolved by :mod:`lora2gguf.hub` from the Hugging Face
+    `base_dir` and `adapter_dir` are folders or hub ids (a str ``org/name``, ``org/name@revision``, or
+    `base_revision` / `adapter_revision`; a Path is always a folder), resolved by :mod:`lora2gguf.hub` from the Hugging Face
     cache first; a base to download is checked by doctor (the download counted in its disk check)
     before a byte of its weights is fetched. `base_info`: the base's inspection made before
     (:func:`lora2gguf.inspect.inspect_base`; :mod:`lora2gguf.batch` inspects a base once)."""
@@ -164,9 +168,12 @@ def _resolved(base, adapter, out_dir: Path, outputs: Sequence[str], accept: Sequ
     try:
         if inputs.base.pending:
             if inputs.base.preview is not None:
+                # outputs a previous run finished count as free, as in the build's own doctor
+                credit = RunState.load(out_dir).recorded_bytes()
+                free = shutil.disk_usage(out_dir).free + credit if credit else None
                 with _gc_paused(), _forgetting_json():
-                    _run_doctor(inputs.base.path, inputs.adapter.path, out_dir, outputs, accept, tokenizer,
-                                download=inputs.base.to_download())
+                    _run_doctor(inputs.base.path, inputs.adapter.path, out_dir, outputs, accept, tokenizer, free,
+                                download=inputs.base.to_download(), stand_in=inputs.base)
             inputs.base.fetch(progress)
     except BaseException:
         inputs.close()
@@ -468,6 +475,7 @@ def doctor(base_dir: str | Path, adapter_dir: str | Path, *, base_revision: str 
                              progress=download_progress) as inputs:
             report = doctor_pkg.run(Path(inputs.base.path), Path(inputs.adapter.path),
                                     download=inputs.base.to_download(), **kwargs)
+            inputs.base.relabel(report)
             if inputs.base.is_hub or inputs.adapter.is_hub:
                 report.inputs = inputs.record()
             return report

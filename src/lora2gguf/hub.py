@@ -183,6 +183,17 @@ class Source:
             self.path = self.snapshot
         return self
 
+    def relabel(self, report) -> None:
+        """A doctor report made on the header-only stand-in, told in terms of the snapshot the files
+        will be in (the stand-in is a temporary folder)."""
+        if self.preview is None or self.snapshot is None:
+            return
+        old, new = str(self.preview), str(self.snapshot)
+        for f in report.findings:
+            f.what, f.why, f.fix = (t.replace(old, new) for t in (f.what, f.why, f.fix))
+        if Path(report.base_dir) == self.preview:
+            report.base_dir = self.snapshot
+
     def close(self) -> None:
         """Remove the header-only stand-in folder, if any."""
         if self.preview is not None:
@@ -807,6 +818,11 @@ def _fetch_weight(src: Source, w: Weight, on_bytes: Callable[[int], None], cance
                     except _Cancelled:
                         raise
                     except Exception as e:  # noqa: BLE001
+                        if _network_error(e):
+                            kept = part.stat().st_size if part.is_file() else 0
+                            raise HubError(f"{at}: the download of {w.name} broke off ({type(e).__name__}: {e}); "
+                                           f"the {_gb(kept)} received are kept in {part.parent}: run the same "
+                                           "command again to resume") from None
                         raise _hub_error(e, src.repo, src.revision, w.name) from None
                 sha = sink.sha
             got = part.stat().st_size
