@@ -568,9 +568,19 @@ def test_adapter_with_a_lonely_lora_a_is_invalid(np_adapter, tiny_base, tmp_path
 def test_unsupported_adapter_feature_is_a_blocker(np_adapter, tiny_base, tmp_path):
     ad = tmp_path / "adapter"
     shutil.copytree(np_adapter, ad)
-    edit_json(ad / "adapter_config.json", use_dora=True)
+    edit_json(ad / "adapter_config.json", use_qalora=True)
     f = one(doctor.run(tiny_base, ad, free_bytes=10**12), "ADAPTER_UNSUPPORTED_FEATURE")
-    assert "DoRA" in f.what
+    assert "QA-LoRA" in f.what
+
+
+def test_dora_flag_without_magnitudes_is_named(np_adapter, tiny_base, tmp_path):
+    """DoRA is merged; an adapter_config that says use_dora with weights that hold no magnitude
+    vectors does not describe its weights: named as such."""
+    ad = tmp_path / "adapter"
+    shutil.copytree(np_adapter, ad)
+    edit_json(ad / "adapter_config.json", use_dora=True)
+    f = one(doctor.run(tiny_base, ad, free_bytes=10**12), "ADAPTER_INVALID")
+    assert "use_dora=True" in f.what and "magnitude" in f.what
 
 
 def test_pickle_adapter_is_refused_unread(np_adapter, tiny_base, tmp_path):

@@ -192,7 +192,7 @@ def _drop_lora_b(base: Path, ad: Path) -> None:
 
 def _extra_key(base: Path, ad: Path) -> None:
     header, data = read_st(ad / ADAPTER)
-    header["base_model.model.model.embed_tokens.lora_embedding_A"] = {
+    header["base_model.model.model.embed_tokens.hada_w1_a"] = {  # a LoHa tensor: not a LoRA adapter
         "dtype": "F32", "shape": [4, 8], "data_offsets": [len(data), len(data) + 128]}
     write_st(ad / ADAPTER, header, data + bytes(128))
 
@@ -291,10 +291,11 @@ CASES: list[Case] = [
     Case("config-other-architecture", "base", "config.json",
          _config(lambda c: c.update(architectures=["FalconForCausalLM"], model_type="falcon")), UnsupportedError,
          r"architecture \['FalconForCausalLM'\] is not supported.*LlamaForCausalLM"),
-    Case("config-missing-hidden-size", "base", "config.json", _config(lambda c: c.pop("hidden_size")), InputError,
+    # doctor plans the shapes before any tensor is read: a config that disagrees with the weights blocks
+    Case("config-missing-hidden-size", "base", "config.json", _config(lambda c: c.pop("hidden_size")), BlockedError,
          r"hidden_size is 2880 \(or absent and defaulted\), but the checkpoint's '(lm_head|model.embed_tokens).weight' is "
          r"\[201088, 64\]"),
-    Case("config-vocab-size-off", "base", "config.json", _config(lambda c: c.update(vocab_size=201090)), InputError,
+    Case("config-vocab-size-off", "base", "config.json", _config(lambda c: c.update(vocab_size=201090)), BlockedError,
          r"vocab_size is 201090, but the checkpoint's '(lm_head|model.embed_tokens).weight' has 201088 rows"),
     Case("config-layers-a-string", "base", "config.json", _config(lambda c: c.update(num_hidden_layers="2")), InputError,
          r"'num_hidden_layers' is '2'"),
@@ -335,7 +336,7 @@ CASES: list[Case] = [
     Case("adapter-for-other-shapes", "adapter", ADAPTER, _adapter_for_other_model, BlockedError, r"do not fit"),
     Case("adapter-missing-lora-b", "adapter", ADAPTER, _drop_lora_b, BlockedError, r"has lora_A but no lora_B"),
     Case("adapter-3d-factor", "adapter", ADAPTER, _three_d, BlockedError, r"must be 2-D"),
-    Case("adapter-unknown-key", "adapter", ADAPTER, _extra_key, BlockedError, r"lora_embedding_A.*not a LoRA A/B matrix"),
+    Case("adapter-unknown-key", "adapter", ADAPTER, _extra_key, BlockedError, r"hada_w1_a.*not a LoRA matrix"),
     Case("adapter-truncated", "adapter", ADAPTER, _truncate(ADAPTER, 0.6), BlockedError, r"data ends at byte"),
     Case("adapter-header-overlap", "adapter", ADAPTER, _header(ADAPTER, _overlap), BlockedError, r"overlap"),
     Case("adapter-pickle-only", "adapter", "adapter_model.bin", _pickle_only_adapter, BlockedError,
@@ -442,3 +443,100 @@ def test_remote_code_reported_never_executed(tmp_path, good):
     assert f"{ad / ADAPTER_CONFIG}: auto_map" in what
     assert "modeling_evil.py" in what
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- the families' readers
+
+#: the readers the families brought (SentencePiece, BPE pre-tokenizers, embeddings, MoE experts,
+#: DoRA): each case breaks one thing in a good Llama-2-style pair (a SentencePiece tokenizer)
+FAMILY_CASES = [
+    Case("spm-model-not-sentencepiece", "adapter", "tokenizer.model",
+         _text("adapter", "tokenizer.model", b"\x00\x01 this is not a protobuf " * 8), BlockedError,
+         r"tokenizer\.model"),
+    Case("bpe-pre-tokenizer-unknown", "adapter", "tokenizer.json",
+         lambda base, ad: _unknown_split(ad), BlockedError, r"TOKENIZER_PRE_UNKNOWN"),
+    Case("embeddings-rows-disagree-with-config", "base", "config.json",
+         _config(lambda c: c.update(vocab_size=c["vocab_size"] + 64)), BlockedError,
+         r"vocab_size"),
+    Case("dora-magnitude-wrong-length", "adapter", ADAPTER, lambda base, ad: _dora_wrong_length(ad), BlockedError,
+         r"magnitude .* does not fit"),
+    Case("dora-without-magnitudes", "adapter", ADAPTER_CONFIG, _json("adapter", ADAPTER_CONFIG,
+                                                                      lambda c: c.update(use_dora=True)),
+         BlockedError, r"use_dora=True"),
+    Case("trainable-tokens-without-indices", "adapter", ADAPTER_CONFIG, lambda base, ad: _token_rows_without_indices(ad),
+         BlockedError, r"trainable_token_indices"),
+]
+
+
+def _unknown_split(ad: Path) -> None:
+    """A BPE tokenizer.json whose split regex llama.cpp does not know (and no tokenizer.model)."""
+    from lora2gguf.testing import tokenizers as toks
+
+    (ad / "tokenizer.model").unlink()
+    data = json.loads((ad / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\p{L}+|[0-9]{1,2}|\s+|."}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+    data["model"] = {"type": "BPE", "vocab": {chr(33 + i) if i < 94 else f"t{i}": i for i in range(512)},
+                     "merges": [["t", "1"]], "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False}
+    data["added_tokens"] = []
+    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    replace(ad / "tokenizer.json", json.dumps(data))
+    assert toks  # the fixture module is importable (its tokenizers are what this case breaks)
+
+
+def _dora_wrong_length(ad: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    t = load_file(str(ad / ADAPTER))
+    key = next(k for k in t if k.endswith("q_proj.lora_magnitude_vector"))
+    t[key] = np.ones(t[key].shape[0] + 3, np.float32)
+    (ad / ADAPTER).unlink()
+    save_file(t, str(ad / ADAPTER), metadata={"format": "pt"})
+
+
+def _token_rows_without_indices(ad: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    t = load_file(str(ad / ADAPTER))
+    t["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"] = np.ones((2, 64), np.float32)
+    (ad / ADAPTER).unlink()
+    save_file(t, str(ad / ADAPTER), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def good_spm(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny Llama with a SentencePiece tokenizer; a plain and a DoRA adapter."""
+    from lora2gguf.testing import families
+    from lora2gguf.testing import tokenizers as toks
+
+    root = tmp_path_factory.mktemp("good_spm")
+    base = families.make_model(root / "base", "llama", families.small_config(
+        "llama", vocab_size=512, bos_token_id=1, eos_token_id=2, num_hidden_layers=1),
+        tokenizer=lambda d: toks.sentencepiece_tokenizer(d, style="llama2"))
+    plain = synth.make_adapter(base, root / "adapter", target_modules=("q_proj", "v_proj"), target_parameters=())
+    dora = synth.make_adapter(base, root / "dora", target_modules=("q_proj", "v_proj"), target_parameters=(),
+                              use_dora=True)
+    return base, plain, dora
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=lambda c: c.id)
+def test_malformed_family_input(tmp_path, good_spm, case, capsys):
+    base0, plain, dora = good_spm
+    adapter0 = dora if case.id.startswith("dora-magnitude") else plain
+    base, ad, out = make_case(tmp_path, (base0, adapter0), case)
+    with pytest.raises(Lora2GGUFError) as info:
+        build(base, ad, out, name="x", accept=case.accept)
+    err = info.value
+    msg = str(err)
+    assert type(err) is case.error, f"{type(err).__name__}: {msg}"
+    assert re.search(case.problem, msg, re.S), msg
+    assert _names_file(msg, case, base, ad), f"the message does not name {case.file or case.where}: {msg}"
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+    from lora2gguf import cli
+
+    capsys.readouterr()
+    rc = cli.main(["build", str(base), str(ad), "-o", str(out), "--name", "x", "--no-verify"])
+    captured = capsys.readouterr()
+    assert rc == err.exit_code != 0 and "Traceback" not in captured.err + captured.out

@@ -117,6 +117,11 @@ def run(base_dir: str | Path, adapter_dir: str | Path, *, out_dir: str | Path | 
         arch_findings, arch = checks.check_architecture(base.config, tools, str(base_dir / "config.json"))
         found += arch_findings
 
+        unreadable = {"BASE_FP8", "BASE_GPTQ", "BASE_AWQ", "BASE_COMPRESSED_TENSORS", "BASE_QUANTIZED_UNKNOWN",
+                      "BASE_INVALID"}
+        if arch is not None and not any(f.code in unreadable for f in found):  # those say enough already
+            found += checks.check_base_plan(base, arch)
+
     note("matching the adapter to the base")
     found += checks.check_adapter(ad, base, arch)
 

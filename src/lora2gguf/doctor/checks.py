@@ -310,6 +310,28 @@ def check_architecture(config: Mapping[str, Any], tools: Tools, where: str = "co
     return out, arch
 
 
+def check_base_plan(base: BaseInfo, arch) -> list[Finding]:
+    """The family's plan for the base's shapes alone: a config that disagrees with its weights
+    (hidden size, vocabulary, expert count), or a tensor the family does not know, is found here,
+    before any tensor data is read."""
+    from ..errors import Lora2GGUFError
+    from ..plan import shape_plan
+
+    if not base.logical_shapes:
+        return []
+    try:
+        shape_plan(arch, arch.normalize_config(base.config), base.logical_shapes)
+    except Lora2GGUFError as e:
+        return [F.make("BASE_INVALID", str(e), "the GGUF's metadata comes from config.json and its tensors from the "
+                       "shards; they must describe one model", "use the config.json that came with these weights "
+                       "(download both again)", {"error": type(e).__name__})]
+    except (KeyError, TypeError, ValueError) as e:
+        return [F.make("BASE_INVALID", f"{base.folder / 'config.json'}: {type(e).__name__}: {e}",
+                       "the GGUF's metadata comes from config.json", "fix config.json or download it again",
+                       {"error": type(e).__name__})]
+    return []
+
+
 def check_remote_code(base: BaseInfo, adapter: AdapterInfo, tokenizers: Iterable[TokenizerInfo | None]) -> list[Finding]:
     """trust_remote_code / auto_map anywhere: reported, never executed."""
     hits: list[str] = []
