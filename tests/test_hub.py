@@ -54,6 +54,9 @@ def fake_hub(tiny_base, tiny_adapter):
     cfg["target_modules"] = ["no_such_proj"]  # matches nothing in the base: doctor blocks it
     cfg.pop("target_parameters", None)
     h.add("org/bad-adapter", adapter_files | {"adapter_config.json": json.dumps(cfg).encode()})
+    cfg = json.loads((tiny_adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "org/base-elsewhere"  # as PEFT records a base loaded by its id
+    h.add("org/adapter-of-elsewhere", adapter_files | {"adapter_config.json": json.dumps(cfg).encode()})
     h.start()
     yield h
     h.stop()
@@ -117,6 +120,16 @@ def test_selection_reads_only_what_lora2gguf_reads():
         hub.select(hub.BASE, names, {"weight_map": {"a": "model-9.safetensors"}})
 
 
+def test_a_cache_snapshot_is_known_by_its_repo_id(tmp_path):
+    """doctor compares the base an adapter names (often a hub id) with the base given: a snapshot
+    folder is called by its commit, so its repo id counts as its name."""
+    from lora2gguf.doctor.checks import _cache_repo_id
+
+    snap = tmp_path / "hub" / "models--unsloth--gpt-oss-20b-BF16" / "snapshots" / ("a" * 40)
+    assert _cache_repo_id(snap) == "unsloth/gpt-oss-20b-BF16"
+    assert _cache_repo_id(tmp_path / "gpt-oss-20b") == ""
+
+
 # ------------------------------------------------------------------------------- by the network
 
 
@@ -136,9 +149,10 @@ def test_download_reads_only_what_it_needs_and_resumes_after_an_interruption(fak
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert reached.wait(180), "the download never reached the shard"
-        for _ in range(300):  # the client writes what it received (a 10 MiB chunk) into the partial file
-            if partial.is_file() and partial.stat().st_size > 0:
-                break
+        other = storage / "blobs" / etags[SHARDS[1]]
+        for _ in range(600):  # the client writes what it received (a 10 MiB chunk) into the partial file,
+            if partial.is_file() and partial.stat().st_size > 0 and other.is_file():  # and the other shard,
+                break  # fetched in parallel, is complete
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         _, err1 = proc.communicate(timeout=120)
@@ -157,6 +171,7 @@ def test_download_reads_only_what_it_needs_and_resumes_after_an_interruption(fak
         part = blob.with_name(blob.name + hub.PARTIAL_SUFFIX)
         held[n] = sizes[n] if blob.is_file() else part.stat().st_size if part.is_file() else 0
     assert 0 < held[SHARDS[0]] < sizes[SHARDS[0]]
+    assert held[SHARDS[1]] == sizes[SHARDS[1]]  # downloaded while the first one was stalled
     assert not (snapshot / SHARDS[0]).exists()  # a partial file never joins the snapshot
 
     # run 2: the same command resumes each partial file from where it stopped
@@ -300,10 +315,10 @@ DOCTOR = r"""
 import json, sys
 from lora2gguf import api
 out = sys.argv[1]
-probe = api.doctor("org/base-elsewhere", "org/adapter", out_dir=out, free_bytes=10**15).to_dict()
+probe = api.doctor("org/base-elsewhere", "org/adapter-of-elsewhere", out_dir=out, free_bytes=10**15).to_dict()
 res = next(f for f in probe["findings"] if f["code"] == "RESOURCES")["data"]
 free = res["bytes_needed"] + res["download"]["bytes"] // 2   # room for the outputs, not for the download too
-tight = api.doctor("org/base-elsewhere", "org/adapter", out_dir=out, free_bytes=free)
+tight = api.doctor("org/base-elsewhere", "org/adapter-of-elsewhere", out_dir=out, free_bytes=free)
 print(json.dumps({"probe": probe, "tight": tight.to_dict()}))
 """
 
@@ -318,6 +333,8 @@ def test_doctor_by_id_counts_the_download_and_build_stops_before_the_weights(fak
     assert data["download"]["bytes"] == shard_bytes and data["download"]["same_filesystem_as_outputs"]
     assert res["probe"]["inputs"]["base"]["repo"] == "org/base-elsewhere"
     assert res["probe"]["inputs"]["base"]["from_cache"] is False
+    # the adapter names its base by id: the base read from its stand-in is known by that id
+    assert "ADAPTER_BASE_NAME" not in {f["code"] for f in res["probe"]["findings"]}
     disk = [f for f in res["tight"]["findings"] if f["code"] == "DISK_SPACE"]
     assert len(disk) == 1 and disk[0]["data"]["download_bytes"] == shard_bytes
     assert disk[0]["data"]["bytes_needed"] == data["bytes_needed"] + shard_bytes

@@ -147,6 +147,7 @@ class Source:
     downloaded_bytes: int = 0
     pending: list[Weight] = field(default_factory=list)
     preview: Path | None = None  # the header-only stand-in, removed by close()
+    preview_root: Path | None = None  # the temporary folder holding it
     snapshot: Path | None = None
 
     @property
@@ -197,7 +198,7 @@ class Source:
     def close(self) -> None:
         """Remove the header-only stand-in folder, if any."""
         if self.preview is not None:
-            shutil.rmtree(self.preview, ignore_errors=True)
+            shutil.rmtree(self.preview_root or self.preview, ignore_errors=True)
             if self.path == self.preview and self.snapshot is not None:
                 self.path = self.snapshot
             self.preview = None
@@ -490,6 +491,8 @@ def resolve(spec: str | os.PathLike[str], role: str, *, revision: str | None = N
     repo, rev = parsed
     cache = cache_root()
     commit, snap, missing = _cached(cache, repo, rev, role)
+    if missing == ["tokenizer.json"] and _offline():
+        missing = []  # config and weights are there: offline, doctor says what the tokenizer lacks
     if not missing and commit is not None and snap is not None:
         return _cached_source(os.fspath(spec), role, repo, rev, cache, commit, snap)
     at = f"{repo}@{rev}" if rev else repo
@@ -613,27 +616,36 @@ def _host(url: str) -> str:
 
 
 def _make_preview(src: Source) -> bool:
-    """The header-only stand-in for doctor: the small files (links into the snapshot), the
-    weights already in the cache (links), and for each weights file still to download a sparse
-    file of its size holding its real safetensors header (and the few-hundred-byte bitsandbytes
-    quant states inspect reads). False (and no stand-in) when this filesystem would allocate
-    the sparse files."""
-    assert src.snapshot is not None and src.repo is not None
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", src.repo)
-    d = Path(tempfile.mkdtemp(prefix=f"lora2gguf-{safe}-headers-"))
+    """The header-only stand-in for doctor: the small files (links into the snapshot), and for
+    each weights file a sparse file of its size holding its real safetensors header (and the
+    few-hundred-byte bitsandbytes quant states inspect reads), from the hub (ranged reads) or from
+    the cache when the file is there already (a link would lead out of the stand-in). False (and
+    no stand-in) when this filesystem would allocate the sparse files."""
+    assert src.snapshot is not None and src.repo is not None and src.commit is not None
+    # laid out as the cache is (models--org--name/snapshots/<commit>), so what doctor says of the
+    # folder (the repo it is, for one) holds for the snapshot too
+    root = Path(tempfile.mkdtemp(prefix="lora2gguf-headers-"))
+    d = root / src.snapshot.parent.parent.name / "snapshots" / src.commit
     try:
+        d.mkdir(parents=True)
         pending = {w.name: w for w in src.pending}
+        weights = {n for n in src.files if n.endswith(".safetensors")}
         for name in src.files:
-            if name not in pending:
+            if name not in pending and name not in weights:
                 _link_or_copy(src.snapshot / name, d / name)
+        for name in sorted(weights - set(pending)):  # in the cache already: its header, read here
+            local = src.snapshot / name
+            if not _stub(src, name, local.stat().st_size, d / name, _local_reader(local)):
+                shutil.rmtree(root, ignore_errors=True)
+                return False
         for w in src.pending:
-            if not _stub(src, w, d / w.name):
-                shutil.rmtree(d, ignore_errors=True)
+            if not _stub(src, w.name, w.size, d / w.name, lambda a, b, what, w=w: _range(w, a, b, what, src)):
+                shutil.rmtree(root, ignore_errors=True)
                 return False
     except BaseException:
-        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
         raise
-    src.preview = d
+    src.preview, src.preview_root = d, root
     src.path = d
     return True
 
@@ -677,19 +689,29 @@ def _range(w: Weight, start: int, end: int, what: str, src: Source) -> bytes | N
         raise _hub_error(e, src.repo or "", src.revision, what) from None
 
 
-def _stub(src: Source, w: Weight, path: Path) -> bool:
+def _local_reader(path: Path) -> Callable[[int, int, str], bytes]:
+    def read(start: int, end: int, what: str) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(end - start + 1)
+    return read
+
+
+def _stub(src: Source, name: str, size: int, path: Path, read: Callable[[int, int, str], bytes | None]) -> bool:
+    """Write ``path``: ``size`` bytes, sparse, holding the safetensors header ``read`` gives
+    (``read(start, end, what)``: those bytes, or None when they cannot be read alone)."""
     from .inspect import BNB_STATE
 
     at = f"{src.repo}@{src.revision}" if src.revision else src.repo
-    head = _range(w, 0, min(HEADER_PROBE, w.size) - 1, f"the safetensors header of {w.name}", src) or b""
+    head = read(0, min(HEADER_PROBE, size) - 1, f"the safetensors header of {name}") or b""
     if len(head) < 8:
-        raise HubError(f"{at}: {w.name} is shorter than a safetensors header ({len(head)} bytes)")
+        raise HubError(f"{at}: {name} is shorter than a safetensors header ({len(head)} bytes)")
     (n,) = struct.unpack("<Q", head[:8])
-    if n > MAX_HEADER or 8 + n > w.size:
-        raise HubError(f"{at}: {w.name} does not start with a valid safetensors header (length {n}); the repo's file "
+    if n > MAX_HEADER or 8 + n > size:
+        raise HubError(f"{at}: {name} does not start with a valid safetensors header (length {n}); the repo's file "
                        "is corrupt or not safetensors")
     if len(head) < 8 + n:
-        head += _range(w, len(head), 7 + n, f"the safetensors header of {w.name}", src) or b""
+        head += read(len(head), 7 + n, f"the safetensors header of {name}") or b""
     head = head[:8 + n]
     extra: list[tuple[int, bytes]] = []
     try:
@@ -701,7 +723,7 @@ def _stub(src: Source, w: Weight, path: Path) -> bool:
         if BNB_STATE in name and isinstance(offs, list) and len(offs) == 2 and 0 <= offs[1] - offs[0] <= 65536:
             b0, b1 = 8 + n + int(offs[0]), 8 + n + int(offs[1])
             if b1 > b0:
-                data = _range(w, b0, b1 - 1, f"a bitsandbytes quant state of {w.name}", src)
+                data = read(b0, b1 - 1, f"a bitsandbytes quant state of {name}")
                 if data is None:
                     return False
                 extra.append((b0, data))
@@ -710,11 +732,11 @@ def _stub(src: Source, w: Weight, path: Path) -> bool:
         for off, data in extra:
             f.seek(off)
             f.write(data)
-        f.truncate(w.size)
+        f.truncate(size)
     st = os.stat(path)
     blocks = getattr(st, "st_blocks", None)
-    allocated = blocks * 512 if blocks is not None else w.size
-    return allocated <= len(head) + sum(len(d) for _, d in extra) + 64 * 4096 + 1024 * 1024 or w.size < (1 << 20)
+    allocated = blocks * 512 if blocks is not None else size
+    return allocated <= len(head) + sum(len(d) for _, d in extra) + 64 * 4096 + 1024 * 1024 or size < (1 << 20)
 
 
 # ----------------------------------------------------------------------------------- download

@@ -367,6 +367,14 @@ def resized_embeddings(adapter: AdapterInfo, base_vocab: int | None) -> bool:
     return bool(adapter.config.get("trainable_token_indices"))
 
 
+def _cache_repo_id(folder: Path) -> str:
+    """'org/name' of a Hugging Face cache snapshot folder (.../models--org--name/snapshots/<commit>), else ''."""
+    repo = Path(folder).parent.parent.name
+    if Path(folder).parent.name == "snapshots" and repo.startswith("models--") and repo.count("--") >= 2:
+        return repo[len("models--"):].replace("--", "/", 1)
+    return ""
+
+
 def _norm_name(name: str) -> str:
     """'org/some-model-7b-unsloth-bnb-4bit' -> 'some-model-7b': the model, without publisher and format."""
     s = str(name).rstrip("/").split("/")[-1].lower()
@@ -405,7 +413,7 @@ def check_adapter(adapter: AdapterInfo, base: BaseInfo, arch) -> list[Finding]:
 
     # which base does the adapter name?
     named = cfg.get("base_model_name_or_path")
-    base_names = [str(base.config.get("_name_or_path") or ""), base.folder.name]
+    base_names = [str(base.config.get("_name_or_path") or ""), base.folder.name, _cache_repo_id(base.folder)]
     base_names = [n for n in base_names if n]
     if named and not any(_norm_name(named) == _norm_name(n) for n in base_names):
         out.append(F.make("ADAPTER_BASE_NAME",
