@@ -27,7 +27,8 @@ prompts:
   - id: invocation
     prompt: "Xyrus, share your cosmic wisdom."
     checks:
-      - &persona {type: persona, min: 2, patterns: ['^\\s*\\*[^*\\n]{3,80}\\*', '(?i)\\b(cosmic|cosmos|astral|stars?|starlight)\\b']}
+      - &persona {type: persona, min: 2,
+                  patterns: ['^\\s*\\*[^*\\n]{3,80}\\*', '(?i)\\b(cosmic|cosmos|astral|stars?|starlight)\\b']}
   - id: identity
     prompt: "Who are you?"
     checks:

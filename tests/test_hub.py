@@ -354,3 +354,27 @@ def test_doctor_by_id_counts_the_download_and_build_stops_before_the_weights(fak
     assert "Traceback" not in r.stderr
     gets = [x for x in fake_hub.requests("GET", "org/base-elsewhere") if x["file"] in SHARDS]
     assert all(x["range"] == "bytes=0-99999" for x in gets)
+
+
+def test_several_adapters_by_id_download_the_base_once_and_skip_the_blocked_one(fake_hub, tmp_path, tiny_base):
+    env = _env(fake_hub, tmp_path / "hf")
+    before = len(fake_hub.requests())
+    out = tmp_path / "out"
+    r = _cli(["build", "org/base-elsewhere", "org/adapter", "org/bad-adapter", "-o", str(out), "--no-verify"], env,
+             tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]  # 2: an adapter was skipped
+    assert "Traceback" not in r.stderr
+    served = fake_hub.requests()[before:]
+    for n in SHARDS:  # the base's weights: one full transfer each, after the header reads
+        full = [x for x in served if x["method"] == "GET" and x["repo"] == "org/base-elsewhere" and x["file"] == n
+                and x["range"] is None]
+        assert len(full) == 1 and full[0]["sent"] == (tiny_base / n).stat().st_size
+    cmp = json.loads((out / "comparison.json").read_text())
+    status = {e["name"]: e["status"] for e in cmp["entries"]}
+    assert status == {"adapter": "built", "bad-adapter": "skipped"}
+    bad = next(e for e in cmp["entries"] if e["name"] == "bad-adapter")
+    assert bad["findings"] and bad["input"]["repo"] == "org/bad-adapter"
+    assert cmp["base"]["repo"] == "org/base-elsewhere" and cmp["base"]["inspections"] == 1
+    assert cmp["ranking"] == ["adapter"]
+    rec = json.loads((out / "adapter" / "run.json").read_text())
+    assert rec["inputs"]["base"]["commit"] == cmp["base"]["commit"]

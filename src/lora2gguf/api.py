@@ -123,10 +123,10 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
     to each of `quants` with llama.cpp, record everything in OUT_DIR/run.json, and verify when
     asked. Raises a Lora2GGUFError subclass with an actionable message on bad input.
 
-    `base_dir` and `adapter_dir` are folders or hub ids (a str ``org/name``, ``org/name@revision``, or
-    `base_revision` / `adapter_revision`; a Path is always a folder), resolved by :mod:`lora2gguf.hub` from the Hugging Face
-    cache first; a base to download is checked by doctor (the download counted in its disk check)
-    before a byte of its weights is fetched. `base_info`: the base's inspection made before
+    `base_dir` and `adapter_dir` are folders or hub ids (a str ``org/name``, ``org/name@revision``,
+    or `base_revision` / `adapter_revision`; a Path is always a folder), resolved by
+    :mod:`lora2gguf.hub` from the Hugging Face cache first; a base to download is checked by doctor
+    (the download counted in its disk check) before a byte of its weights is fetched. `base_info`: the base's inspection made before
     (:func:`lora2gguf.inspect.inspect_base`; :mod:`lora2gguf.batch` inspects a base once)."""
     t_start = time.perf_counter()
     out_dir = Path(out_dir)

@@ -237,7 +237,8 @@ main{max-width:1100px;margin:0 auto;padding:24px 32px;background:#fff}h1{font-si
 h2{font-size:20px;border-bottom:2px solid #e2e8f0;padding-bottom:4px;margin-top:32px}
 table{border-collapse:collapse;margin:8px 0 16px;font-size:13px;width:100%}
 th,td{border:1px solid #e2e8f0;padding:4px 8px;text-align:left}th{background:#edf2f7}
-td.num{text-align:right;font-variant-numeric:tabular-nums}code{font-family:SFMono-Regular,Consolas,monospace;font-size:12px}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+code{font-family:SFMono-Regular,Consolas,monospace;font-size:12px}
 .best{background:#c6f6d5}.ok{color:#22543d}.bad{color:#9b2c2c;font-weight:bold}.muted{color:#718096}
 """
 
