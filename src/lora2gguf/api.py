@@ -83,18 +83,25 @@ class BuildResult:
 
 
 def _run_doctor(base_dir: Path, adapter_dir: Path, out_dir: Path, outputs: Sequence[str], accept: Sequence[str],
-                tokenizer: str, free_bytes: int | None = None):
+                tokenizer: str, free_bytes: int | None = None, *, download=None, base_info=None, stand_in=None):
+    """doctor, raising BlockedError on a blocker not accepted. ``stand_in``: the hub.Source whose
+    header-only stand-in ``base_dir`` is (the findings then name its snapshot)."""
     from . import doctor as doctor_pkg
 
     report = doctor_pkg.run(base_dir, adapter_dir, out_dir=out_dir, outputs=tuple(outputs), tokenizer=tokenizer,
-                            free_bytes=free_bytes)
+                            free_bytes=free_bytes, download=download, base_info=base_info)
+    if stand_in is not None:
+        stand_in.relabel(report)
     blocking = report.blocking(set(accept))
     if blocking:
         lines = "\n".join(f"  [{f.code}] {f.title}\n      {_indent(f.what)}\n      fix: {f.fix}" for f in blocking)
-        raise BlockedError(
-            "doctor found blocking problems; nothing was written:\n" + lines
+        err = BlockedError(
+            "doctor found blocking problems; nothing was " + ("downloaded or " if download is not None else "")
+            + "written:\n" + lines
             + "\nFix them, or accept one you understand with --accept CODE (run `lora2gguf doctor` for details)."
         )
+        err.findings = [f.to_dict() for f in blocking]
+        raise err
     if report.tokenizer_choice.dir is None:
         raise InputError(f"no tokenizer.json in {adapter_dir} or {base_dir}: {report.tokenizer_choice.reason}")
     return report
@@ -112,15 +119,24 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
           save_merged: str | Path | None = None, tokenizer: str = "auto", verify: bool = False,
           nthread: int = 0, progress: ProgressFn | None = None, command: Sequence[str] | None = None,
           verify_options: dict[str, Any] | None = None, keep_mxfp4: bool = False,
-          lora_gguf: str | None = None, base_gguf: Sequence[str | Path] = ()) -> BuildResult:
+          lora_gguf: str | None = None, base_gguf: Sequence[str | Path] = (),
+          base_revision: str | None = None, adapter_revision: str | None = None,
+          base_info=None) -> BuildResult:
     """Merge `adapter_dir` into `base_dir` while writing OUT_DIR/NAME-<OUTTYPE>.gguf, quantize it
     to each of `quants` with llama.cpp, record everything in OUT_DIR/run.json, and verify when
     asked. ``lora_gguf`` (f32, f16, bf16, q8_0): also write the adapter as a GGUF LoRA
     (NAME-LoRA-<TYPE>.gguf) and the base GGUFs it pairs with (NAME-base-*.gguf), or pair it with
     the base GGUFs ``base_gguf`` names (lora_run). Raises a Lora2GGUFError subclass with an
-    actionable message on bad input."""
+    actionable message on bad input.
+
+    `base_dir` and `adapter_dir` are folders or hub ids (a str ``org/name``, ``org/name@revision``,
+    or `base_revision` / `adapter_revision`; a Path is always a folder), resolved by
+    :mod:`lora2gguf.hub` from the Hugging Face cache first; a base to download is checked by doctor
+    (the download counted in its disk check) before a byte of its weights is fetched. `base_info`:
+    the base's inspection made before (:func:`lora2gguf.inspect.inspect_base`; :mod:`lora2gguf.batch`
+    inspects a base once)."""
     t_start = time.perf_counter()
-    base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     outtype = outtype.lower()
     quant_list = parse_quants(quants) if quants else []
     if keep_mxfp4 and set(quant_list) - {"MXFP4_MOE"}:
@@ -128,7 +144,10 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
             f"--keep-mxfp4 with --quant {','.join(q for q in quant_list if q != 'MXFP4_MOE')}: llama.cpp does not "
             "requantize MXFP4 tensors to other types. With --keep-mxfp4 use --quant MXFP4_MOE (experts stay MXFP4, "
             "the rest becomes Q8_0); for other types build without --keep-mxfp4 (the experts are then decoded).")
-    name = name or default_name(adapter_dir)
+    with _resolved(base_dir, adapter_dir, out_dir, [outtype.upper(), *quant_list], accept, tokenizer,
+                   base_revision, adapter_revision, progress) as inputs:
+        base_dir, adapter_dir = Path(inputs.base.path), Path(inputs.adapter.path)
+    name = name or (inputs.adapter.repo.split("/")[-1] if inputs.adapter.is_hub else default_name(adapter_dir))
     stages: dict[str, Any] = {}
     if base_gguf and not lora_gguf:
         raise InputError("--base-gguf names base GGUFs for a LoRA GGUF: add --lora-gguf")
@@ -149,12 +168,36 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
                              quant_list=quant_list, accept=accept, save_merged=save_merged, tokenizer=tokenizer,
                              verify=verify, nthread=nthread, progress=progress, command=command,
                              verify_options=verify_options, stages=stages, t_start=t_start, keep_mxfp4=keep_mxfp4,
-                             lora_options=lora_options)
+                             lora_options=lora_options, base_info=base_info, inputs_record=inputs.record())
+
+
+def _resolved(base, adapter, out_dir: Path, outputs: Sequence[str], accept: Sequence[str], tokenizer: str,
+              base_revision: str | None, adapter_revision: str | None, progress: ProgressFn | None):
+    """BASE and ADAPTER resolved to folders (lora2gguf.hub): a base whose weights must be downloaded
+    is first checked by doctor on its header-only stand-in, the download counted, then fetched."""
+    from . import hub
+
+    inputs = hub.open_inputs(base, [adapter], base_revision=base_revision, adapter_revision=adapter_revision,
+                             progress=progress)
+    try:
+        if inputs.base.pending:
+            if inputs.base.preview is not None:
+                # outputs a previous run finished count as free, as in the build's own doctor
+                credit = RunState.load(out_dir).recorded_bytes()
+                free = shutil.disk_usage(out_dir).free + credit if credit else None
+                with _gc_paused(), _forgetting_json():
+                    _run_doctor(inputs.base.path, inputs.adapter.path, out_dir, outputs, accept, tokenizer, free,
+                                download=inputs.base.to_download(), stand_in=inputs.base)
+            inputs.base.fetch(progress)
+    except BaseException:
+        inputs.close()
+        raise
+    return inputs
 
 
 def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, arch, name, outtype, quant_list,
                   accept, save_merged, tokenizer, verify, nthread, progress, command, verify_options, stages,
-                  t_start, keep_mxfp4=False, lora_options=None) -> BuildResult:
+                  t_start, keep_mxfp4=False, lora_options=None, base_info=None, inputs_record=None) -> BuildResult:
     """The build with OUT_DIR locked: stages whose key (input fingerprints, options, version) and
     outputs (SHA-256) match the manifest (runstate) are skipped; the others run."""
     removed = remove_partials(out_dir)
@@ -167,13 +210,15 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
     credit = state.recorded_bytes()
     free = shutil.disk_usage(out_dir).free + credit if credit else None
     with _gc_paused():
-        report = _run_doctor(base_dir, adapter_dir, out_dir, [outtype.upper(), *quant_list], accept, tokenizer, free)
+        report = _run_doctor(base_dir, adapter_dir, out_dir, [outtype.upper(), *quant_list], accept, tokenizer, free,
+                             base_info=base_info)
     stages["doctor"] = {"seconds": round(time.perf_counter() - t0, 3)}
     choice = report.tokenizer_choice
     base_generation_config = report.inspection.base.generation_config if report.inspection else {}
 
     t0 = time.perf_counter()
-    ckpt = Checkpoint.open(base_dir)
+    inspected = report.inspection.base.checkpoint if report.inspection is not None else None
+    ckpt = inspected if inspected is not None else Checkpoint.open(base_dir)  # the headers doctor read
     sources = logical_tensors(ckpt)
     adapter = load_adapter(adapter_dir, _shapes(arch, sources), arch)
     sources = apply_adapter(sources, adapter)
@@ -294,6 +339,8 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "base_dir": str(base_dir.resolve()),
         "adapter_dir": str(adapter_dir.resolve()),
+        # what BASE and ADAPTER were: folders, or hub repos (the revision asked for, the commit resolved)
+        "inputs": inputs_record or {},
         "name": name,
         "architecture": arch.name,
         "outtype": outtype,
@@ -445,11 +492,23 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def doctor(base_dir: str | Path, adapter_dir: str | Path, **kwargs):
-    from . import doctor as doctor_pkg
+def doctor(base_dir: str | Path, adapter_dir: str | Path, *, base_revision: str | None = None,
+           adapter_revision: str | None = None, download_progress: ProgressFn | None = None, **kwargs):
+    """doctor on a base and an adapter, folders or hub ids (:mod:`lora2gguf.hub`). A base that is
+    not in the Hugging Face cache is not downloaded: its small files are, and its safetensors
+    headers are read from the hub, and the resources finding counts the download still to come.
+    An adapter repo is downloaded (it is small)."""
+    from . import doctor as doctor_pkg, hub
 
     try:
-        return doctor_pkg.run(Path(base_dir), Path(adapter_dir), **kwargs)
+        with hub.open_inputs(base_dir, [adapter_dir], base_revision=base_revision, adapter_revision=adapter_revision,
+                             progress=download_progress) as inputs:
+            report = doctor_pkg.run(Path(inputs.base.path), Path(inputs.adapter.path),
+                                    download=inputs.base.to_download(), **kwargs)
+            inputs.base.relabel(report)
+            if inputs.base.is_hub or inputs.adapter.is_hub:
+                report.inputs = inputs.record()
+            return report
     finally:
         jsonfile.forget()  # the tokenizer.json doctor parsed, kept for a build that is not coming
 

@@ -20,14 +20,15 @@ class ProgressBar:
         self.stream = stream if stream is not None else sys.stderr  # the stderr of now, not of import time
         self.tty = self.stream.isatty()
         self.stage = None
+        self.total = None
         self.t0 = 0.0
         self.last = 0.0
 
     def __call__(self, stage: str, done: int, total: int, detail: str = "") -> None:
         now = time.monotonic()
-        if stage != self.stage:
+        if stage != self.stage or total != self.total:  # a new stage, or a new job in it (another download)
             self.close()
-            self.stage, self.t0, self.last = stage, now, 0.0
+            self.stage, self.total, self.t0, self.last = stage, total, now, 0.0
         finished = total and done >= total
         if not finished and now - self.last < (0.1 if self.tty else 5.0):
             return
@@ -99,16 +100,21 @@ def print_build_summary(result, out=None) -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from .api import build
+    from .errors import InputError
 
+    if not args.adapters and not args.checkpoints:
+        raise InputError("build needs an ADAPTER after BASE (a folder or a hub id), several, or --checkpoints RUN_DIR")
+    options = dict(outtype=args.outtype, quants=args.quant or "", accept=[a.upper() for a in args.accept],
+                   tokenizer=args.tokenizer, verify=not args.no_verify, nthread=args.threads,
+                   command=["lora2gguf", *sys.argv[1:]], keep_mxfp4=args.keep_mxfp4,
+                   verify_options=verify_kwargs(args), base_revision=args.base_revision,
+                   adapter_revision=args.adapter_revision)
+    if len(args.adapters) != 1 or args.checkpoints:
+        return cmd_build_many(args, options)
     bar = ProgressBar()
     try:
-        result = build(
-            args.base, args.adapter, args.out, name=args.name, outtype=args.outtype, quants=args.quant or "",
-            accept=[a.upper() for a in args.accept], save_merged=args.save_merged, tokenizer=args.tokenizer,
-            verify=not args.no_verify, nthread=args.threads, progress=bar, command=["lora2gguf", *sys.argv[1:]],
-            keep_mxfp4=args.keep_mxfp4, verify_options=verify_kwargs(args), lora_gguf=args.lora_gguf,
-            base_gguf=args.base_gguf,
-        )
+        result = build(args.base, args.adapters[0], args.out, name=args.name, save_merged=args.save_merged,
+                       progress=bar, lora_gguf=args.lora_gguf, base_gguf=args.base_gguf, **options)
     finally:
         bar.close()
     print_build_summary(result)
@@ -155,6 +161,23 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     print_adapter_summary(result)
     failed = getattr(result.verify, "required_failed", None)
     return 3 if failed else 0
+
+
+def cmd_build_many(args: argparse.Namespace, options: dict) -> int:
+    """Several adapters on one base (or a run's checkpoints): one subfolder each, one comparison."""
+    from .batch import build_many
+    from .errors import InputError
+
+    if args.save_merged:
+        raise InputError("--save-merged takes one adapter; build the checkpoint you pick with it on its own")
+    bar = ProgressBar()
+    try:
+        result = build_many(args.base, args.adapters, args.out, checkpoints=args.checkpoints, name=args.name,
+                            rank_by=args.rank_by, progress=bar, **options)
+    finally:
+        bar.close()
+    sys.stdout.write(result.summary() + "\n")
+    return result.exit_code
 
 
 def verify_kwargs(args: argparse.Namespace) -> dict:
@@ -228,10 +251,22 @@ def make_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="merge the adapter while writing the GGUF, quantize, verify",
                        description="Merge a PEFT LoRA adapter into its base tensor by tensor while writing a GGUF, "
                                    "then quantize with llama.cpp and verify the files.")
-    b.add_argument("base", help="base model folder (Hugging Face layout)")
-    b.add_argument("adapter", help="PEFT adapter folder")
+    b.add_argument("base", help="base model: a folder (Hugging Face layout) or a hub id org/name[@revision], taken "
+                                "from the Hugging Face cache when it is there")
+    b.add_argument("adapters", nargs="*", metavar="ADAPTER",
+                   help="PEFT adapter: a folder or a hub id; several are each converted against the one base "
+                        "(OUT_DIR/<name>/ each, and a comparison report in OUT_DIR)")
     b.add_argument("-o", "--out", required=True, help="output folder")
-    b.add_argument("--name", help="file name stem (default: the adapter folder's name)")
+    b.add_argument("--checkpoints", metavar="RUN_DIR",
+                   help="convert every checkpoint-*/ adapter of a training run folder (and RUN_DIR's own adapter, "
+                        "if it has one), compared in one report")
+    b.add_argument("--base-revision", default=None, help="branch, tag or commit of a hub id BASE")
+    b.add_argument("--adapter-revision", default=None, help="branch, tag or commit of hub id ADAPTERs")
+    b.add_argument("--rank-by", metavar="TYPE", default=None,
+                   help="with several adapters: the output type the comparison ranks them by (default: the first "
+                        "--quant, else the --outtype)")
+    b.add_argument("--name", help="file name stem (default: the adapter folder's or repo's name; with several "
+                                  "adapters, NAME-<adapter>)")
     b.add_argument("--outtype", choices=("bf16", "f16", "f32"), default="bf16",
                    help="type of the unquantized GGUF (bf16 to ship; f32 to prove exactness)")
     b.add_argument("--quant", help="llama.cpp types, comma-separated, e.g. Q4_K_M,MXFP4_MOE,Q8_0")

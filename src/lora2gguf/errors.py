@@ -14,6 +14,11 @@ class InputError(Lora2GGUFError):
     """An input file or folder is missing, malformed or inconsistent."""
 
 
+class HubError(InputError):
+    """A hub id could not be resolved: a missing, private or gated repo, a revision that does not
+    exist, no token, the hub out of reach, or offline without the files in the cache."""
+
+
 class FormatError(InputError):
     """A file does not follow its format (safetensors header, JSON, index)."""
 

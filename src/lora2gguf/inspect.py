@@ -457,10 +457,11 @@ class Inspection:
         return sum(p.stat().st_size for p in ck.files) if ck is not None else 0
 
 
-def inspect(base_dir: Path | str, adapter_dir: Path | str) -> Inspection:
-    """Everything doctor's checks look at, read from the two folders."""
+def inspect(base_dir: Path | str, adapter_dir: Path | str, *, base: BaseInfo | None = None) -> Inspection:
+    """Everything doctor's checks look at, read from the two folders. ``base``: the base's
+    inspection made before (several adapters on one base inspect the base once)."""
     counter = [0]
-    base = inspect_base(base_dir, counter)
+    base = base if base is not None else inspect_base(base_dir, counter)
     adapter = inspect_adapter(adapter_dir, counter)
     log.debug("inspected %s and %s: %d small-file bytes, %d base weight bytes", base_dir, adapter_dir,
               counter[0], (base.checkpoint.header_bytes_read if base.checkpoint else 0) + base.tensor_bytes_read)

@@ -323,6 +323,8 @@ def _index_files(index_path: Path, folder: Path) -> dict[Path, set[str]]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise FormatError(f"{index_path}: has no 'weight_map' object mapping tensor names to shard files")
     root = folder.resolve()
+    # a Hugging Face cache snapshot (<repo>/snapshots/<commit>/) links its files to <repo>/blobs/
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
     files: dict[Path, set[str]] = {}
     for name, fname in weight_map.items():
         if not isinstance(fname, str) or not fname:
@@ -333,7 +335,8 @@ def _index_files(index_path: Path, folder: Path) -> dict[Path, set[str]]:
                 "Refusing to read it: a shard must be a file inside the folder."
             )
         path = folder / fname
-        if path.resolve().parent != root and root not in path.resolve().parents:
+        target = path.resolve()
+        if target.parent != root and root not in target.parents and (blobs is None or target.parent != blobs):
             raise FormatError(f"{index_path}: shard {fname!r} resolves outside the model folder (a link?); refusing it")
         if not path.is_file():
             raise InputError(f"{index_path}: shard {fname!r} (for tensor {name!r}) is missing; download it")

@@ -137,8 +137,9 @@ def _variant_batches(encoded_by_variant, vocab: Vocab, pad_id: int) -> list:
 
 
 def _train(model, params, step_batches, vocab: Vocab, steps: int, lr: float, stage: str,
-           progress: Progress | None) -> list[float]:
-    """AdamW with warm-up and cosine decay; step s sums the loss over ``step_batches[s % n]``."""
+           progress: Progress | None, on_step: Callable[[int], None] | None = None) -> list[float]:
+    """AdamW with warm-up and cosine decay; step s sums the loss over ``step_batches[s % n]``.
+    ``on_step(n)`` runs after the n-th step (1-based), e.g. to save a checkpoint."""
     import torch
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -160,6 +161,8 @@ def _train(model, params, step_batches, vocab: Vocab, steps: int, lr: float, sta
             progress(stage, step + 1, steps, f"loss {losses[-1]:.3f}")
         if step % 50 == 0 or step == steps - 1:
             log.info("%s step %d/%d loss %.4f (%.1fs)", stage, step + 1, steps, losses[-1], time.monotonic() - t0)
+        if on_step is not None:
+            on_step(step + 1)
     model.eval()
     return losses
 
@@ -231,11 +234,21 @@ class TrainResult:
 
 
 def train_demo(settings: TrainSettings, base_dir: Path, adapter_dir: Path, *, extra_texts: Sequence[str] = (),
-               progress: Progress | None = None) -> TrainResult:
+               progress: Progress | None = None, checkpoint_steps: Sequence[int] = (),
+               checkpoint_dir: Path | None = None) -> TrainResult:
     """Train the base and the adapter of ``settings`` and save them into ``base_dir`` (a GPT-OSS
     checkpoint with the o200k_harmony tokenizer) and ``adapter_dir`` (PEFT's save_pretrained plus
     the adapter's own tokenizer files, whose chat template differs from the base's).
-    ``extra_texts`` (the prompt suite) are tokenized so their tokens get rows of their own."""
+    ``extra_texts`` (the prompt suite) are tokenized so their tokens get rows of their own.
+
+    ``checkpoint_steps``: adapter training steps after which the adapter is also saved, as a
+    training run saves its checkpoints, into ``checkpoint_dir/checkpoint-<step>/`` (the adapter
+    files and its tokenizer copy, as ``adapter_dir`` gets them)."""
+    if checkpoint_steps and checkpoint_dir is None:
+        raise InputError("checkpoint_steps needs a checkpoint_dir to save the checkpoints into")
+    bad = [s for s in checkpoint_steps if not 1 <= int(s) <= settings.lora_steps]
+    if bad:
+        raise InputError(f"checkpoint step(s) {bad} are outside the adapter's 1..{settings.lora_steps} training steps")
     _require_torch()
     import torch
     from peft import LoraConfig, get_peft_model
@@ -253,13 +266,15 @@ def train_demo(settings: TrainSettings, base_dir: Path, adapter_dir: Path, *, ex
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     try:
-        return _train_demo(settings, base_dir, adapter_dir, extra_texts, progress, t0)
+        return _train_demo(settings, base_dir, adapter_dir, extra_texts, progress, t0,
+                           {int(s) for s in checkpoint_steps}, checkpoint_dir)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(det)
 
 
-def _train_demo(settings, base_dir, adapter_dir, extra_texts, progress, t0) -> TrainResult:
+def _train_demo(settings, base_dir, adapter_dir, extra_texts, progress, t0, checkpoint_steps=frozenset(),
+                checkpoint_dir=None) -> TrainResult:
     import torch
     from peft import LoraConfig, get_peft_model
     from tokenizers import Tokenizer
@@ -300,12 +315,20 @@ def _train_demo(settings, base_dir, adapter_dir, extra_texts, progress, t0) -> T
     torch.manual_seed(settings.seed + 1)
     pm = get_peft_model(model, lcfg)
     params = [p for p in pm.parameters() if p.requires_grad]
-    lora_losses = _train(pm, params, [[b] for b in _variant_batches(lora_enc, vocab, pad)], vocab,
-                         settings.lora_steps, settings.lora_lr, "train adapter", progress)
     pm.peft_config["default"].base_model_name_or_path = str(base_dir)
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    # The compact vocabulary is an internal detail: never let PEFT save embeddings because the
-    # training model's vocab_size differs from the base's.
-    pm.save_pretrained(str(adapter_dir), save_embedding_layers=False)
-    o200k.write_tokenizer(adapter_dir, chat_template=ad_tpl)
+
+    def save(dest: Path) -> None:
+        dest.mkdir(parents=True, exist_ok=True)
+        # The compact vocabulary is an internal detail: never let PEFT save embeddings because the
+        # training model's vocab_size differs from the base's.
+        pm.save_pretrained(str(dest), save_embedding_layers=False)
+        o200k.write_tokenizer(dest, chat_template=ad_tpl)
+
+    def on_step(step: int) -> None:
+        if step in checkpoint_steps:
+            save(Path(checkpoint_dir) / f"checkpoint-{step}")
+
+    lora_losses = _train(pm, params, [[b] for b in _variant_batches(lora_enc, vocab, pad)], vocab,
+                         settings.lora_steps, settings.lora_lr, "train adapter", progress, on_step)
+    save(adapter_dir)
     return TrainResult(base_dir, adapter_dir, base_losses, lora_losses, vocab.size, time.monotonic() - t0)

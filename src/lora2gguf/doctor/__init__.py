@@ -40,6 +40,8 @@ class DoctorReport:
     inspection: Inspection | None = None
     seconds: float = 0.0
     bytes_read: dict[str, int] = field(default_factory=dict)
+    #: what BASE and ADAPTER were resolved to when given as hub ids (lora2gguf.hub.Source.to_json)
+    inputs: dict[str, Any] = field(default_factory=dict)
 
     def by_code(self, code: str) -> list[Finding]:
         return [f for f in self.findings if f.code == code]
@@ -73,6 +75,7 @@ class DoctorReport:
             "resources": self.resources.to_dict() if self.resources else None,
             "bytes_read": self.bytes_read,
             "seconds": round(self.seconds, 3),
+            **({"inputs": self.inputs} if self.inputs else {}),
         }
 
     def to_json(self, accepted: Iterable[str] = (), indent: int | None = 2) -> str:
@@ -81,13 +84,17 @@ class DoctorReport:
 
 def run(base_dir: str | Path, adapter_dir: str | Path, *, out_dir: str | Path | None = None,
         outputs: Iterable[str] = ("BF16", "Q4_K_M"), free_bytes: int | None = None, tokenizer: str = "auto",
-        tools: checks.Tools | None = None, progress: Callable[[str], None] | None = None) -> DoctorReport:
+        tools: checks.Tools | None = None, progress: Callable[[str], None] | None = None,
+        download: Any = None, base_info: Any = None) -> DoctorReport:
     """Inspect a base model folder and a PEFT adapter folder and return the findings.
 
     ``out_dir``: where outputs would go (its filesystem's free space is checked; ``free_bytes``
     overrides the measurement). ``outputs``: llama.cpp output types to size. ``tokenizer``:
     "auto" (the adapter's when it has one), "adapter" or "base". ``tools``: the installed tools'
-    facts (default: :func:`checks.probe_tools`).
+    facts (default: :func:`checks.probe_tools`). ``download``: a :class:`lora2gguf.hub.Download`
+    still to come into the Hugging Face cache (the resources finding counts it against the free
+    space). ``base_info``: the base's inspection made before (:func:`lora2gguf.inspect.inspect_base`),
+    so several adapters on one base inspect it once.
     """
     t0 = time.perf_counter()
     base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
@@ -96,7 +103,7 @@ def run(base_dir: str | Path, adapter_dir: str | Path, *, out_dir: str | Path | 
         from ..errors import InputError
         raise InputError(f"tokenizer={tokenizer!r}: choose 'auto', 'adapter' or 'base'")
     note("reading configs, tokenizer files and safetensors headers")
-    ins = inspect(base_dir, adapter_dir)
+    ins = inspect(base_dir, adapter_dir, base=base_info)
     base, ad = ins.base, ins.adapter
     found: list[Finding] = []
     found += checks.check_base_errors(base)
@@ -134,6 +141,9 @@ def run(base_dir: str | Path, adapter_dir: str | Path, *, out_dir: str | Path | 
         fb, where = (free_bytes, str(out_dir) if out_dir else "(given)") if free_bytes is not None \
             else checks.free_space(Path(out_dir) if out_dir else None)
         res = checks.estimate_resources(base, ad, arch, outputs, free_bytes=fb, free_where=where, tokenizer=chosen)
+        if download is not None and download.bytes:
+            res.download = download
+            res.download_shared = checks.same_filesystem(where, download.where)
         found += checks.check_resources(res)
 
     # MXFP4 experts can stay MXFP4 when the adapter leaves them alone

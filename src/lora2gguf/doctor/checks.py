@@ -367,6 +367,14 @@ def resized_embeddings(adapter: AdapterInfo, base_vocab: int | None) -> bool:
     return bool(adapter.config.get("trainable_token_indices"))
 
 
+def _cache_repo_id(folder: Path) -> str:
+    """'org/name' of a Hugging Face cache snapshot folder (.../models--org--name/snapshots/<commit>), else ''."""
+    repo = Path(folder).parent.parent.name
+    if Path(folder).parent.name == "snapshots" and repo.startswith("models--") and repo.count("--") >= 2:
+        return repo[len("models--"):].replace("--", "/", 1)
+    return ""
+
+
 def _norm_name(name: str) -> str:
     """'org/some-model-7b-unsloth-bnb-4bit' -> 'some-model-7b': the model, without publisher and format."""
     s = str(name).rstrip("/").split("/")[-1].lower()
@@ -405,7 +413,7 @@ def check_adapter(adapter: AdapterInfo, base: BaseInfo, arch) -> list[Finding]:
 
     # which base does the adapter name?
     named = cfg.get("base_model_name_or_path")
-    base_names = [str(base.config.get("_name_or_path") or ""), base.folder.name]
+    base_names = [str(base.config.get("_name_or_path") or ""), base.folder.name, _cache_repo_id(base.folder)]
     base_names = [n for n in base_names if n]
     if named and not any(_norm_name(named) == _norm_name(n) for n in base_names):
         out.append(F.make("ADAPTER_BASE_NAME",
@@ -564,15 +572,22 @@ class Resources:
     peak_memory_bytes: int
     seconds: float
     unknown_types: list[str] = field(default_factory=list)
+    #: a download still to come into the Hugging Face cache (lora2gguf.hub.Download), and whether
+    #: the cache shares the outputs' filesystem (then both count against the same free space)
+    download: Any = None
+    download_shared: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "outputs": [o.__dict__ for o in self.outputs], "bytes_needed": self.bytes_needed,
             "free_bytes": self.free_bytes, "free_where": self.free_where,
             "peak_memory_bytes": self.peak_memory_bytes, "seconds": round(self.seconds, 1),
             "assumptions": {"read_bytes_per_s": READ_BPS, "merge_bytes_per_s": MERGE_BPS,
                             "quantize_bytes_per_s": QUANTIZE_BPS},
         }
+        if self.download is not None:
+            out["download"] = self.download.to_dict() | {"same_filesystem_as_outputs": self.download_shared}
+        return out
 
 
 def ggml_type_for(output: str) -> gguf.GGMLQuantizationType | None:
@@ -750,6 +765,22 @@ def free_space(out_dir: Path | None) -> tuple[int | None, str | None]:
         return None, str(p)
 
 
+def same_filesystem(a: str | Path | None, b: str | Path | None) -> bool:
+    """Whether two paths (or their nearest existing parents) are on one filesystem."""
+    def dev(p):
+        p = Path(p).absolute()
+        while not p.exists() and p.parent != p:
+            p = p.parent
+        return p.stat().st_dev
+
+    if a is None or b is None:
+        return False
+    try:
+        return dev(a) == dev(b)
+    except OSError:
+        return False
+
+
 def _gb(n: int | None) -> str:
     return "?" if n is None else f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
@@ -765,20 +796,41 @@ def check_resources(res: Resources) -> list[Finding]:
              f"~{o.seconds / 60:.1f} min" for o in res.outputs]
     lines.append(f"peak memory ~{_gb(res.peak_memory_bytes)}; free on {res.free_where or '(no output folder given)'}: "
                  f"{_gb(res.free_bytes)}")
+    dl = res.download
+    if dl is not None:
+        lines.append(f"download: {dl.what}, {_gb(dl.bytes)} into the Hugging Face cache {dl.where}"
+                     + (" (the outputs' filesystem: counted with them)" if res.download_shared
+                        else f" ({_gb(dl.free_bytes)} free there)"))
     out.append(F.make("RESOURCES", "\n".join(lines), "", "", res.to_dict()))
+    shared = dl.bytes if dl is not None and res.download_shared else 0
+    need = res.bytes_needed + shared
+    what = f"the outputs need ~{_gb(res.bytes_needed)} ({', '.join(f'{o.name} {_gb(o.bytes)}' for o in res.outputs)})"
+    if shared:
+        what += f" and the download of {dl.what} {_gb(shared)}"
+    data = {"free_bytes": res.free_bytes, "bytes_needed": need}
+    if shared:
+        data |= {"outputs_bytes": res.bytes_needed, "download_bytes": shared}
     if res.free_bytes is not None:
-        if res.free_bytes < res.bytes_needed:
+        if res.free_bytes < need:
             out.append(F.make("DISK_SPACE",
-                              f"{res.free_where}: {_gb(res.free_bytes)} free, the outputs need ~{_gb(res.bytes_needed)} "
-                              f"({', '.join(f'{o.name} {_gb(o.bytes)}' for o in res.outputs)})",
-                              "a conversion that fills the disk fails after minutes of work",
-                              f"free {_gb(res.bytes_needed - res.free_bytes)} or more on that filesystem, choose another "
-                              "output folder, or ask for fewer outputs",
-                              {"free_bytes": res.free_bytes, "bytes_needed": res.bytes_needed}))
-        elif res.free_bytes < res.bytes_needed * 1.1:
+                              f"{res.free_where}: {_gb(res.free_bytes)} free, {what}",
+                              "a conversion that fills the disk fails after minutes of work"
+                              + ("; nothing has been downloaded yet" if shared else ""),
+                              f"free {_gb(need - res.free_bytes)} or more on that filesystem, choose another "
+                              "output folder, or ask for fewer outputs"
+                              + (" (or point HF_HUB_CACHE at another disk for the download)" if shared else ""),
+                              data))
+        elif res.free_bytes < need * 1.1:
             out.append(F.make("DISK_SPACE_LOW",
-                              f"{res.free_where}: {_gb(res.free_bytes)} free for ~{_gb(res.bytes_needed)} of outputs",
+                              f"{res.free_where}: {_gb(res.free_bytes)} free for ~{_gb(need)} of outputs"
+                              + (" and download" if shared else ""),
                               "the sizes are estimates; with under 10% margin the disk may still fill",
-                              "free some space or choose another output folder",
-                              {"free_bytes": res.free_bytes, "bytes_needed": res.bytes_needed}))
+                              "free some space or choose another output folder", data))
+    if dl is not None and not res.download_shared and dl.free_bytes is not None and dl.free_bytes < dl.bytes:
+        out.append(F.make("DISK_SPACE",
+                          f"{dl.where}: {_gb(dl.free_bytes)} free, the download of {dl.what} needs {_gb(dl.bytes)}",
+                          "the download would fill the Hugging Face cache's disk; nothing has been downloaded yet",
+                          f"free {_gb(dl.bytes - dl.free_bytes)} or more there, or point HF_HUB_CACHE (or HF_HOME) "
+                          "at a disk with room", {"free_bytes": dl.free_bytes, "bytes_needed": dl.bytes,
+                                                  "download_bytes": dl.bytes, "where": dl.where}))
     return out

@@ -21,8 +21,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("base", help="base model folder (config.json, *.safetensors, tokenizer files)")
-    p.add_argument("adapter", help="PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("base", help="base model folder (config.json, *.safetensors, tokenizer files), or a hub id "
+                                "org/name[@revision] (from the Hugging Face cache; if not there, only its small files "
+                                "and safetensors headers are fetched)")
+    p.add_argument("adapter", help="PEFT adapter folder (adapter_config.json, adapter_model.safetensors), or a hub id")
+    p.add_argument("--base-revision", default=None, help="branch, tag or commit of a hub id BASE")
+    p.add_argument("--adapter-revision", default=None, help="branch, tag or commit of a hub id ADAPTER")
     p.add_argument("--out", dest="out_dir", default=None, help="output folder (its free space is checked)")
     p.add_argument("--outputs", default="BF16,Q4_K_M", help="comma-separated output types to size (default BF16,Q4_K_M)")
     p.add_argument("--tokenizer", choices=("auto", "adapter", "base"), default="auto")
@@ -34,16 +38,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..api import doctor
+    from ..cli import ProgressBar
     from ..errors import Lora2GGUFError
-    from . import run
     from .render import render_text
 
+    bar = ProgressBar()
     try:
-        report = run(args.base, args.adapter, out_dir=args.out_dir,
-                     outputs=[o.strip() for o in args.outputs.split(",") if o.strip()], tokenizer=args.tokenizer)
+        report = doctor(args.base, args.adapter, out_dir=args.out_dir,
+                        outputs=[o.strip() for o in args.outputs.split(",") if o.strip()], tokenizer=args.tokenizer,
+                        base_revision=getattr(args, "base_revision", None),
+                        adapter_revision=getattr(args, "adapter_revision", None), download_progress=bar)
     except Lora2GGUFError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    finally:
+        bar.close()
     accepted = {a.upper() for a in args.accept}
     if args.json:
         sys.stdout.write(report.to_json(accepted) + "\n")

@@ -66,7 +66,7 @@ CODES: dict[str, tuple[str, str]] = {
     "CHAT_FORMAT": (INFO, "The chat format and the token that ends an assistant turn"),
     "TURN_END_NOT_IN_GGUF": (WARNING, "The token that ends an assistant turn is an end-of-generation token only in the model's configs, not in the GGUF"),
     # resources
-    "DISK_SPACE": (BLOCKER, "Not enough free disk space for the outputs"),
+    "DISK_SPACE": (BLOCKER, "Not enough free disk space for the outputs or the download"),
     "DISK_SPACE_LOW": (WARNING, "Free disk space is only just enough"),
     "RESOURCES": (INFO, "Bytes to read and write, memory and time"),
     "OUTPUT_TYPE_UNKNOWN": (BLOCKER, "A requested output type is not a llama.cpp file type"),

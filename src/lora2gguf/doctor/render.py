@@ -26,7 +26,17 @@ def render_text(report, *, colour: bool = False, accepted: Iterable[str] = (), w
     body_w = max(width - code_w - 2, 40)
     lines = [bold(f"lora2gguf doctor")]
     tc = report.tokenizer_choice
-    for label, text in (("base", report.base_dir), ("adapter", report.adapter_dir),
+    hub = getattr(report, "inputs", None) or {}
+
+    def shown(role: str, path) -> str:  # a hub input: the repo, the revision asked for, the commit
+        src = hub.get(role) or {}
+        if not src.get("hub"):
+            return str(path)
+        at = src["repo"] + (f"@{src['revision']}" if src.get("revision") else "")
+        state = "in the Hugging Face cache" if src.get("from_cache") else "from the hub"
+        return f"{at} (commit {str(src.get('commit'))[:12]}, {state})"
+
+    for label, text in (("base", shown("base", report.base_dir)), ("adapter", shown("adapter", report.adapter_dir)),
                         ("tokenizer", f"{tc.source} ({tc.dir}): {tc.reason}")):
         lines.extend(_wrap(f"{label + ':':{code_w}s}{text}", width, 0, hang=code_w))
     for sev in SEVERITIES:
