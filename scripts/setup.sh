@@ -50,6 +50,39 @@ if [ ! -f "$REF/convert_hf_to_gguf.py" ] || [ ! -f "$REF/convert_lora_to_gguf.py
     "llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp/gguf-py"
 fi
 
+# llama.cpp's own command-line tools, from the same source as the wheel, with the same portable
+# flags: llama-imatrix (importance matrices) and llama-quantize (quantization with a matrix and
+# per-tensor types). Static binaries, built once and cached like the wheel, copied into .venv/bin.
+TOOLS_KEY=$(printf '%s %s tools' "$LLAMA_CPP_PYTHON_VERSION" "$PORTABLE_FLAGS" | sha256sum | cut -c1-12)
+TOOLS=$CACHE/tools/llama.cpp-$LLAMA_CPP_PYTHON_VERSION-$TOOLS_KEY
+TOOL_NAMES="llama-imatrix llama-quantize"
+if [ ! -x "$TOOLS/bin/llama-imatrix" ] || [ ! -x "$TOOLS/bin/llama-quantize" ]; then
+  say "building llama.cpp's llama-imatrix and llama-quantize (once; about 10 minutes on 2 cores)"
+  TSRC=$CACHE/tools/src-$LLAMA_CPP_PYTHON_VERSION
+  if [ ! -f "$TSRC/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp/CMakeLists.txt" ]; then
+    rm -rf "$TSRC" && mkdir -p "$TSRC"
+    tar -xzf "$SDIST" -C "$TSRC" "llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp"
+    # a submodule's .git pointer that leads nowhere outside llama-cpp-python's own checkout
+    rm -f "$TSRC/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp/.git"
+  fi
+  rm -rf "$TOOLS.tmp"
+  # shellcheck disable=SC2086
+  cmake -S "$TSRC/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" -B "$TOOLS.tmp/build" \
+    -DCMAKE_BUILD_TYPE=Release $PORTABLE_FLAGS -DBUILD_SHARED_LIBS=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON \
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+    -DLLAMA_BUILD_NUMBER=0 -DLLAMA_BUILD_COMMIT="llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION" \
+    >"$CACHE/tools/build.log" 2>&1 || { tail -30 "$CACHE/tools/build.log" >&2; exit 1; }
+  # shellcheck disable=SC2086
+  cmake --build "$TOOLS.tmp/build" --config Release -j "$(nproc)" --target $TOOL_NAMES \
+    >>"$CACHE/tools/build.log" 2>&1 || { tail -30 "$CACHE/tools/build.log" >&2; exit 1; }
+  mkdir -p "$TOOLS.tmp/bin"
+  for t in $TOOL_NAMES; do cp "$TOOLS.tmp/build/bin/$t" "$TOOLS.tmp/bin/"; done
+  printf '{"source": "llama-cpp-python %s source package (vendor/llama.cpp)", "cmake_flags": "%s"}\n' \
+    "$LLAMA_CPP_PYTHON_VERSION" "$PORTABLE_FLAGS -DBUILD_SHARED_LIBS=OFF" > "$TOOLS.tmp/bin/llama-tools.json"
+  rm -rf "$TOOLS.tmp/build" "$TOOLS" && mv "$TOOLS.tmp" "$TOOLS"
+fi
+
 say "installing packages into .venv"
 # torch first, pinned: this version is a local CPU wheel; anything else downloads gigabytes
 "${PIP[@]}" install "torch==$TORCH_VERSION"
@@ -63,4 +96,5 @@ if [ "${1:-}" = "--with-browser" ] && ! command -v chromium >/dev/null 2>&1; the
       || say "chromium could not be installed; the HTML rendering test will be skipped"
   fi
 fi
+for t in $TOOL_NAMES llama-tools.json; do cp -u "$TOOLS/bin/$t" .venv/bin/; done
 "$VPY" -c "import llama_cpp, gguf, lora2gguf; print('lora2gguf', lora2gguf.__version__, '| llama-cpp-python', llama_cpp.__version__, '| gguf', gguf.__version__ if hasattr(gguf, '__version__') else '')" >&2
