@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
+from ..errors import InputError
+
 #: The channel names a parsed completion uses: the reasoning (Harmony's analysis channel, a
 #: ``<think>`` block) and the answer. Suite checks name them (``channel: final|analysis|all``).
 REASONING = "analysis"
@@ -177,9 +179,18 @@ class ChatFormat(ABC):
         after an optional system message and developer instructions."""
 
     @abstractmethod
+    def render_conversation(self, messages: Sequence[Message]) -> Rendered:
+        """A finished conversation (system, user and assistant messages, an assistant's reasoning
+        kept), as the model saw it in training: calibration data for an importance matrix."""
+
     def render_text(self, text: str) -> Rendered:
         """verify's evaluation text as a finished conversation: its blank-line-separated
         paragraphs alternate as user messages and assistant answers."""
+        paras = [p.strip() for p in text.split("\n\n") if p.strip()]
+        if not paras:
+            raise InputError("the evaluation text is empty")
+        return self.render_conversation([Message("user" if i % 2 == 0 else "assistant", p)
+                                         for i, p in enumerate(paras)])
 
     @abstractmethod
     def parse(self, tokens: Sequence[int], tokenizer: TokenizerView | None, *, stops: Sequence[int] = (),

@@ -62,24 +62,18 @@ def render_prompt(user: str, *, system: str | None = None, developer: str | None
     return list(encoding().render_conversation_for_completion(conv, oh.Role.ASSISTANT))
 
 
-def render_text(text: str) -> list[int]:
-    """The evaluation text as a Harmony conversation: the text's paragraphs alternate as user
-    questions and assistant final answers (a conversation the model could have had), rendered
-    with openai-harmony. A text without blank-line-separated paragraphs is one user message."""
+def render_conversation(messages: Sequence[Message]) -> list[int]:
+    """Token ids of a finished Harmony conversation: the system message (fixed date), then
+    ``messages`` (user; assistant answers on the final channel, their reasoning on the analysis
+    channel; system and developer messages as developer instructions), rendered with
+    openai-harmony."""
     import openai_harmony as oh
 
-    paras = [p.strip() for p in text.split("\n\n") if p.strip()]
-    if not paras:
-        raise InputError("the evaluation text is empty")
     sc = oh.SystemContent.new().with_conversation_start_date(DEFAULT_DATE)
-    msgs = [oh.Message.from_role_and_content(oh.Role.SYSTEM, sc)]
-    for i, p in enumerate(paras):
-        if i % 2 == 0:
-            msgs.append(oh.Message.from_role_and_content(oh.Role.USER, p))
-        else:
-            msgs.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, p).with_channel("final"))
-    conv = oh.Conversation.from_messages(msgs)
-    return list(encoding().render_conversation(conv))
+    msgs = [oh.Message.from_role_and_content(oh.Role.SYSTEM, sc)] + _oh_messages(messages)
+    # the reasoning stays (openai-harmony drops an answered turn's analysis by default, as for a prompt)
+    return list(encoding().render_conversation(oh.Conversation.from_messages(msgs),
+                                               oh.RenderConversationConfig(auto_drop_analysis=False)))
 
 
 def decode(tokens: list[int]) -> str:
@@ -239,8 +233,8 @@ class HarmonyFormat(ChatFormat):
                                                                      oh.Role.ASSISTANT))
         return Rendered(decode(ids), ids)
 
-    def render_text(self, text: str) -> Rendered:
-        ids = render_text(text)
+    def render_conversation(self, messages: Sequence[Message]) -> Rendered:
+        ids = render_conversation(messages)
         return Rendered(decode(ids), ids)
 
     def parse(self, tokens, tokenizer=None, *, stops=(), prompt="") -> Parsed:

@@ -238,12 +238,8 @@ class JinjaFormat(ChatFormat):
                                           "template may not take one: remove them from the suite") from None
             raise
 
-    def render_text(self, text: str) -> Rendered:
-        paras = [p.strip() for p in text.split("\n\n") if p.strip()]
-        if not paras:
-            raise InputError("the evaluation text is empty")
-        msgs = [Message("user" if i % 2 == 0 else "assistant", p) for i, p in enumerate(paras)]
-        return Rendered(self.render_messages(msgs, add_generation_prompt=False, **self._kwargs(None)))
+    def render_conversation(self, messages: Sequence[Message]) -> Rendered:
+        return Rendered(self.render_messages(messages, add_generation_prompt=False, **self._kwargs(None)))
 
     # ---------------------------------------------------------------- anatomy
 
