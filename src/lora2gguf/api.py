@@ -29,7 +29,9 @@ from .hparams import write_hparams
 from .jsonfile import read_json_object
 from .merge import RULE as MERGE_RULE
 from .plan import make_plan, merged_plan
-from .quantize import parse_quants, quantize, type_counts
+from .quantize import type_counts
+from . import quantrun
+from .quantrun import QuantOptions
 from .runstate import RunLock, RunState, input_fingerprint, remove_partials, stage_key
 from .safetensors_io import Checkpoint
 from .sources import apply_adapter, logical_tensors
@@ -61,11 +63,17 @@ class OutputFile:
     source: str | None = None
     note: str | None = None
     role: str | None = None  # "lora": a LoRA GGUF; "lora-base": a base GGUF it pairs with (lora_run)
+    imatrix: str | None = None  # the importance matrix file it was quantized with
+    overrides: dict | None = None  # per-tensor types it was quantized with (quantize.TensorTypes.record)
 
     def to_json(self) -> dict[str, Any]:
         out = {"file": self.file, "type": self.type, "bytes": self.bytes, "sha256": self.sha256,
                "seconds": round(self.seconds, 3), "from": self.source, "tensor_types": self.tensor_types,
                "tensors": self.tensors, "note": self.note}
+        if self.imatrix or self.source:
+            out["imatrix"] = self.imatrix
+        if self.overrides:
+            out["overrides"] = self.overrides
         return out | {"role": self.role} if self.role else out
 
 
@@ -115,7 +123,7 @@ def _indent(text: str, max_lines: int = 6) -> str:
 
 
 def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, name: str | None = None,
-          outtype: str = "bf16", quants: Sequence[str] | str = (), accept: Sequence[str] = (),
+          outtype: str = "bf16", quants: Sequence[str] | str | QuantOptions = (), accept: Sequence[str] = (),
           save_merged: str | Path | None = None, tokenizer: str = "auto", verify: bool = False,
           nthread: int = 0, progress: ProgressFn | None = None, command: Sequence[str] | None = None,
           verify_options: dict[str, Any] | None = None, keep_mxfp4: bool = False,
@@ -124,7 +132,10 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
           base_info=None) -> BuildResult:
     """Merge `adapter_dir` into `base_dir` while writing OUT_DIR/NAME-<OUTTYPE>.gguf, quantize it
     to each of `quants` with llama.cpp, record everything in OUT_DIR/run.json, and verify when
-    asked. ``lora_gguf`` (f32, f16, bf16, q8_0): also write the adapter as a GGUF LoRA
+    asked. `quants`: llama.cpp types by name (``"Q4_K_M,IQ4_XS"``, ``"auto:0.05"``), or a
+    :class:`lora2gguf.quantrun.QuantOptions` with the importance matrix's source and per-tensor
+    types (``QuantOptions.of("Q4_K_M", imatrix_data="chats.jsonl")``); a matrix is computed (on
+    the built-in calibration unless given) for every type that uses one. ``lora_gguf`` (f32, f16, bf16, q8_0): also write the adapter as a GGUF LoRA
     (NAME-LoRA-<TYPE>.gguf) and the base GGUFs it pairs with (NAME-base-*.gguf), or pair it with
     the base GGUFs ``base_gguf`` names (lora_run). Raises a Lora2GGUFError subclass with an
     actionable message on bad input.
@@ -138,7 +149,14 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     outtype = outtype.lower()
-    quant_list = parse_quants(quants) if quants else []
+    qopts = quants if isinstance(quants, QuantOptions) else QuantOptions.of(quants)
+    quant_list = list(qopts.types)
+    if qopts.auto is not None and not verify:
+        raise InputError("--quant auto chooses the file by verifying every candidate against the fine-tune: "
+                         "leave out --no-verify (or name the types yourself)")
+    if keep_mxfp4 and qopts.auto is not None:
+        raise InputError("--keep-mxfp4 with --quant auto: with kept MXFP4 experts only MXFP4_MOE can be made; "
+                         "use --quant MXFP4_MOE, or build without --keep-mxfp4 to try the other types")
     if keep_mxfp4 and set(quant_list) - {"MXFP4_MOE"}:
         raise InputError(
             f"--keep-mxfp4 with --quant {','.join(q for q in quant_list if q != 'MXFP4_MOE')}: llama.cpp does not "
@@ -165,7 +183,7 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(out_dir), _forgetting_json():
         return _build_locked(base_dir, adapter_dir, out_dir, config=config, arch=arch, name=name, outtype=outtype,
-                             quant_list=quant_list, accept=accept, save_merged=save_merged, tokenizer=tokenizer,
+                             qopts=qopts, accept=accept, save_merged=save_merged, tokenizer=tokenizer,
                              verify=verify, nthread=nthread, progress=progress, command=command,
                              verify_options=verify_options, stages=stages, t_start=t_start, keep_mxfp4=keep_mxfp4,
                              lora_options=lora_options, base_info=base_info, inputs_record=inputs.record())
@@ -195,13 +213,14 @@ def _resolved(base, adapter, out_dir: Path, outputs: Sequence[str], accept: Sequ
     return inputs
 
 
-def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, arch, name, outtype, quant_list,
+def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, arch, name, outtype, qopts,
                   accept, save_merged, tokenizer, verify, nthread, progress, command, verify_options, stages,
                   t_start, keep_mxfp4=False, lora_options=None, base_info=None, inputs_record=None) -> BuildResult:
     """The build with OUT_DIR locked: stages whose key (input fingerprints, options, version) and
     outputs (SHA-256) match the manifest (runstate) are skipped; the others run."""
     removed = remove_partials(out_dir)
     state = RunState.load(out_dir)
+    quant_list = list(qopts.types)
     resumed: list[str] = []
 
     t0 = time.perf_counter()
@@ -224,6 +243,8 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
     sources = apply_adapter(sources, adapter)
     plan = make_plan(arch, config, sources, adapter, outtype, keep_mxfp4=keep_mxfp4)
     config = plan.config  # a vocabulary resized by the adapter's embeddings says so
+    moe = any("_exps." in t.name for t in plan.outputs)
+    tools = qopts.tools(moe)  # llama.cpp's tools, when the matrix or per-tensor types need them: found now
     vocab_size = int(config.get("vocab_size", 0))
     lplan = None
     if lora_options is not None:  # what llama.cpp cannot apply stops the run before anything is written
@@ -295,29 +316,45 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
     t_q = time.perf_counter()
     main_sha = outputs[0].sha256
     q_confirmed: dict[str, str] = {}  # resumed quantize stages: how each file was confirmed
-    for q in quant_list:
+    matrix = None
+    imatrix_section = None
+    if qopts.wants_matrix(moe):
         t0 = time.perf_counter()
-        dst = out_dir / f"{name}-{q}.gguf"
-        stage = f"quantize:{q}"
-        q_key = stage_key({"source_sha256": main_sha}, {"type": q, "file": dst.name,
-                                                         "llama_cpp": _dist_version("llama_cpp_python")})
-        prev = state.done(stage, q_key)
-        if prev is not None:
-            outputs.append(OutputFile(**prev.info["output"]))
-            resumed.append(stage)
-            q_confirmed.update(prev.confirmed)
-            if progress:
-                progress("quantize", 1, 1, f"{q}: unchanged since the last run: skipped")
-            continue
-        if progress:
-            progress("quantize", 0, 1, q)
-        res = quantize(main_file, dst, q, nthread=nthread)
-        out = _describe(dst, q, time.perf_counter() - t0, main_file.name, res.note)
+        from .verify.suite import load_suite
+
+        mpath, msha, imatrix_section = quantrun.matrix_stage(
+            state, qopts, tools, main_file=main_file, main_sha256=main_sha, out_dir=out_dir, name=name, family=arch,
+            prompts=load_suite((verify_options or {}).get("suite")).prompts,
+            context_length=config.get("max_position_embeddings"),
+            shapes={t.name: list(reversed(t.shape)) for t in plan.outputs}, nthread=nthread, progress=progress,
+            resumed=resumed)
+        matrix = (mpath, msha)
+        stages["imatrix"] = {"seconds": round(time.perf_counter() - t0, 3)}
+    quantized = [(q, out_dir / f"{name}-{q}.gguf", f"quantize:{q}", True) for q in quant_list]
+    auto_prev = None
+    candidates: dict[str, quantrun.Candidate] = {}
+    if qopts.auto is not None:
+        auto_key = _auto_key(qopts, main_sha, matrix, verify_options)
+        auto_prev = state.done("auto", auto_key)
+        if auto_prev is None:
+            ladder = quantrun.ladder(moe, matrix is not None)
+            twins = {c.type for c in ladder if not c.matrix} & {c.type for c in ladder if c.matrix}
+            for c in ladder:
+                fname = f"{name}-{c.suffix(c.type in twins)}.gguf"
+                candidates[fname] = c
+                if all(dst.name != fname for _, dst, _, _ in quantized):  # a type --quant names is made once
+                    quantized.append((c.type, out_dir / fname, f"quantize:{c.suffix(c.type in twins)}", c.matrix))
+    for q, dst, stage, with_matrix in quantized:
+        out, confirmed = quantrun.quantize_file(
+            state, stage=stage, src=main_file, src_sha256=main_sha, dst=dst, qtype=q, nthread=nthread,
+            matrix=matrix if with_matrix else None, overrides=qopts.overrides, tools=tools, progress=progress,
+            resumed=resumed, label=dst.name)
         outputs.append(out)
-        state.record(stage, q_key, {dst: out.sha256}, {"output": asdict(out)})
-        if progress:
-            progress("quantize", 1, 1, q)
-    if quant_list:
+        q_confirmed.update(confirmed or {})
+    if auto_prev is not None:
+        outputs += [OutputFile(**o) for o in auto_prev.info["outputs"]]
+        resumed.append("auto")
+    if quantized or auto_prev is not None:
         stages["quantize"] = {"seconds": round(time.perf_counter() - t_q, 3)}
         if q_confirmed:
             stages["quantize"]["confirmed"] = q_confirmed
@@ -327,7 +364,8 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         made, lora_section = lora_run.build_stage(
             lplan, lora_options, arch=arch, config=config, ckpt=ckpt, out_dir=out_dir, name=name, outtype=outtype,
             quant_list=quant_list, state=state, inputs=build_key["inputs"], add_metadata=add_metadata,
-            nthread=nthread, progress=progress, resumed=resumed)
+            nthread=nthread, progress=progress, resumed=resumed, matrix=matrix, overrides=qopts.overrides,
+            tools=tools)
         outputs += made
         stages["lora"] = {"seconds": round(time.perf_counter() - t_l, 3)}
 
@@ -357,6 +395,11 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         "base_storage": dict(type_counts({n: s.storage for n, s in sources.items()})),
         "keep_mxfp4": {"requested": keep_mxfp4, "tensors": plan.kept_mxfp4},
         "rounding": MERGE_RULE,
+        "quantization": {"options": qopts.record(), "tools": tools.record() if tools is not None else None,
+                         "routes": "files with an importance matrix or per-tensor types: llama.cpp's llama-quantize; "
+                                   "the others: llama_model_quantize in this process (the same code)"},
+        **({"imatrix": imatrix_section} if imatrix_section is not None else {}),
+        **({"quant_auto": auto_prev.info["section"]} if auto_prev is not None else {}),
         "notes": list(plan.notes),
         "outputs": [o.to_json() for o in outputs],
         **({"lora": lora_section} if lora_section is not None else {}),
@@ -385,9 +428,30 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
     stages["total"] = {"seconds": round(time.perf_counter() - t_start, 3)}
     write_record(out_dir, record)
     result = BuildResult(out_dir, outputs, record, notes=list(plan.notes) + (lplan.notes if lplan else []))
-    if verify:
+    if candidates:
+        result.verify = _auto_stage(out_dir, state, result, candidates, qopts, auto_key, verify_options or {},
+                                    progress)
+    elif verify:
         result.verify = _verify_stage(out_dir, state, outputs, record, verify_options or {}, progress)
     return result
+
+
+def _verify_key(outputs: list[OutputFile], record: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """What verify's result depends on: the outputs (SHA-256), the base GGUFs a LoRA GGUF is
+    paired with (outside OUT_DIR, by SHA-256), the options and the versions."""
+    pairs = (record.get("lora") or {}).get("pairs") or []
+    return stage_key({**{o.file: o.sha256 for o in outputs}, **({"lora_pairs": pairs} if pairs else {})},
+                     {"options": options, "llama_cpp": _dist_version("llama_cpp_python"),
+                      "transformers": _dist_version("transformers"), "peft": _dist_version("peft")})
+
+
+def _record_verify(state: RunState, key: dict[str, Any], result) -> None:
+    made = [p for p in (result.report_md, result.report_html, *result.modelfiles) if p is not None]
+    state.record("verify", key, {p: None for p in made},
+                 {"section": result.section,
+                  "files": {"report_md": result.report_md.name if result.report_md else None,
+                            "report_html": result.report_html.name if result.report_html else None,
+                            "modelfiles": [Path(m).name for m in result.modelfiles]}})
 
 
 def _verify_stage(out_dir: Path, state: RunState, outputs: list[OutputFile], record: dict[str, Any],
@@ -396,10 +460,7 @@ def _verify_stage(out_dir: Path, state: RunState, outputs: list[OutputFile], rec
     are those it verified last time and its report files are unchanged."""
     from . import verify as verify_pkg
 
-    pairs = (record.get("lora") or {}).get("pairs") or []  # base GGUFs outside OUT_DIR count by their SHA-256
-    key = stage_key({**{o.file: o.sha256 for o in outputs}, **({"lora_pairs": pairs} if pairs else {})},
-                    {"options": options, "llama_cpp": _dist_version("llama_cpp_python"),
-                     "transformers": _dist_version("transformers"), "peft": _dist_version("peft")})
+    key = _verify_key(outputs, record, options)
     prev = state.done("verify", key)
     if prev is not None and isinstance(prev.info.get("section"), dict):
         section = prev.info["section"]
@@ -419,13 +480,60 @@ def _verify_stage(out_dir: Path, state: RunState, outputs: list[OutputFile], rec
     result = verify_pkg.verify(out_dir, progress=progress, **options)
     record["verify"] = result.section  # the BuildResult's record says what run.json now says
     record["stages"]["verify"] = result.record.get("stages", {}).get("verify")
-    made = [p for p in (result.report_md, result.report_html, *result.modelfiles) if p is not None]
-    state.record("verify", key, {p: None for p in made},
-                 {"section": result.section,
-                  "files": {"report_md": result.report_md.name if result.report_md else None,
-                            "report_html": result.report_html.name if result.report_html else None,
-                            "modelfiles": [Path(m).name for m in result.modelfiles]}})
+    _record_verify(state, key, result)
     return result
+
+
+def _auto_key(qopts: QuantOptions, main_sha: str, matrix, verify_options: dict[str, Any] | None) -> dict[str, Any]:
+    return stage_key({"source_sha256": main_sha, "imatrix_sha256": matrix[1] if matrix else None},
+                     {"budget": qopts.auto, "ladder": quantrun.LADDER, "keep_all": qopts.keep_all,
+                      "overrides": qopts.overrides.record(), "verify": verify_options or {},
+                      "llama_cpp": _dist_version("llama_cpp_python")})
+
+
+def _auto_stage(out_dir: Path, state: RunState, result: BuildResult, candidates: dict[str, "quantrun.Candidate"],
+                qopts: QuantOptions, key: dict[str, Any], verify_options: dict[str, Any], progress: ProgressFn | None):
+    """``--quant auto``: verify every candidate (with the other outputs) against the fine-tune in
+    one run, choose the smallest within the budget that passes every required check
+    (quantrun.choose), remove the others (unless ``keep_all``; the types named in --quant stay),
+    and write the report on what remains, with the measurements of all in run.json's
+    ``quant_auto``. No candidate within the budget: nothing is removed and the run fails."""
+    from . import report as report_pkg, verify as verify_pkg
+
+    record = result.record
+    vres = verify_pkg.verify(out_dir, progress=progress, report=False, **verify_options)
+    record.update(vres.record)
+    chosen, rows = quantrun.choose(quantrun.measurements(vres.section, candidates), qopts.auto)
+    named = {f"{record['name']}-{t}.gguf" for t in qopts.types}
+    removed = set() if (chosen is None or qopts.keep_all) else {f for f in candidates if f != chosen and f not in named}
+    for f in sorted(removed):
+        (out_dir / f).unlink(missing_ok=True)
+    section = quantrun.prune_verify(vres.section, removed)
+    auto = {"budget": qopts.auto, "chosen": chosen, "kept_all": qopts.keep_all, "removed": sorted(removed),
+            "candidates": rows, "imatrix": (record.get("imatrix") or {}).get("file")}
+    if chosen is None:
+        best = min((r for r in rows if r["kl_mean"] is not None), key=lambda r: r["kl_mean"], default=None)
+        section["failures"] = section["failures"] + [{
+            "file": "--quant auto", "check": "KL budget", "prompt": None, "against": "reference",
+            "detail": f"no candidate has a mean KL within {qopts.auto:g} nats and passes every required check"
+                      + (f" (the closest: {best['file']}, mean KL {best['kl_mean']:.4g})" if best else ""),
+            "why": "every candidate was kept for you to compare; raise the budget (auto:KL) or ship a larger type"}]
+        section["passed"] = False
+    record["verify"] = section
+    record["quant_auto"] = auto
+    kept = [o for o in result.outputs if o.file not in removed]
+    result.outputs[:] = kept
+    record["outputs"] = [o.to_json() for o in kept]
+    write_record(out_dir, record)
+    paths = report_pkg.write_report(out_dir, record)
+    vres = verify_pkg.VerifyResult(out_dir, bool(section["passed"]), list(section["failures"]), record,
+                                   report_md=paths.markdown, report_html=paths.html, modelfiles=list(paths.modelfiles))
+    _record_verify(state, _verify_key(kept, record, verify_options), vres)
+    if chosen is not None:
+        auto_outputs = [o for o in kept if o.file in candidates and o.file not in named]
+        state.record("auto", key, {out_dir / o.file: o.sha256 for o in auto_outputs},
+                     {"section": auto, "outputs": [asdict(o) for o in auto_outputs]})
+    return vres
 
 
 def _shapes(family, sources) -> dict[str, tuple[int, ...]]:

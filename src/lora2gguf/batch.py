@@ -131,7 +131,7 @@ def _unique(names: Sequence[str]) -> list[str]:
 def build_many(base: str | Path, adapters: Sequence[str | Path], out_dir: str | Path, *,
                checkpoints: str | Path | None = None, name: str | None = None, rank_by: str | None = None,
                base_revision: str | None = None, adapter_revision: str | None = None,
-               progress: ProgressFn | None = None, outtype: str = "bf16", quants: Sequence[str] | str = (),
+               progress: ProgressFn | None = None, outtype: str = "bf16", quants: Any = (),
                accept: Sequence[str] = (), tokenizer: str = "auto", **options: Any) -> BatchResult:
     """Convert each adapter (and each checkpoint of ``checkpoints``) against one ``base`` into
     ``OUT_DIR/<name>/``, then write the comparison (comparison.json, COMPARISON.md,
@@ -140,13 +140,14 @@ def build_many(base: str | Path, adapters: Sequence[str | Path], out_dir: str | 
     (default: the first of ``quants``, else ``outtype``)."""
     from . import api
     from .inspect import inspect_base
-    from .quantize import parse_quants
+    from .quantrun import QuantOptions
     from .report.compare import write_comparison
     from .runstate import RunLock
 
     t_start = time.perf_counter()
     out = Path(out_dir)
-    quant_list = parse_quants(quants) if quants else []
+    qopts = quants if isinstance(quants, QuantOptions) else QuantOptions.of(quants)
+    quant_list = list(qopts.types)
     types = [outtype.upper(), *quant_list]
     rank_type = (rank_by or (quant_list[0] if quant_list else outtype)).upper()
     if rank_type not in types:
@@ -202,7 +203,7 @@ def build_many(base: str | Path, adapters: Sequence[str | Path], out_dir: str | 
             if progress:
                 progress("adapters", i, len(live), e.name)
             try:
-                e.result = api.build(base_src, e.source, e.out_dir, name=stem(e), outtype=outtype, quants=quant_list,
+                e.result = api.build(base_src, e.source, e.out_dir, name=stem(e), outtype=outtype, quants=qopts,
                                      accept=accept, tokenizer=tokenizer, progress=progress, base_info=base_info,
                                      **options)
                 e.status = BUILT

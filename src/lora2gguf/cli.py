@@ -104,7 +104,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     if not args.adapters and not args.checkpoints:
         raise InputError("build needs an ADAPTER after BASE (a folder or a hub id), several, or --checkpoints RUN_DIR")
-    options = dict(outtype=args.outtype, quants=args.quant or "", accept=[a.upper() for a in args.accept],
+    from .quantrun import QuantOptions
+
+    quants = QuantOptions.of(args.quant or "", imatrix=args.imatrix, imatrix_data=args.imatrix_data,
+                             no_imatrix=args.no_imatrix, imatrix_chunks=args.imatrix_chunks,
+                             tensor_types=args.tensor_type, output_tensor_type=args.output_tensor_type,
+                             token_embedding_type=args.token_embedding_type, llama_cpp=args.llama_cpp,
+                             keep_all=args.keep_all)
+    options = dict(outtype=args.outtype, quants=quants, accept=[a.upper() for a in args.accept],
                    tokenizer=args.tokenizer, verify=not args.no_verify, nthread=args.threads,
                    command=["lora2gguf", *sys.argv[1:]], keep_mxfp4=args.keep_mxfp4,
                    verify_options=verify_kwargs(args), base_revision=args.base_revision,
@@ -269,7 +276,29 @@ def make_parser() -> argparse.ArgumentParser:
                                   "adapters, NAME-<adapter>)")
     b.add_argument("--outtype", choices=("bf16", "f16", "f32"), default="bf16",
                    help="type of the unquantized GGUF (bf16 to ship; f32 to prove exactness)")
-    b.add_argument("--quant", help="llama.cpp types, comma-separated, e.g. Q4_K_M,MXFP4_MOE,Q8_0")
+    b.add_argument("--quant", help="llama.cpp types, comma-separated, e.g. Q4_K_M,IQ4_XS,MXFP4_MOE,Q8_0; or auto "
+                                   "(auto:KL, a mean-KL budget in nats, default 0.05): quantize a ladder of types, "
+                                   "verify each against the fine-tune and keep the smallest within the budget")
+    q = b.add_argument_group("importance matrix and per-tensor types",
+                             "A matrix is computed by llama.cpp's llama-imatrix on the unquantized GGUF for every "
+                             "type that uses one (all but the float types, Q8_0 and MXFP4_MOE), on the built-in "
+                             "calibration text unless you give data")
+    q.add_argument("--imatrix-data", metavar="FILE",
+                   help="calibration data: JSONL of conversations ({\"messages\": [...]} per line), rendered with "
+                        "the model's chat template, or a plain text file")
+    q.add_argument("--imatrix", metavar="FILE", help="use this importance matrix (imatrix.gguf) instead of computing one")
+    q.add_argument("--no-imatrix", action="store_true", help="quantize without an importance matrix")
+    q.add_argument("--imatrix-chunks", type=int, default=None, metavar="N",
+                   help="compute the matrix on at most N chunks of the data")
+    q.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",
+                   help="quantize the tensors matching PATTERN (a regex, e.g. attn_v or 'blk\\.[0-3]\\.ffn_down') "
+                        "as TYPE (q8_0, q6_k, ...), as llama-quantize --tensor-type (repeatable)")
+    q.add_argument("--output-tensor-type", metavar="TYPE", help="type of output.weight (llama-quantize's option)")
+    q.add_argument("--token-embedding-type", metavar="TYPE", help="type of the token embedding (llama-quantize's option)")
+    q.add_argument("--llama-cpp", metavar="DIR",
+                   help="a llama.cpp build (CUDA, Metal...) whose llama-imatrix and llama-quantize to run "
+                        "(default: LORA2GGUF_LLAMA_CPP, else the ones scripts/setup.sh builds)")
+    q.add_argument("--keep-all", action="store_true", help="with --quant auto: keep every candidate file")
     b.add_argument("--accept", action="append", default=[], metavar="CODE",
                    help="proceed despite the doctor finding CODE (repeatable; never a blanket force)")
     b.add_argument("--save-merged", metavar="DIR", help="also write the merged model as safetensors shards")

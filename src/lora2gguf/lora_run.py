@@ -131,14 +131,19 @@ def with_role(outputs, role: str) -> list:
 
 def build_stage(lplan: LoraPlan, options: LoraOptions, *, arch, config, ckpt, out_dir: Path, name: str,
                 outtype: str, quant_list: Sequence[str], state, inputs: Any, add_metadata, nthread: int = 0,
-                progress: ProgressFn | None = None, resumed: list[str] | None = None):
+                progress: ProgressFn | None = None, resumed: list[str] | None = None, matrix=None,
+                overrides=None, tools=None):
     """build --lora-gguf after the merged files: the base GGUFs (unless --base-gguf names them)
     and the adapter file. ``add_metadata(writer, plan, title)`` writes a model GGUF's metadata as
-    the build writes the merged file's. Returns (outputs, run.json's lora section)."""
+    the build writes the merged file's. ``matrix`` (path, SHA-256), ``overrides``, ``tools``: the
+    base files are quantized as the merged ones (quantrun.quantize_file): the importance matrix of
+    the merged model measures the inputs the base weights get with the adapter applied. Returns
+    (outputs, run.json's lora section)."""
     from .api import OutputFile, _describe, _dist_version
     from .gguf_out import GGUFStream
     from .plan import make_plan
-    from .quantize import quantize
+    from .quantize import TensorTypes
+    from .quantrun import quantize_file
     from .runstate import stage_key
     from .sources import logical_tensors
     from .stream import execute, require_space
@@ -175,23 +180,10 @@ def build_stage(lplan: LoraPlan, options: LoraOptions, *, arch, config, ckpt, ou
         outputs.append(out)
         for q in quant_list:
             dst = out_dir / f"{name}-base-{q}.gguf"
-            stage = f"quantize:base:{q}"
-            q_key = stage_key({"source_sha256": out.sha256}, {"type": q, "file": dst.name,
-                                                               "llama_cpp": _dist_version("llama_cpp_python")})
-            prev = state.done(stage, q_key)
-            if prev is not None:
-                outputs.append(OutputFile(**prev.info["output"]))
-                resumed.append(stage)
-                continue
-            if progress:
-                progress("quantize", 0, 1, f"base {q}")
-            t0 = time.perf_counter()
-            res = quantize(main, dst, q, nthread=nthread)
-            qo = _describe(dst, q, time.perf_counter() - t0, main.name, res.note)
-            state.record(stage, q_key, {dst: qo.sha256}, {"output": asdict(qo)})
+            qo, _ = quantize_file(state, stage=f"quantize:base:{q}", src=main, src_sha256=out.sha256, dst=dst,
+                                  qtype=q, nthread=nthread, matrix=matrix, overrides=overrides or TensorTypes(),
+                                  tools=tools, progress=progress, resumed=resumed, label=f"base {q}")
             outputs.append(qo)
-            if progress:
-                progress("quantize", 1, 1, f"base {q}")
         with_role(outputs, ROLE_BASE)
         base_paths = [out_dir / o.file for o in outputs]
         known = {str((out_dir / o.file).resolve()): o.sha256 for o in outputs}
