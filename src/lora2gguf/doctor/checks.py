@@ -148,10 +148,21 @@ class Tools:
     transformers_version: str | None
     transformers_model_types: frozenset[str] | None  # CONFIG_MAPPING_NAMES keys; None without transformers
     lora2gguf_version: str | None
+    #: llama.cpp's llama-imatrix and llama-quantize (lora2gguf.llama_tools.LlamaTools.record), None: not found
+    llama_tools: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"llama_cpp_python": self.llama_cpp_version, "libllama": self.llama_lib,
-                "transformers": self.transformers_version, "lora2gguf": self.lora2gguf_version}
+                "transformers": self.transformers_version, "lora2gguf": self.lora2gguf_version,
+                "llama_tools": self.llama_tools}
+
+    def tools_text(self) -> str:
+        t = self.llama_tools
+        if t is None:
+            return ("llama-imatrix/llama-quantize not found (needed for importance matrices and per-tensor types: "
+                    "scripts/setup.sh builds them, or --llama-cpp DIR)")
+        version = "; ".join(t.get("version") or []) or "version unknown"
+        return f"llama-imatrix and llama-quantize in {t['dir']} ({t['found_by']}; {version})"
 
 
 def _version(dist: str) -> str | None:
@@ -262,7 +273,17 @@ def probe_tools(arch_names: Iterable[str] = ()) -> Tools:
     tver = _version("transformers")
     types = transformers_model_types() if tver is not None else None
     return Tools(_version("llama_cpp_python") or _version("llama-cpp-python"), str(lib) if lib else None, names,
-                 tver, types, _version("lora2gguf"))
+                 tver, types, _version("lora2gguf"), _llama_tools())
+
+
+def _llama_tools() -> dict[str, Any] | None:
+    from ..errors import InputError
+    from ..llama_tools import find_tools
+
+    try:
+        return find_tools().record()
+    except InputError:
+        return None
 
 
 def check_architecture(config: Mapping[str, Any], tools: Tools, where: str = "config.json"):
@@ -304,7 +325,7 @@ def check_architecture(config: Mapping[str, Any], tools: Tools, where: str = "co
                       f"architecture {archs[0] if archs else model_type} -> lora2gguf {arch.name} -> GGUF {name}; "
                       f"lora2gguf {tools.lora2gguf_version}, llama-cpp-python {tools.llama_cpp_version} "
                       f"(knows {name}: {name in tools.llama_arch_names}), transformers "
-                      f"{tools.transformers_version} (knows {model_type}: {tknown})", "", "",
+                      f"{tools.transformers_version} (knows {model_type}: {tknown}); {tools.tools_text()}", "", "",
                       {**tools.to_dict(), "arch": arch.name, "gguf_arch": name,
                        "llama_knows_arch": name in tools.llama_arch_names, "transformers_knows_arch": tknown}))
     return out, arch

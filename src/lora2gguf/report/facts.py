@@ -102,6 +102,7 @@ def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str
                   for r in ran if r.get("speed")]
     stages = record.get("stages") or {}
     chat = v.get("chat_format") or {}
+    quant = quantization(record)
     return {
         "record": record, "name": record.get("name") or "model", "version": record.get("lora2gguf_version"),
         "created": record.get("created"), "base_dir": record.get("base_dir"), "adapter_dir": record.get("adapter_dir"),
@@ -109,7 +110,8 @@ def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str
         "findings": record.get("findings") or [], "files": files, "runs": ran, "reproduce": reproduce,
         "lora": record.get("lora") or None, "pairs": pairs, "side_by_side": side_by_side,
         "technical": record.get("technical") or {}, "stages": stages, "verify": v, "models": models,
-        "answers": answers, "quantized_points": quantized_points, "speed_rows": speed_rows,
+        "answers": answers, "quantized_points": quant["points"] or quantized_points, "speed_rows": speed_rows,
+        "quantization": quant,
         "stops": stop_tokens(record), "adapter": record.get("adapter") or {},
         "rendered_as": chat.get("rendered_as") or "a conversation in the model's chat format",
         "chat_label": chat.get("label") or (record.get("technical") or {}).get("chat_format"),
@@ -122,6 +124,53 @@ def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str
         "fine_tune_facts_heading": (v.get("fine_tune_facts_heading") if v else None)
         or {"title": "Facts about the fine-tune", "text": ""},
     }
+
+
+def quantization(record: dict[str, Any]) -> dict[str, Any]:
+    """The importance matrix (what it was computed on, or which file was given) and the ``auto``
+    ladder: one row per type with the mean KL with and without the matrix, and the plot's points
+    (label, MB, mean KL, shape, chosen) with the budget."""
+    im = record.get("imatrix")
+    auto = record.get("quant_auto")
+    matrix = None
+    if im:
+        data = im.get("data") or {}
+        cov = im.get("coverage") or {}
+        if im.get("computed", True):
+            if data.get("source") == "built-in":
+                origin = "the built-in calibration text and the verify suite's prompts in the model's chat format"
+            else:
+                origin = str(data.get("source"))
+                if data.get("conversations"):
+                    origin += f", {data['conversations']} conversations rendered with the model's chat format"
+            what = (f"computed by llama.cpp's llama-imatrix on {data.get('label')} ({origin}; sha256 "
+                    f"{str(data.get('sha256'))[:16]}): {im.get('tokens')} tokens, {im.get('chunks')} chunks of "
+                    f"{im.get('chunk_size')}")
+        else:
+            what = f"given: {im.get('given')} (sha256 {str(im.get('given_sha256'))[:16]}), {im.get('chunks')} chunks"
+        tools = (im.get("tools") or {}).get("version") or []
+        matrix = {"file": im.get("file"), "what": what, "entries": im.get("entries"),
+                  "coverage": f"{cov.get('with_data')} of {cov.get('weights')} block weights have data"
+                              if cov else None,
+                  "partial": im.get("partial") or {}, "perplexity": im.get("perplexity"),
+                  "seconds": im.get("seconds"), "tools": "; ".join(tools) if tools else None}
+    ladder, points = [], []
+    if auto:
+        by_type: dict[str, dict[str, Any]] = {}
+        for r in auto.get("candidates") or []:
+            row = by_type.setdefault(r["type"], {"type": r["type"], "with": None, "without": None})
+            row["with" if r["imatrix"] else "without"] = r
+            points.append((r["type"] + ("" if r["imatrix"] else " (no imatrix)"), _mb(r.get("bytes")),
+                           r.get("kl_mean"), "circle" if r["imatrix"] else "triangle", bool(r.get("chosen"))))
+        for row in by_type.values():
+            main = row["with"] or row["without"]
+            row.update({"size": human_bytes(main.get("bytes")), "bytes": main.get("bytes"),
+                        "top1": main.get("top1"), "checks": f"{main.get('checks_passed')}/{main.get('checks')}",
+                        "chosen": next((r["file"] for r in (row["with"], row["without"]) if r and r.get("chosen")),
+                                       None)})
+            ladder.append(row)
+    return {"matrix": matrix, "auto": auto, "ladder": ladder, "points": points,
+            "budget": (auto or {}).get("budget")}
 
 
 def _side_by_side(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

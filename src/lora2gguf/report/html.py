@@ -6,7 +6,7 @@ import re
 from html import escape
 from typing import Any
 
-from .facts import num, pct, resolution
+from .facts import human_bytes, num, pct, resolution
 from .plots import bars_tokens_per_s, scatter_size_vs_kl
 
 CSS = """
@@ -153,6 +153,7 @@ def render_html(f: dict[str, Any]) -> str:
                   _n("-" if x["reduction"] is None or x["reduction"] <= 0 else f"{x['reduction']:.0%}"),
                   _n(x["seconds"]), x["from"] or "merge", _code((x["sha256"] or "")[:16])] for x in f["files"]],
                 "files"))
+    H += _quantization_html(f)
     H.append("<h3>Tensor types per file</h3>")
     H.append(_t(["File", "Tensor types"],
                 [[_code(x["file"]), ", ".join(f"{k}: {n}" for k, n in sorted(x["tensor_types"].items()))]
@@ -187,7 +188,10 @@ def render_html(f: dict[str, Any]) -> str:
                           _n(f"{r['lora']['size']} (+ base {r['base_size']})"), _n(num(r["lora"]["kl"])),
                           _n(num(r["lora"]["tg"], 4))] for r in f["side_by_side"]], "lora-vs-merged"))
         H.append('<div class="plots">')
-        H.append(scatter_size_vs_kl(f["quantized_points"], title="Quantized files: size against mean KL"))
+        q = f["quantization"]
+        H.append(scatter_size_vs_kl(f["quantized_points"], budget=q["budget"],
+                                    title="Quantization candidates: size against mean KL" if q["auto"]
+                                    else "Quantized files: size against mean KL"))
         H.append(bars_tokens_per_s(f["speed_rows"], threads=v.get("threads")))
         H.append("</div>")
 
@@ -254,3 +258,45 @@ def render_html(f: dict[str, Any]) -> str:
                  f"<pre>{escape(chr(10).join([c['llama-server'], c['llama-cli'], c['ollama']]))}</pre>")
     H.append("</main></body></html>")
     return "\n".join(H)
+
+
+def _quantization_html(f: dict[str, Any]) -> list[str]:
+    """The importance matrix and the ``--quant auto`` ladder (the plot is with the agreement)."""
+    q = f["quantization"]
+    H: list[str] = []
+    m = q["matrix"]
+    if m:
+        H.append("<h2>Importance matrix</h2>")
+        H.append(f"<p id='imatrix'><code>{escape(str(m['file']))}</code>: {escape(m['what'])}. {m['entries']} tensors "
+                 "have data" + (f" ({escape(m['coverage'])})" if m["coverage"] else "")
+                 + (f"; perplexity of the unquantized model on the data: {escape(num(m['perplexity'], 4))}"
+                    if m["perplexity"] else "")
+                 + (f"; {escape(num(m['seconds']))} s" if m["seconds"] else "") + "."
+                 + (f" llama.cpp: {escape(m['tools'])}." if m["tools"] else "") + "</p>")
+        if m["partial"]:
+            H.append(_t(["Tensor", "Experts without data"], [[_code(k), v] for k, v in sorted(m["partial"].items())]))
+    a = q["auto"]
+    if a:
+        chosen = a.get("chosen")
+        H.append("<h2>Choosing the quantization (<code>--quant auto</code>)</h2>")
+        H.append("<p>Every candidate was quantized by llama.cpp and verified against the reference; the budget is a "
+                 f"mean KL of {a['budget']:g} nats. "
+                 + (f"<b>Recommended: <code>{escape(chosen)}</code></b>, the smallest file within the budget that "
+                    "fails no required check." if chosen else
+                    "<b class='bad'>No candidate is within the budget and passes every required check</b>; all were kept.")
+                 + "</p>")
+
+        def kl(r):
+            return _n(num(r["kl_mean"]) if r else "-")
+
+        H.append(_t(["Type", "Size", "Mean KL with the matrix", "Mean KL without", "Top-1", "Suite checks passed", ""],
+                    [[row["type"], _n(row["size"]), kl(row["with"]), kl(row["without"]), _n(pct(row["top1"])),
+                      _n(row["checks"]), ("chosen", "ok") if row["chosen"] else ""] for row in q["ladder"]], "ladder"))
+        H.append("<details><summary>Every candidate</summary>")
+        H.append(_t(["File", "Type", "Matrix", "Size", "Mean KL", "Top-1", "Suite checks", "Verdict"],
+                    [[_code(r["file"]), r["type"], "yes" if r["imatrix"] else "no", _n(human_bytes(r.get("bytes"))),
+                      _n(num(r.get("kl_mean"))), _n(pct(r.get("top1"))), _n(f"{r['checks_passed']}/{r['checks']}"),
+                      r["verdict"]] for r in a.get("candidates") or []]))
+        H.append("</details>")
+    return H
+

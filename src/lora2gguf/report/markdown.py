@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .facts import num, pct, resolution
+from .facts import human_bytes, num, pct, resolution
 
 
 def _cell(s: Any) -> str:
@@ -100,6 +100,7 @@ def render_markdown(f: dict[str, Any]) -> str:
                 [[f"`{x['file']}`", x["type"], x["size"],
                   "-" if x["reduction"] is None or x["reduction"] <= 0 else f"{x['reduction']:.0%}",
                   num(x["seconds"]), x["from"] or "merge", (x["sha256"] or "")[:16]] for x in f["files"]])
+    L += quantization_md(f)
     L += ["### Tensor types per file", ""]
     L += _table(["File", "Tensor types"],
                 [[f"`{x['file']}`", ", ".join(f"{k}: {n}" for k, n in sorted(x["tensor_types"].items()))]
@@ -242,3 +243,50 @@ def lora_side_by_side_md(f: dict[str, Any]) -> list[str]:
     L += _table(["Type", "Merged file", "Size", "Mean KL", "Gen. tok/s", "Base + LoRA", "Adapter size", "Mean KL",
                  "Gen. tok/s"], body)
     return L
+
+
+def quantization_md(f: dict[str, Any]) -> list[str]:
+    """The importance matrix and the ``--quant auto`` ladder."""
+    q = f["quantization"]
+    L: list[str] = []
+    m = q["matrix"]
+    if m:
+        L += ["## Importance matrix", "",
+              f"`{m['file']}`: {m['what']}. {m['entries']} tensors have data"
+              + (f" ({m['coverage']})" if m["coverage"] else "")
+              + (f"; perplexity of the unquantized model on the data: {num(m['perplexity'], 4)}" if m["perplexity"] else "")
+              + (f"; {num(m['seconds'])} s" if m["seconds"] else "") + "."
+              + (f" llama.cpp: {m['tools']}." if m["tools"] else ""), ""]
+        if m["partial"]:
+            L += ["Experts that saw no token of the data (llama.cpp quantizes them without the matrix):", ""]
+            L += [f"- `{k}`: {v}" for k, v in sorted(m["partial"].items())[:20]] + [""]
+    a = q["auto"]
+    if a:
+        chosen = a.get("chosen")
+        L += ["## Choosing the quantization (`--quant auto`)", "",
+              f"Every candidate was quantized by llama.cpp and verified against the reference; the budget is a mean KL "
+              f"of {a['budget']:g} nats. "
+              + (f"**Recommended: `{chosen}`**, the smallest file within the budget that fails no required check."
+                 if chosen else "**No candidate is within the budget and passes every required check**; all were kept.")
+              + (f" Removed after measuring: {', '.join(f'`{x}`' for x in a['removed'])}." if a.get("removed") else ""),
+              ""]
+        L += ladder_md(q["ladder"])
+        L += ["<details><summary>Every candidate</summary>", ""]
+        L += _table(["File", "Type", "Matrix", "Size", "Mean KL", "KL p99", "Top-1", "Suite checks", "Verdict"],
+                    [[f"`{r['file']}`", r["type"], "yes" if r["imatrix"] else "no",
+                      human_bytes(r.get("bytes")), num(r.get("kl_mean")), num(r.get("kl_p99")), pct(r.get("top1")),
+                      f"{r['checks_passed']}/{r['checks']}", r["verdict"]] for r in a.get("candidates") or []])
+        L += ["</details>", ""]
+    return L
+
+
+def ladder_md(ladder: list[dict[str, Any]]) -> list[str]:
+    """One row per type: size, mean KL with and without the importance matrix, top-1, the suite."""
+    def kl(r):
+        return num(r["kl_mean"]) if r else "-"
+
+    return _table(["Type", "Size", "Mean KL with the matrix", "Mean KL without", "Top-1", "Suite checks passed", ""],
+                  [[row["type"], row["size"], kl(row["with"]), kl(row["without"]), pct(row["top1"]), row["checks"],
+                    "**chosen**" + ("" if (row["with"] or {}).get("chosen") or not row["with"] else " (without the matrix)")
+                    if row["chosen"] else ""] for row in ladder])
+

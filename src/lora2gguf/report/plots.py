@@ -54,16 +54,19 @@ def _frame(title: str, xlabel: str, ylabel: str) -> list[str]:
     ]
 
 
-def scatter_size_vs_kl(points: Sequence[tuple[str, float, float]], *, title: str = "Size against KL divergence"
-                       ) -> str:
-    """``points``: (label, size in MB, mean KL). KL on a log axis (it spans decades)."""
+def scatter_size_vs_kl(points: Sequence[tuple], *, title: str = "Size against KL divergence",
+                       budget: float | None = None) -> str:
+    """``points``: (label, size in MB, mean KL[, shape, chosen]); shape "circle" (made with the
+    importance matrix, or any file) or "triangle" (without it); a chosen point is ringed and named
+    "recommended". ``budget``: a dashed line at that mean KL. KL on a log axis (it spans decades)."""
     out = _frame(title, "file size (MB)", "mean KL divergence (nats, log scale)")
-    pts = [(lbl, s, k) for lbl, s, k in points if k is not None and s is not None]
+    pts = [(p[0], p[1], p[2], p[3] if len(p) > 3 else "circle", bool(p[4]) if len(p) > 4 else False)
+           for p in points if p[2] is not None and p[1] is not None]
     if not pts:
         out.append(f'<text x="{_W / 2}" y="{_H / 2}" text-anchor="middle" font-size="12">no quantized files to plot</text>')
         return "\n".join(out + ["</svg>"])
-    xs = [s for _, s, _ in pts]
-    ks = [max(k, 1e-12) for _, _, k in pts]
+    xs = [p[1] for p in pts]
+    ks = [max(p[2], 1e-12) for p in pts] + ([budget] if budget else [])
     x0, x1 = 0.0, max(xs) * 1.15
     l0 = math.floor(math.log10(min(ks)))
     l1 = math.ceil(math.log10(max(ks)))
@@ -84,12 +87,33 @@ def scatter_size_vs_kl(points: Sequence[tuple[str, float, float]], *, title: str
         y = Y(10.0 ** e)
         out.append(f'<line x1="{_ML}" y1="{y:.1f}" x2="{_W - _MR}" y2="{y:.1f}" stroke="#e2e8f0"/>')
         out.append(f'<text x="{_ML - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">1e{e}</text>')
-    for i, (lbl, s, k) in enumerate(pts):
+    if budget:
+        y = Y(budget)
+        out.append(f'<line class="budget" x1="{_ML}" y1="{y:.1f}" x2="{_W - _MR}" y2="{y:.1f}" stroke="#c53030" '
+                   f'stroke-dasharray="6 4"><title>budget: mean KL {_fmt(budget)}</title></line>')
+        out.append(f'<text x="{_W - _MR - 4}" y="{y - 4:.1f}" text-anchor="end" font-size="11" fill="#c53030">'
+                   f"budget {_fmt(budget)}</text>")
+    shapes = {p[3] for p in pts}
+    for i, (lbl, s, k, shape, chosen) in enumerate(pts):
         c = _COLORS[i % len(_COLORS)]
         x, y = X(s), Y(max(k, 1e-12))
-        out.append(f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{c}">'
-                   f"<title>{escape(lbl)}: {_fmt(s)} MB, KL {_fmt(k)}</title></circle>")
-        out.append(f'<text x="{x + 9:.1f}" y="{y - 8:.1f}" font-size="11" fill="{c}">{escape(lbl)}</text>')
+        tip = f"<title>{escape(lbl)}: {_fmt(s)} MB, KL {_fmt(k)}{' (recommended)' if chosen else ''}</title>"
+        if shape == "triangle":
+            out.append(f'<polygon class="point no-imatrix" points="{x:.1f},{y - 7:.1f} {x - 6:.1f},{y + 5:.1f} '
+                       f'{x + 6:.1f},{y + 5:.1f}" fill="{c}">{tip}</polygon>')
+        else:
+            out.append(f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{c}">{tip}</circle>')
+        if chosen:
+            out.append(f'<circle class="chosen" cx="{x:.1f}" cy="{y:.1f}" r="11" fill="none" stroke="#111" '
+                       'stroke-width="2"/>')
+        out.append(f'<text x="{x + 9:.1f}" y="{y - 8:.1f}" font-size="11" fill="{c}">{escape(lbl)}'
+                   f"{' (recommended)' if chosen else ''}</text>")
+    if len(shapes) > 1:  # the legend: what the shapes mean
+        lx, ly = _ML + 10, _MT + 10
+        out.append(f'<circle cx="{lx}" cy="{ly}" r="5" fill="#555"/><text x="{lx + 10}" y="{ly + 4}" font-size="11">'
+                   "with the importance matrix</text>")
+        out.append(f'<polygon points="{lx},{ly + 11} {lx - 5},{ly + 21} {lx + 5},{ly + 21}" fill="#555"/>'
+                   f'<text x="{lx + 10}" y="{ly + 21}" font-size="11">without</text>')
     return "\n".join(out + ["</svg>"])
 
 

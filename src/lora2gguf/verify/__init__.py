@@ -388,6 +388,16 @@ def _gguf_format(rec: dict[str, Any], meta: dict[str, Any], view: LlamaTokens, w
                        where=where)
 
 
+def gguf_chat(path: Path, family) -> tuple[ChatFormat, LlamaTokens]:
+    """A GGUF's chat format (``family``'s, with the template and special tokens the file carries)
+    and llama.cpp's tokenizer of it (the vocabulary alone is loaded; close ``view.llm``)."""
+    llm = open_gguf(path, n_ctx=256, n_threads=1, vocab_only=True)
+    view = LlamaTokens(llm, Path(path).name)
+    meta = dict(llm.metadata)
+    return chat_format(family, template=meta.get("tokenizer.chat_template"), specials=view.specials(meta),
+                       where=str(path)), view
+
+
 def _compare_tokens(file: str, ref: dict[str, list[int]], got: dict[str, list[int]], ref_tok, got_tok,
                     failures: list[dict[str, Any]]) -> dict[str, Any]:
     """Compare the ids of every rendered text (prompt id, or "" for the evaluation text); each
