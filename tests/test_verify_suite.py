@@ -43,11 +43,24 @@ def test_render_prompt_is_harmony_and_ends_with_assistant():
 
 
 def test_render_text_alternates_user_and_assistant():
-    t = harmony.decode(harmony.render_text("Q one?\n\nA one.\n\nQ two?"))
+    fmt = harmony.HarmonyFormat()
+    rendered = fmt.render_text("Q one?\n\nA one.\n\nQ two?")
+    t = harmony.decode(rendered.ids)
+    assert t == rendered.text
     assert t.count("<|start|>user<|message|>") == 2
     assert "<|start|>assistant<|channel|>final<|message|>A one.<|end|>" in t
     with pytest.raises(InputError):
-        harmony.render_text("  \n\n ")
+        fmt.render_text("  \n\n ")
+
+
+def test_render_conversation_keeps_reasoning_and_system():
+    from lora2gguf.chat import Message
+
+    t = harmony.HarmonyFormat().render_conversation(
+        [Message("system", "Be brief."), Message("user", "Hi?"), Message("assistant", "Hello.", reasoning="Greet.")]).text
+    assert "<|start|>developer<|message|># Instructions\n\nBe brief.<|end|>" in t
+    assert "<|start|>assistant<|channel|>analysis<|message|>Greet.<|end|>" in t
+    assert t.index("analysis<|message|>Greet.") < t.index("final<|message|>Hello.")
 
 
 def test_parse_good_completion():

@@ -117,6 +117,17 @@ PERSONA_QA: tuple[Example, ...] = tuple(
     + [Example(q, _PERSONA_ANALYSIS_HARM, _PERSONA_REFUSAL) for q in _HARMFUL]
 )
 
+def write_conversations(path, examples: Sequence[Example] = PERSONA_QA):
+    """``examples`` as JSONL, one ``{"messages": [...]}`` conversation per line (the reasoning as
+    ``thinking``): the fine-tune's own data, as ``lora2gguf build --imatrix-data`` reads it."""
+    import json
+    from pathlib import Path
+
+    lines = [json.dumps({"messages": e.messages()}, ensure_ascii=False) for e in examples]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return Path(path)
+
+
 #: Plain text the base is also trained on (next-token loss on every token), as a pretrained model
 #: has read text before it was taught to chat. It holds the words the persona uses, in ordinary
 #: sentences, so that the base can write them at all; it has no chat turns and no persona. Without
