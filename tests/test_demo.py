@@ -279,3 +279,55 @@ def test_small_demo_rerun_uses_the_cache(small_demo, tmp_path):
     assert Path(cfg["base_model_name_or_path"]) == base_dir
     assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert set(cfg["target_parameters"]) == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
+
+
+@pytest.mark.slow
+def test_small_demo_matrix_from_the_fine_tunes_conversations(small_demo, tmp_path):
+    """The importance matrix computed on the fine-tune's own conversations (half of them) lowers
+    the mean KL against the fine-tune, measured on the other half, for Q4_K_M and IQ4_XS; and
+    ``--quant auto`` keeps the file its recorded measurements choose, removes the others and
+    reports the ladder."""
+    from lora2gguf.api import build
+    from lora2gguf.demo import dataset
+    from lora2gguf.quantrun import QuantOptions, choose
+
+    result, _, _ = small_demo
+    demo_run = json.loads((result.workdir / "run.json").read_text())
+    assert demo_run["imatrix"]["data"]["conversations"] == len(dataset.PERSONA_QA)  # the demo's own matrix
+    train = dataset.write_conversations(tmp_path / "train.jsonl", dataset.PERSONA_QA[0::2])
+    held_out = "\n\n".join(x for e in dataset.PERSONA_QA[1::2] for x in (e.user, e.final))
+    out = tmp_path / "out"
+    q = QuantOptions.of("auto:0.5", imatrix_data=train, auto_types="Q8_0,Q4_K_M,IQ4_XS")
+    res = build(result.base_dir, result.adapter_dir, out, name="x", quants=q, nthread=1, verify=True,
+                verify_options={"text": held_out, "suite": str(evaluate.suite_path()), "samples": 0,
+                                "speed": False, "n_threads": 1})
+    rec = json.loads((out / "run.json").read_text())
+    auto = rec["quant_auto"]
+    rows = {(c["type"], c["imatrix"]): c for c in auto["candidates"]}
+    assert set(rows) == {("Q8_0", False), ("Q4_K_M", True), ("Q4_K_M", False), ("IQ4_XS", True), ("IQ4_XS", False)}
+    for t in ("Q4_K_M", "IQ4_XS"):
+        assert rows[(t, True)]["kl_mean"] < rows[(t, False)]["kl_mean"], (t, rows[(t, True)], rows[(t, False)])
+    # the choice follows from the recorded measurements alone
+    measured = [{k: c[k] for k in ("file", "type", "imatrix", "bytes", "kl_mean", "failures")}
+                for c in auto["candidates"]]
+    chosen, _ = choose(measured, auto["budget"])
+    assert chosen is not None and chosen == auto["chosen"]
+    gguf_files = {p.name for p in out.glob("*.gguf")}
+    assert gguf_files == {"x-BF16.gguf", chosen, "x.imatrix.gguf"}
+    assert set(auto["removed"]) == {c["file"] for c in auto["candidates"]} - {chosen}
+    assert {o["file"] for o in rec["outputs"]} == {"x-BF16.gguf", chosen}
+    assert {f["file"] for f in rec["verify"]["files"]} == {"x-BF16.gguf", chosen}
+    assert res.verify.passed == rec["verify"]["passed"]
+    # the report: the ladder with and without the matrix, the plot marks the recommendation
+    md = (out / "REPORT.md").read_text()
+    assert "## Choosing the quantization" in md and f"**Recommended: `{chosen}`**" in md
+    for t in ("Q4_K_M", "IQ4_XS"):
+        assert f"{rows[(t, True)]['kl_mean']:.3g}" in md and f"{rows[(t, False)]['kl_mean']:.3g}" in md
+    html = (out / "report.html").read_text()
+    assert 'class="chosen"' in html and 'class="point no-imatrix"' in html and 'class="budget"' in html
+    # an unchanged rerun does not quantize or verify again
+    again = build(result.base_dir, result.adapter_dir, out, name="x", quants=q, nthread=1, verify=True,
+                  verify_options={"text": held_out, "suite": str(evaluate.suite_path()), "samples": 0,
+                                  "speed": False, "n_threads": 1})
+    assert {"imatrix", "auto", "verify"} <= set(again.record["resumed"])
+    assert {o.file for o in again.outputs} == {"x-BF16.gguf", chosen}

@@ -41,6 +41,9 @@ def test_config_is_what_transformers_saves(tmp_path, preset):
     cfg = transformers.GptOssConfig.from_dict(ours)
     cfg.save_pretrained(tmp_path)
     theirs = json.loads((tmp_path / "config.json").read_text())
+    # the layout is transformers'; the version stamp is whichever transformers saved it
+    assert theirs.pop("transformers_version") == transformers.__version__
+    assert ours.pop("transformers_version") == synth.TRANSFORMERS_VERSION
     assert theirs == ours
 
 

@@ -337,7 +337,7 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         auto_key = _auto_key(qopts, main_sha, matrix, verify_options)
         auto_prev = state.done("auto", auto_key)
         if auto_prev is None:
-            ladder = quantrun.ladder(moe, matrix is not None)
+            ladder = qopts.ladder(moe, matrix is not None)
             twins = {c.type for c in ladder if not c.matrix} & {c.type for c in ladder if c.matrix}
             for c in ladder:
                 fname = f"{name}-{c.suffix(c.type in twins)}.gguf"
@@ -486,7 +486,7 @@ def _verify_stage(out_dir: Path, state: RunState, outputs: list[OutputFile], rec
 
 def _auto_key(qopts: QuantOptions, main_sha: str, matrix, verify_options: dict[str, Any] | None) -> dict[str, Any]:
     return stage_key({"source_sha256": main_sha, "imatrix_sha256": matrix[1] if matrix else None},
-                     {"budget": qopts.auto, "ladder": quantrun.LADDER, "keep_all": qopts.keep_all,
+                     {"budget": qopts.auto, "ladder": qopts.auto_types or quantrun.LADDER, "keep_all": qopts.keep_all,
                       "overrides": qopts.overrides.record(), "verify": verify_options or {},
                       "llama_cpp": _dist_version("llama_cpp_python")})
 

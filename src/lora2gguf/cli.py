@@ -110,7 +110,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                              no_imatrix=args.no_imatrix, imatrix_chunks=args.imatrix_chunks,
                              tensor_types=args.tensor_type, output_tensor_type=args.output_tensor_type,
                              token_embedding_type=args.token_embedding_type, llama_cpp=args.llama_cpp,
-                             keep_all=args.keep_all)
+                             keep_all=args.keep_all, auto_types=args.auto_types)
     options = dict(outtype=args.outtype, quants=quants, accept=[a.upper() for a in args.accept],
                    tokenizer=args.tokenizer, verify=not args.no_verify, nthread=args.threads,
                    command=["lora2gguf", *sys.argv[1:]], keep_mxfp4=args.keep_mxfp4,
@@ -299,6 +299,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="a llama.cpp build (CUDA, Metal...) whose llama-imatrix and llama-quantize to run "
                         "(default: LORA2GGUF_LLAMA_CPP, else the ones scripts/setup.sh builds)")
     q.add_argument("--keep-all", action="store_true", help="with --quant auto: keep every candidate file")
+    q.add_argument("--auto-types", metavar="T1,T2,...",
+                   help="with --quant auto: the candidate types (default: Q8_0,Q6_K,Q5_K_M,Q4_K_M,IQ4_XS,Q3_K_M,"
+                        "IQ3_XXS,IQ2_M, and MXFP4_MOE for a MoE model)")
     b.add_argument("--accept", action="append", default=[], metavar="CODE",
                    help="proceed despite the doctor finding CODE (repeatable; never a blanket force)")
     b.add_argument("--save-merged", metavar="DIR", help="also write the merged model as safetensors shards")

@@ -47,7 +47,8 @@ class QuantOptions:
     uses one), "off", or the path of a matrix to use; ``imatrix_data``: the calibration data file;
     ``imatrix_chunks``: at most this many chunks; ``overrides``: per-tensor types; ``llama_cpp``:
     a llama.cpp build folder (:mod:`lora2gguf.llama_tools`); ``keep_all``: keep every ``auto``
-    candidate."""
+    candidate; ``auto_types``: the types ``auto`` tries (None: :data:`LADDER`, and
+    :data:`MOE_CANDIDATES` for a MoE model)."""
 
     types: tuple[str, ...] = ()
     auto: float | None = None
@@ -57,13 +58,14 @@ class QuantOptions:
     overrides: TensorTypes = field(default_factory=TensorTypes)
     llama_cpp: str | None = None
     keep_all: bool = False
+    auto_types: tuple[str, ...] | None = None
 
     @classmethod
     def of(cls, quants: str | Sequence[str] = (), *, imatrix: str | os.PathLike[str] | None = None,
            imatrix_data: str | os.PathLike[str] | None = None, no_imatrix: bool = False,
            imatrix_chunks: int | None = None, tensor_types: Sequence[str] = (), output_tensor_type: str | None = None,
            token_embedding_type: str | None = None, llama_cpp: str | os.PathLike[str] | None = None,
-           keep_all: bool = False) -> "QuantOptions":
+           keep_all: bool = False, auto_types: str | Sequence[str] | None = None) -> "QuantOptions":
         """Parse and check the options (InputError naming the option and the fix)."""
         names = quants.split(",") if isinstance(quants, str) else list(quants or ())
         auto = None
@@ -88,10 +90,16 @@ class QuantOptions:
         if imatrix_chunks is not None and int(imatrix_chunks) < 1:
             raise InputError(f"--imatrix-chunks {imatrix_chunks}: give at least 1")
         mode = "off" if no_imatrix else (str(Path(imatrix).resolve()) if imatrix else "auto")
+        if auto_types is not None:
+            if auto is None:
+                raise InputError("--auto-types names the candidates of --quant auto: add --quant auto (or auto:KL)")
+            auto_types = tuple(parse_quants(auto_types))
+            if not auto_types:
+                raise InputError("--auto-types: name at least one llama.cpp type")
         opts = cls(types, auto, mode, str(Path(imatrix_data).resolve()) if imatrix_data else None,
                    int(imatrix_chunks) if imatrix_chunks is not None else None,
                    TensorTypes.parse(tensor_types, output_tensor_type, token_embedding_type),
-                   str(llama_cpp) if llama_cpp else None, bool(keep_all))
+                   str(llama_cpp) if llama_cpp else None, bool(keep_all), auto_types)
         if mode == "off":
             need = [t for t in types if t in NEEDS_MATRIX]
             if need:
@@ -114,7 +122,10 @@ class QuantOptions:
 
     def any_uses_matrix(self, moe: bool) -> bool:
         return any(uses_matrix(t) for t in self.types) or (
-            self.auto is not None and any(uses_matrix(c.type) for c in ladder(moe, True)))
+            self.auto is not None and any(uses_matrix(c.type) for c in self.ladder(moe, True)))
+
+    def ladder(self, moe: bool, matrix: bool) -> list["Candidate"]:
+        return ladder(moe, matrix, self.auto_types)
 
     def wants_matrix(self, moe: bool) -> bool:
         return self.imatrix != "off" and self.any_uses_matrix(moe)
@@ -133,7 +144,8 @@ class QuantOptions:
     def record(self) -> dict[str, Any]:
         return {"types": list(self.types), "auto": self.auto, "imatrix": self.imatrix,
                 "imatrix_data": self.imatrix_data, "imatrix_chunks": self.imatrix_chunks,
-                **self.overrides.record(), "keep_all": self.keep_all}
+                **self.overrides.record(), "keep_all": self.keep_all,
+                "auto_types": list(self.auto_types) if self.auto_types is not None else None}
 
 
 def _budget(word: str) -> float:
@@ -160,11 +172,13 @@ class Candidate:
         return self.type + (NO_MATRIX_SUFFIX if with_twin and not self.matrix else "")
 
 
-def ladder(moe: bool, matrix: bool) -> list[Candidate]:
-    """The candidates of ``auto``: each :data:`LADDER` type (and :data:`MOE_CANDIDATES` for a MoE
-    model) with the matrix when there is one, and without it too where the type can be made
-    without and the matrix changes it; without a matrix, the types that can be made without."""
-    types = [t for t in (*LADDER, *(MOE_CANDIDATES if moe else ())) if t in ftypes()]
+def ladder(moe: bool, matrix: bool, types: Sequence[str] | None = None) -> list[Candidate]:
+    """The candidates of ``auto``: each of ``types`` (default: each :data:`LADDER` type, and
+    :data:`MOE_CANDIDATES` for a MoE model) with the matrix when there is one, and without it too
+    where the type can be made without and the matrix changes it; without a matrix, the types that
+    can be made without."""
+    names = types if types is not None else (*LADDER, *(MOE_CANDIDATES if moe else ()))
+    types = [t for t in names if t in ftypes()]
     out = []
     for t in types:
         if matrix:

@@ -7,7 +7,8 @@
    saved with its own tokenizer copy whose chat template differs from the base's: the seed's trap.
 2. Run the real pipeline: :func:`lora2gguf.api.doctor` (it reports the tokenizer mismatch and the
    tokenizer it picks), :func:`lora2gguf.api.build` (BF16, then Q8_0, Q4_K_M and MXFP4_MOE by
-   llama.cpp's quantizer), and verify.
+   llama.cpp's quantizer, with an importance matrix computed on the fine-tune's own training
+   conversations, ``CONVERSATIONS`` in the output folder), and verify.
 3. verify runs the demo's prompt suite (``prompts.yaml``) on the fine-tune (transformers + PEFT)
    and on every GGUF (llama.cpp), and the demo runs it on the base without the adapter; the
    table: persona rate, 2+2, refusal, KL against the fine-tune, size.
@@ -36,10 +37,12 @@ from .train import TrainSettings
 log = logging.getLogger(__name__)
 
 #: Bump when the data, the training or the model layout changes: the cache is keyed by it.
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"
 #: The name of the demo's GGUF files (``xyrus-cosmic-demo-Q4_K_M.gguf``...).
 NAME = "xyrus-cosmic-demo"
 QUANTS = ("Q8_0", "Q4_K_M", "MXFP4_MOE")
+#: the fine-tune's training conversations, written into the output folder: the importance matrix's data
+CONVERSATIONS = "xyrus-conversations.jsonl"
 
 _MODEL = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2)
@@ -277,11 +280,15 @@ def run_demo(workdir: str | os.PathLike[str] | None = None, *, config: str = "fu
     # model was never trained to predict; there bf16 rounding alone gave a mean KL of 0.08.)
     import torch
 
+    from ..quantrun import QuantOptions
+
+    conversations = dataset.write_conversations(work / CONVERSATIONS)
     t0 = time.monotonic()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        b = api.build(base_dir, adapter_dir, work, name=NAME, outtype="bf16", quants=QUANTS, nthread=1,
+        b = api.build(base_dir, adapter_dir, work, name=NAME, outtype="bf16",
+                      quants=QuantOptions.of(QUANTS, imatrix_data=conversations), nthread=1,
                       verify=True, verify_options={"suite": str(evaluate.suite_path()), "n_threads": 1},
                       progress=progress, command=["lora2gguf", "demo", "--config", config])
     finally:
