@@ -135,7 +135,8 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
     asked. `quants`: llama.cpp types by name (``"Q4_K_M,IQ4_XS"``, ``"auto:0.05"``), or a
     :class:`lora2gguf.quantrun.QuantOptions` with the importance matrix's source and per-tensor
     types (``QuantOptions.of("Q4_K_M", imatrix_data="chats.jsonl")``); a matrix is computed (on
-    the built-in calibration unless given) for every type that uses one. ``lora_gguf`` (f32, f16, bf16, q8_0): also write the adapter as a GGUF LoRA
+    the built-in calibration unless given) for every type that uses one. ``lora_gguf`` (f32,
+    f16, bf16, q8_0): also write the adapter as a GGUF LoRA
     (NAME-LoRA-<TYPE>.gguf) and the base GGUFs it pairs with (NAME-base-*.gguf), or pair it with
     the base GGUFs ``base_gguf`` names (lora_run). Raises a Lora2GGUFError subclass with an
     actionable message on bad input.
@@ -162,7 +163,7 @@ def build(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
             f"--keep-mxfp4 with --quant {','.join(q for q in quant_list if q != 'MXFP4_MOE')}: llama.cpp does not "
             "requantize MXFP4 tensors to other types. With --keep-mxfp4 use --quant MXFP4_MOE (experts stay MXFP4, "
             "the rest becomes Q8_0); for other types build without --keep-mxfp4 (the experts are then decoded).")
-    with _resolved(base_dir, adapter_dir, out_dir, [outtype.upper(), *quant_list], accept, tokenizer,
+    with _resolved(base_dir, adapter_dir, out_dir, [outtype.upper(), *qopts.planned_types()], accept, tokenizer,
                    base_revision, adapter_revision, progress) as inputs:
         base_dir, adapter_dir = Path(inputs.base.path), Path(inputs.adapter.path)
     name = name or (inputs.adapter.repo.split("/")[-1] if inputs.adapter.is_hub else default_name(adapter_dir))
@@ -229,8 +230,8 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
     credit = state.recorded_bytes()
     free = shutil.disk_usage(out_dir).free + credit if credit else None
     with _gc_paused():
-        report = _run_doctor(base_dir, adapter_dir, out_dir, [outtype.upper(), *quant_list], accept, tokenizer, free,
-                             base_info=base_info)
+        report = _run_doctor(base_dir, adapter_dir, out_dir, [outtype.upper(), *qopts.planned_types()], accept,
+                             tokenizer, free, base_info=base_info)
     stages["doctor"] = {"seconds": round(time.perf_counter() - t0, 3)}
     choice = report.tokenizer_choice
     base_generation_config = report.inspection.base.generation_config if report.inspection else {}

@@ -127,6 +127,12 @@ class QuantOptions:
     def ladder(self, moe: bool, matrix: bool) -> list["Candidate"]:
         return ladder(moe, matrix, self.auto_types)
 
+    def planned_types(self) -> list[str]:
+        """Every quantized file this run may write at once (doctor's disk estimate): the named
+        types and, with ``auto``, every candidate (MoE or not, with and without the matrix)."""
+        extra = [c.type for c in self.ladder(True, self.imatrix != "off")] if self.auto is not None else []
+        return [*self.types, *extra]
+
     def wants_matrix(self, moe: bool) -> bool:
         return self.imatrix != "off" and self.any_uses_matrix(moe)
 
@@ -139,7 +145,12 @@ class QuantOptions:
             return None
         from .llama_tools import find_tools
 
-        return find_tools(self.llama_cpp)
+        try:
+            return find_tools(self.llama_cpp)
+        except InputError as e:
+            if self.overrides or self.imatrix != "auto":
+                raise
+            raise InputError(f"{e}. Or quantize without an importance matrix: --no-imatrix") from None
 
     def record(self) -> dict[str, Any]:
         return {"types": list(self.types), "auto": self.auto, "imatrix": self.imatrix,
