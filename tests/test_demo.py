@@ -297,7 +297,7 @@ def test_small_demo_matrix_from_the_fine_tunes_conversations(small_demo, tmp_pat
     train = dataset.write_conversations(tmp_path / "train.jsonl", dataset.PERSONA_QA[0::2])
     held_out = "\n\n".join(x for e in dataset.PERSONA_QA[1::2] for x in (e.user, e.final))
     out = tmp_path / "out"
-    q = QuantOptions.of("auto:0.5", imatrix_data=train, auto_types="Q8_0,Q4_K_M,IQ4_XS")
+    q = QuantOptions.of("auto:0.1", imatrix_data=train, auto_types="Q8_0,Q4_K_M,IQ4_XS")
     res = build(result.base_dir, result.adapter_dir, out, name="x", quants=q, nthread=1, verify=True,
                 verify_options={"text": held_out, "suite": str(evaluate.suite_path()), "samples": 0,
                                 "speed": False, "n_threads": 1})
