@@ -16,7 +16,7 @@ from lora2gguf.testing import families
 from lora2gguf.testing import tokenizers as toks
 from lora2gguf.verify.logits import gguf_logits
 from lora2gguf.verify.metrics import kl_divergence, top1_agreement
-from reference import assert_same_gguf, run_converter
+from reference import assert_same_gguf, read_gguf, run_converter
 
 pytest.importorskip("peft")
 
@@ -78,6 +78,31 @@ def test_bf16_equals_llama_cpp_converter_on_the_float64_merge(case, reference_ll
     if "llama3" in cid:
         assert names["rope_freqs.weight"] == "F32"
     assert types["BF16"] > 0
+
+
+#: the cheapest of CASES (a 512-piece SentencePiece vocabulary, tied embeddings): the F16 output on it
+CHEAPEST = CASES[1]
+
+
+@pytest.mark.parametrize("case", [CHEAPEST], ids=[CHEAPEST[0]], indirect=True)
+def test_f16_equals_llama_cpp_converter_on_the_float64_merge(case, reference_llama_cpp):
+    """--outtype f16: lora2gguf's F16 GGUF is the converter's ``--outtype f16`` GGUF of the float64
+    merge rounded once to f16 (every tensor's bytes, every key, file type MOSTLY_F16 included):
+    matrices F16, norms F32."""
+    cid, family, base, adapter, root = case
+    res = build(base, adapter, root / "out16", name="m", outtype="f16")
+    model_dir = synth.write_reference_merge(base, adapter, root / "reference16", dtype="f16")
+    ours = root / "out16" / "m-F16.gguf"
+    assert_same_gguf(ours, run_converter(reference_llama_cpp, model_dir, root / "ref16.gguf", outtype="f16"))
+    names = res.outputs[0].tensors
+    assert set(names.values()) == {"F16", "F32"}
+    assert names["token_embd.weight"] == "F16" and names["blk.0.attn_q.weight"] == "F16"
+    assert names["blk.0.attn_norm.weight"] == "F32"
+    tensors, kv = read_gguf(ours)
+    assert kv["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    # the merged matrices keep f16's 10 mantissa bits (not a bf16 merge widened: its low 3 bits 0)
+    q = np.frombuffer(tensors["blk.0.attn_q.weight"][2], np.uint16)
+    assert np.mean(q & 0x7 != 0) > 0.5
 
 
 @pytest.fixture(scope="module")
