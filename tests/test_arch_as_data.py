@@ -47,8 +47,9 @@ MARKERS = ["gpt_oss", "gpt-oss", "gptoss", "harmony", "o200k", "201088", "201,08
            "<|eot_id|>", "<|im_start|>", "<|im_end|>", "[INST]", "<start_of_turn>", "<think>"]
 #: the runtime's names: llama.cpp, its Python binding, its library, tools and source files are no
 #: model family (identifiers such as llama_model_quantize are whole words of their own)
-RUNTIME = re.compile(r"(?i)llama(?:\.cpp|[_-]cpp(?:[_-]python)?(?:\.Llama)?|\.(?:so|dylib|dll)\b|-[a-z]+\.(?:cpp|h|json)"
-                     r"|-(?:quantize|imatrix|server|cli|perplexity|bench|tokenize|gguf-split|tools)\b)")
+RUNTIME = re.compile(r"(?i)llama(?:\.cpp|[_-]cpp(?:[_-]python)?(?:\.Llama)?|\.(?:so|dylib|dll)\b"
+                     r"|-[a-z]+\.(?:cpp|h|json)|-(?:quantize|imatrix|server|cli|perplexity|bench|tokenize|gguf-split"
+                     r"|tools)\b)")
 
 
 def _modules() -> list[Path]:
@@ -100,7 +101,8 @@ def test_the_scan_sees_what_it_must():
     """The matching itself: any case, display names, markers inside names; the runtime's names
     and identifiers that merely contain a family's name left alone."""
     for text in ("a GPT-OSS vocabulary", "the HARMONY format", "Llama 3's rope", "openai/gpt-oss-20b", "qwen2moe",
-                 "CHAT_TEMPLATE_NOT_HARMONY", "is_gpt_oss(cfg)", "(Gemma's norms)", "a phi-3 model", "MistralForCausalLM"):
+                 "CHAT_TEMPLATE_NOT_HARMONY", "is_gpt_oss(cfg)", "(Gemma's norms)", "a phi-3 model",
+                 "MistralForCausalLM"):
         assert _found(text), text
     for text in ("llama.cpp's llama-quantize, llama_cpp.Llama, libllama.so, llama.dll, llama-cpp-python, --llama-cpp",
                  "llama-quant.cpp, llama-tools.json, llama_model_quantize, quiet_llama(), LLAMA_HF, LlamaTools",
@@ -128,7 +130,8 @@ def test_every_registered_family_is_absent_from_the_pipeline():
                 unused.discard((where, allowed))
         for m in _found(text):
             found.append(f"{rel}:{text.count(chr(10), 0, m.start()) + 1}: {m.group()}")
-    assert not found, f"family or chat-format knowledge outside arch/ and chat/ ({len(found)}): " + "; ".join(found[:40])
+    assert not found, (f"family or chat-format knowledge outside arch/ and chat/ ({len(found)}): "
+                       + "; ".join(found[:40]))
     assert not unused, f"ALLOWED entries no longer needed: {sorted(unused)}"
 
 
