@@ -18,6 +18,7 @@ import pytest
 
 from lora2gguf import doctor, o200k, synth
 from lora2gguf.doctor import checks, findings as F
+from lora2gguf.doctor.render import render_text
 from lora2gguf.safetensors_io import Checkpoint
 
 BASE_NAME_ONLY = ("config.json", "generation_config.json")
@@ -217,7 +218,7 @@ def test_special_token_settings_are_a_warning(tiny_base, tmp_path):
     f = one(report, "TOKENIZER_DIFFERS")
     assert f.data["diff"]["specials"]["eos_token"] == {"base": "<|return|>", "adapter": "<|end|>",
                                                       "base_id": 200002, "adapter_id": 200007}
-    eos = one(report, "EOS_NOT_RETURN")
+    eos = one(report, "EOS_NOT_ANSWER_END")
     assert eos.severity == F.WARNING and eos.data["eos_id"] == 200007
     assert blockers(report) == set() and report.exit_code == 1
 
@@ -269,9 +270,16 @@ def test_template_without_harmony_or_eog_is_a_blocker(tiny_base, tmp_path):
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     ad = variant_adapter(tiny_base, tmp_path, lambda d: o200k.write_tokenizer(d, chat_template=chatml))
     report = doctor.run(tiny_base, ad, free_bytes=10**12)
-    assert {"CHAT_TEMPLATE_NOT_HARMONY", "CHAT_TEMPLATE_NO_EOG"} <= blockers(report)
-    assert one(report, "CHAT_TEMPLATE_NOT_HARMONY").data["missing"] == ["<|channel|>", "<|message|>"]
+    assert {"CHAT_TEMPLATE_WRONG_FORMAT", "CHAT_TEMPLATE_NO_EOG"} <= blockers(report)
+    wrong = one(report, "CHAT_TEMPLATE_WRONG_FORMAT")
+    assert wrong.data["missing"] == ["<|channel|>", "<|message|>"] and wrong.data["format"] == "harmony"
     assert "TEMPLATE_DIFFERS" in warnings_(report)
+    # the code's first name (it named the format) is still accepted, in any case, by --accept
+    old = {"chat_template_not_harmony", "CHAT_TEMPLATE_NO_EOG"}
+    assert not report.blocking(old) and report.blocking({"CHAT_TEMPLATE_NO_EOG"}) == [wrong]
+    accepted = {f["code"] for f in report.to_dict(old)["findings"] if f["accepted"]}
+    assert accepted == {"CHAT_TEMPLATE_WRONG_FORMAT", "CHAT_TEMPLATE_NO_EOG"}
+    assert "CHAT_TEMPLATE_WRONG_FORMAT (accepted)" in render_text(report, accepted=old, width=140)
 
 
 def test_eos_that_is_plain_text_is_a_blocker(tiny_base, tmp_path):
@@ -289,7 +297,7 @@ def test_eos_that_is_plain_text_is_a_blocker(tiny_base, tmp_path):
 def test_eos_endoftext_is_only_a_warning(tiny_base, tmp_path):
     ad = variant_adapter(tiny_base, tmp_path, lambda d: o200k.write_tokenizer(d, eos_token="<|endoftext|>"))
     report = doctor.run(tiny_base, ad, free_bytes=10**12)
-    assert "EOS_NOT_RETURN" in warnings_(report) and "EOS_NOT_EOG" not in codes(report)
+    assert "EOS_NOT_ANSWER_END" in warnings_(report) and "EOS_NOT_EOG" not in codes(report)
 
 
 def test_missing_eog_token_is_a_blocker(tiny_base, tmp_path):
@@ -310,7 +318,7 @@ def test_missing_chat_template_is_a_blocker(tiny_base, tmp_path):
 def test_template_in_tokenizer_config_is_found(tiny_base, tmp_path):
     ad = variant_adapter(tiny_base, tmp_path, lambda d: o200k.write_tokenizer(d, template_in_config=True))
     report = doctor.run(tiny_base, ad, free_bytes=10**12)
-    assert not ({"CHAT_TEMPLATE_MISSING", "CHAT_TEMPLATE_NOT_HARMONY", "TEMPLATE_DIFFERS"} & codes(report))
+    assert not ({"CHAT_TEMPLATE_MISSING", "CHAT_TEMPLATE_WRONG_FORMAT", "TEMPLATE_DIFFERS"} & codes(report))
     assert report.inspection.adapter.tokenizer.chat_template_source == "tokenizer_config.json"
 
 
@@ -689,3 +697,6 @@ def test_json_schema_is_stable(tiny_base, tmp_path):
 def test_codes_are_unique_and_severities_known():
     assert all(sev in F.SEVERITIES and title for sev, title in F.CODES.values())
     assert all(code == code.upper() and " " not in code for code in F.CODES)
+    # a renamed code is gone from CODES (never reused) and its new code is one
+    assert not set(F.RENAMED) & set(F.CODES) and set(F.RENAMED.values()) <= set(F.CODES)
+    assert F.accepted_codes([" eos_not_return", "DISK_SPACE"]) == {"EOS_NOT_RETURN", "EOS_NOT_ANSWER_END", "DISK_SPACE"}

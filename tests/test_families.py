@@ -4,6 +4,7 @@ PEFT, and lora2gguf's GGUF against llama.cpp's own converter on the float64 refe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
@@ -12,11 +13,12 @@ import pytest
 
 from lora2gguf import synth
 from lora2gguf.api import build
+from lora2gguf.gguf_header import read_header
 from lora2gguf.testing import families
 from lora2gguf.testing import tokenizers as toks
 from lora2gguf.verify.logits import gguf_logits
 from lora2gguf.verify.metrics import kl_divergence, top1_agreement
-from reference import assert_same_gguf, run_converter
+from reference import assert_same_gguf, read_gguf, run_converter
 
 pytest.importorskip("peft")
 
@@ -80,6 +82,31 @@ def test_bf16_equals_llama_cpp_converter_on_the_float64_merge(case, reference_ll
     assert types["BF16"] > 0
 
 
+#: the cheapest of CASES (a 512-piece SentencePiece vocabulary, tied embeddings): the F16 output on it
+CHEAPEST = CASES[1]
+
+
+@pytest.mark.parametrize("case", [CHEAPEST], ids=[CHEAPEST[0]], indirect=True)
+def test_f16_equals_llama_cpp_converter_on_the_float64_merge(case, reference_llama_cpp):
+    """--outtype f16: lora2gguf's F16 GGUF is the converter's ``--outtype f16`` GGUF of the float64
+    merge rounded once to f16 (every tensor's bytes, every key, file type MOSTLY_F16 included):
+    matrices F16, norms F32."""
+    cid, family, base, adapter, root = case
+    res = build(base, adapter, root / "out16", name="m", outtype="f16")
+    model_dir = synth.write_reference_merge(base, adapter, root / "reference16", dtype="f16")
+    ours = root / "out16" / "m-F16.gguf"
+    assert_same_gguf(ours, run_converter(reference_llama_cpp, model_dir, root / "ref16.gguf", outtype="f16"))
+    names = res.outputs[0].tensors
+    assert set(names.values()) == {"F16", "F32"}
+    assert names["token_embd.weight"] == "F16" and names["blk.0.attn_q.weight"] == "F16"
+    assert names["blk.0.attn_norm.weight"] == "F32"
+    tensors, kv = read_gguf(ours)
+    assert kv["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    # the merged matrices keep f16's 10 mantissa bits (not a bf16 merge widened: its low 3 bits 0)
+    q = np.frombuffer(tensors["blk.0.attn_q.weight"][2], np.uint16)
+    assert np.mean(q & 0x7 != 0) > 0.5
+
+
 @pytest.fixture(scope="module")
 def f32_case(case):
     cid, family, base, adapter, root = case
@@ -132,6 +159,49 @@ def test_a_wrong_permute_fails(f32_case, case, tmp_path):
 
 def _arch(reader) -> str:
     return reader.fields["general.architecture"].contents()
+
+
+# --------------------------------------------------------------------------- Llama variants
+
+#: Llama configs beyond CASES, on the cheapest model (SentencePiece, tied embeddings): (id, config,
+#: config.json as a transformers 4.x checkpoint has it, GGUF keys both files must hold). Rope
+#: scalings other than llama3 become rope.scaling.* keys (no rope_freqs tensor): linear from a 4.x
+#: ``rope_scaling`` (``type``, top-level rope_theta), YaRN with its beta and attention factors from
+#: 5.x ``rope_parameters``. The linear case also has SmolLM's 49,152-row vocabulary, which the
+#: converter writes with add_bos_token False (one converter run fewer than a case of its own).
+VARIANTS = [
+    ("rope-linear-smollm-vocab", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}, "vocab_size": 49152},
+     {"rope_scaling": {"type": "linear", "factor": 4.0}, "rope_theta": 10000.0},
+     {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0, "tokenizer.ggml.add_bos_token": False}),
+    ("rope-yarn", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                                    "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.25}}, None,
+     {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+      "llama.rope.scaling.original_context_length": 1024, "llama.rope.scaling.yarn_beta_fast": 16.0,
+      "llama.rope.scaling.yarn_beta_slow": 2.0, "llama.rope.scaling.yarn_attn_factor": 1.25,
+      "tokenizer.ggml.add_bos_token": True}),
+]
+
+
+@pytest.mark.parametrize("cid,extra,legacy,keys", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_llama_variant_equals_llama_cpp_converter(cid, extra, legacy, keys, reference_llama_cpp, tmp_path):
+    """Each variant's BF16 GGUF is the converter's on the float64 merge, and holds ``keys``."""
+    write_tokenizer, vocab, ids = TOKENIZERS["spm-llama2"]
+    config = families.small_config("llama", **{"vocab_size": vocab, **ids, "tie_word_embeddings": True,
+                                               "num_hidden_layers": 2, **extra})
+    base = families.make_model(tmp_path / "base", "llama", config, tokenizer=write_tokenizer)
+    if legacy is not None:
+        cfg = synth.read_config(base)
+        cfg.pop("rope_parameters", None)
+        (base / "config.json").write_text(json.dumps({**cfg, **legacy}, indent=2))
+    adapter = synth.make_adapter(base, tmp_path / "adapter", target_modules=families.ALL_LINEAR,
+                                 target_parameters=(), r=4, lora_alpha=8)
+    res = build(base, adapter, tmp_path / "out", name="m")
+    ours = tmp_path / "out" / "m-BF16.gguf"
+    model_dir = synth.write_reference_merge(base, adapter, tmp_path / "reference")
+    assert_same_gguf(ours, run_converter(reference_llama_cpp, model_dir, tmp_path / "ref.gguf"))
+    kv = read_header(ours).values  # gguf-py's reader takes seconds on a 49,152-token vocabulary
+    assert {k: kv.get(k) for k in keys} == keys
+    assert "rope_freqs.weight" not in res.outputs[0].tensors
 
 
 # --------------------------------------------------------------------------- chat fine-tunes

@@ -1,7 +1,7 @@
 """Many adapters on one base: a training run's checkpoints (or any adapters) converted in one run.
 
     from lora2gguf.batch import build_many
-    result = build_many("gpt-oss-20b", [], "out", checkpoints="runs/xyrus", quants=["Q4_K_M"], verify=True)
+    result = build_many("org/base-model", [], "out", checkpoints="runs/xyrus", quants=["Q4_K_M"], verify=True)
     result.ranking          # entry names, best first, from each one's recorded measurements
     result.comparison_md    # out/COMPARISON.md (also comparison.json and comparison.html)
 

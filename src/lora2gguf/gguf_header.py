@@ -1,7 +1,7 @@
 """A fast, strict reader of a GGUF file's header: its metadata keys (values skipped) and tensor infos.
 
-gguf-py's ``GGUFReader`` builds a numpy view for every part of every metadata field; for the
-o200k vocabulary (201,088 tokens and 446k merges) that takes 10-30 s per file, longer than
+gguf-py's ``GGUFReader`` builds a numpy view for every part of every metadata field; for a
+200k-token vocabulary (and 446k merges) that takes 10-30 s per file, longer than
 streaming a real-width layer. Checking that a written file reads back and listing its tensor
 types needs only the header, which this walks in well under a second. Type ids and sizes come
 from gguf-py's constants.

@@ -1,8 +1,8 @@
 """gguf-py's GGUFWriter with a bulk packer for large metadata arrays.
 
 gguf-py packs a metadata array one item at a time through ``GGUFWriter._pack_val`` (several Python
-calls and a ``struct.pack`` per item). A GPT-OSS vocabulary has about 850,000 items (201k token
-strings, 201k token types, 446k merges), which costs seconds before the first tensor is written.
+calls and a ``struct.pack`` per item). A 200k-token vocabulary has about 850,000 items (200k token
+strings, 200k token types, 446k merges), which costs seconds before the first tensor is written.
 :class:`FastKVWriter` packs large homogeneous lists and tuples of str, int, float or bool in bulk
 (numpy, ``bytes.join``) and leaves everything else to gguf-py: the bytes are the same as gguf-py's
 for every input, and so are the errors (an input the bulk path is not sure of goes to gguf-py).

@@ -156,7 +156,7 @@ def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
 
 def check_header(path: Path, expect_tensors: int | None = None) -> None:
     """The written file's header reads back with the expected tensor count (through the fast
-    header reader: gguf-py's full reader takes 10-30 s on the o200k vocabulary's metadata)."""
+    header reader: gguf-py's full reader takes 10-30 s on a 200k-token vocabulary's metadata)."""
     try:
         n = len(read_header(path).tensors)
     except FormatError as e:

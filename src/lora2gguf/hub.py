@@ -1,7 +1,7 @@
 """Inputs named by Hugging Face hub id, resolved to a local folder through huggingface_hub.
 
-    src = resolve("unsloth/gpt-oss-20b-BF16", "base")   # a Source: the folder to read, and what it is
-    src.path    # ~/.cache/huggingface/hub/models--unsloth--gpt-oss-20b-BF16/snapshots/<commit>
+    src = resolve("org/base-model", "base")   # a Source: the folder to read, and what it is
+    src.path    # ~/.cache/huggingface/hub/models--org--base-model/snapshots/<commit>
 
 BASE and ADAPTER are a local folder (an existing path always wins) or a hub id ``org/name`` with an
 optional ``@revision`` (branch, tag or commit). For a hub id:

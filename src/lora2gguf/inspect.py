@@ -107,7 +107,7 @@ _TOKENIZER_CACHE_SIZE = 4
 
 
 def _parse_tokenizer_json(path: str, sha256: str) -> TokenizerModel:
-    """Parsed tokenizer.json, cached by content hash (a gpt-oss tokenizer.json is 27 MB)."""
+    """Parsed tokenizer.json, cached by content hash (a 200k-token tokenizer.json is about 27 MB)."""
     hit = _TOKENIZER_CACHE.get(sha256)
     if hit is None:
         hit = _parse_tokenizer_json_uncached(path)
@@ -306,7 +306,7 @@ def logical_shapes(base: BaseInfo) -> dict[str, tuple[int, ...]]:
     """Name -> shape of the base's tensors as its BF16 checkpoint has them.
 
     MXFP4 ``X_blocks`` (E, out, G, 16) + ``X_scales`` (E, out, G) stand for ``X`` (E, G*32, out),
-    as the official gpt-oss checkpoints store their experts. A bitsandbytes 4-bit weight stands
+    as transformers' MXFP4 checkpoints store MoE experts. A bitsandbytes 4-bit weight stands
     for the shape its quant-state JSON records (a few hundred bytes, read here). LLM.int8's ``SCB``
     and ``weight_format`` are dropped. Other tensors are as stored.
     """

@@ -12,7 +12,7 @@ columns. That one description serves everything:
   gate/up de-interleave) selects rows of ``left`` and shares ``right``; a transpose swaps the two
   roles; a column selection selects columns of ``right``. The merge (merge.py) and the GGUF LoRA
   adapter export use the same factors;
-- an elementwise constant (Gemma stores norms as ``w + 1``): :attr:`Output.add`, which leaves the
+- an elementwise constant (norms a family stores as ``w + 1``): :attr:`Output.add`, which leaves the
   LoRA factors alone.
 
 Operations are small frozen objects; a family module lists them per tensor name
@@ -139,7 +139,7 @@ class Output:
 
     shape: tuple[int, ...]
     parts: tuple[Part, ...]
-    add: float = 0.0  # a constant added to every element after the merge (Gemma's norms)
+    add: float = 0.0  # a constant added to every element after the merge (norms stored as w + 1)
 
 
 def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
@@ -281,7 +281,7 @@ class PermuteHeads(LayoutOp):
 
 @dataclass(frozen=True)
 class AddOne(LayoutOp):
-    """The tensor plus one (Gemma's RMSNorm weights are stored as w + 1 by llama.cpp)."""
+    """The tensor plus one (RMSNorm weights that llama.cpp stores as w + 1 for some families)."""
 
     add: float = 1.0
 

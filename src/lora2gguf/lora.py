@@ -9,7 +9,7 @@ Facts (PEFT's conventions):
   layout of fused expert tensors in transformers): A is saved as (r*E, in) and read as (E, r, in); B is saved as
   (out, r*E) and read as (out, r, E): the expert index is the slow axis of A's rows but the
   fast axis of B's columns. delta[e] = s * (A_e^T @ B_e^T) with shape (in, out). A parameter
-  stored (E, out, in) (each expert a Linear weight, as transformers 5.x's fused Qwen/Mixtral
+  stored (E, out, in) (each expert a Linear weight, as transformers 5.x's fused MoE
   experts) has in = its last axis: delta[e] = s * B_e @ A_e.
 - A delta is handed to the merge as two factors (left, right) with the scale folded into B:
   layout views cut them (layout.View.factors) and merge.merge_block adds left @ right.

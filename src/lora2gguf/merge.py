@@ -7,7 +7,7 @@ values whatever layout the element ends up in), the merged value is
 
     S = W + add + a_1 * bs_1 + ... + a_K * bs_K      (each product a float64 number)
 
-the exact sum of the base value, an optional constant (Gemma stores norms as ``w + 1``) and the
+the exact sum of the base value, an optional constant (norms stored as ``w + 1``) and the
 float64 products over every rank index of every LoRA term, rounded once to bf16, f16 or f32.
 S does not depend on the order of anything, so the bytes do not depend on BLAS, the CPU,
 threads, tile sizes or which route computed them.

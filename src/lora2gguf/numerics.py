@@ -2,7 +2,7 @@
 
 - bfloat16: float32 -> bf16 bits with round-to-nearest-even (as ggml / gguf-py and torch do),
   and back.
-- MXFP4 as the official ``openai/gpt-oss-*`` checkpoints store it (``*_blocks`` + ``*_scales``):
+- MXFP4 as transformers' MXFP4 checkpoints store MoE experts (``*_blocks`` + ``*_scales``):
   decode, encode (for fixtures), and a lossless repack into ggml's ``block_mxfp4`` layout.
 - bitsandbytes 4-bit (NF4 / FP4, with and without nested "double" quantization of absmax)
   and LLM.int8 (``SCB``): decode with numpy only, parse the state-dict layout bitsandbytes
@@ -195,7 +195,7 @@ def round_f64(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# MXFP4 (OCP MX, as stored by the openai/gpt-oss checkpoints)
+# MXFP4 (OCP MX, as transformers' MXFP4 checkpoints store MoE experts)
 # --------------------------------------------------------------------------------------------
 
 #: FP4 E2M1 value of each 4-bit code (bit 3 = sign, bits 2..1 = exponent, bit 0 = mantissa).
@@ -307,11 +307,11 @@ def decode_mxfp4_expert(
     experts: int | slice | None = None,
     name: str | None = None,
 ) -> np.ndarray:
-    """Decode a GPT-OSS MXFP4 expert tensor into the BF16 checkpoint's layout (float32).
+    """Decode an MXFP4 expert tensor into the BF16 checkpoint's layout (float32).
 
     The official checkpoints store each expert matrix row-major over *output* features:
     ``gate_up_proj_blocks`` (E, 2I, H/32, 16) decodes to (E, 2I, H) and ``down_proj_blocks``
-    (E, H, I/32, 16) to (E, H, I). The BF16 checkpoints (and transformers' ``GptOssExperts``)
+    (E, H, I/32, 16) to (E, H, I). The BF16 checkpoints (and transformers' expert modules)
     hold the transpose of each expert: ``gate_up_proj`` (E, H, 2I) and ``down_proj`` (E, I, H).
     This returns that transposed, contiguous layout, i.e. exactly the values of the published
     BF16 copies (transformers' ``convert_moe_packed_tensors`` does the same transpose).
@@ -393,7 +393,7 @@ def mxfp4_hf_to_ggml(blocks: np.ndarray, scales: np.ndarray, *, name: str | None
     The 4-bit codes themselves are the same E2M1 codes on both sides (ggml doubles its value
     table and halves the scale, giving the same numbers).
 
-    The leading axes are kept: for GPT-OSS ``gate_up_proj_blocks`` (E, 2I, H/32, 16) the result
+    The leading axes are kept: for ``gate_up_proj_blocks`` (E, 2I, H/32, 16) the result
     is (E, 2I, H/32*17), whose rows 0::2 / 1::2 are the gate / up experts as llama.cpp splits them.
     """
     blocks = np.asarray(blocks)

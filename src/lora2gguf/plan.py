@@ -3,8 +3,8 @@
 For each output tensor: its name, shape and type; the source tensors it is made of (with the
 LoRA terms that touch each); per output matrix, the source matrix and the :class:`layout.View`
 that cuts it out (which also says what happens to the LoRA factors); a constant to add
-(Gemma's norms); or, for tensors made from the config alone (Llama 3's ``rope_freqs``), the
-values. The stream (stream.py) executes it block by block; nothing here reads tensor data.
+(norms stored as ``w + 1``); or, for tensors made from the config alone (rotary frequency
+factors), the values. The stream (stream.py) executes it block by block; nothing here reads tensor data.
 """
 
 from __future__ import annotations

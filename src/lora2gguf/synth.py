@@ -796,25 +796,29 @@ def peft_merged_state_dict(base_dir: str | os.PathLike[str], adapter_dir: str | 
 
 
 def write_reference_merge(base_dir: str | os.PathLike[str], adapter_dir: str | os.PathLike[str],
-                          dest_dir: str | os.PathLike[str], *, tokenizer_dir: str | os.PathLike[str] | None = None
-                          ) -> Path:
+                          dest_dir: str | os.PathLike[str], *, tokenizer_dir: str | os.PathLike[str] | None = None,
+                          dtype: str = "bf16") -> Path:
     """The float64 reference merge as a model folder llama.cpp's converter can read: PEFT's
-    ``merge_and_unload()`` on the base loaded in float64, every tensor rounded once to bf16 with
-    :func:`numerics.f64_to_bf16_bits` (torch's float64 -> bfloat16 rounds twice, through float32),
-    then saved by transformers' ``save_pretrained`` in bfloat16 (its own checkpoint layout: tied
-    tensors once, MoE experts per expert, the config's vocab_size after a resize) with the
-    tokenizer files of ``tokenizer_dir`` (default: the adapter's, else the base's)."""
+    ``merge_and_unload()`` on the base loaded in float64, every tensor rounded once to ``dtype``
+    ("bf16" with :func:`numerics.f64_to_bf16_bits`: torch's float64 -> bfloat16 rounds twice,
+    through float32; or "f16"), then saved by transformers' ``save_pretrained`` in that type (its
+    own checkpoint layout: tied tensors once, MoE experts per expert, the config's vocab_size after
+    a resize) with the tokenizer files of ``tokenizer_dir`` (default: the adapter's, else the
+    base's). The converter run with the same ``--outtype`` then writes the values unchanged."""
     import torch
 
+    to_f64 = {"bf16": lambda v: numerics.bf16_bits_to_f32(numerics.f64_to_bf16_bits(v)),
+              "f16": lambda v: numerics.f64_to_f16_bits(v).view(np.float16)}
+    if dtype not in to_f64:
+        raise InputError(f"write_reference_merge: dtype {dtype!r} is not one of {', '.join(to_f64)}")
     base, dest = Path(base_dir), Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     pm = _peft_model(base, adapter_dir, "float64")
     with torch.no_grad():
         merged = pm.merge_and_unload() if adapter_dir is not None else pm
         for _, p in merged.named_parameters():
-            bits = numerics.f64_to_bf16_bits(p.detach().cpu().numpy())
-            p.copy_(torch.from_numpy(numerics.bf16_bits_to_f32(bits).astype(np.float64)))  # exact in bf16
-        merged = merged.to(torch.bfloat16)  # exact: every value is a bf16 value
+            p.copy_(torch.from_numpy(to_f64[dtype](p.detach().cpu().numpy()).astype(np.float64)))  # rounded once
+        merged = merged.to(torch.bfloat16 if dtype == "bf16" else torch.float16)  # exact: every value is one
     merged.save_pretrained(str(dest))
     if (base / "generation_config.json").exists():
         shutil.copy(base / "generation_config.json", dest / "generation_config.json")

@@ -10,8 +10,11 @@ Facts (llama.cpp's converter, conversion/llama.py):
 - extra GGUF keys: ``vocab_size`` and ``rope.dimension_count`` (head_dim, else hidden / heads).
 - tied embeddings: ``output.weight`` exists only when the checkpoint holds ``lm_head.weight``.
 - the tokenizer: SentencePiece ``tokenizer.model`` when the folder has one (Llama 2, Mistral
-  v0.1-v0.3), else the BPE ``tokenizer.json`` (Llama 3 ``llama-bpe``, SmolLM ``smollm``,
-  Mistral Nemo ``tekken``).
+  v0.1-v0.3), else the BPE ``tokenizer.json``, its pre-tokenizer named by llama.cpp's hash
+  (Llama 3 ``llama-bpe``, SmolLM ``smollm``, Mistral Nemo ``tekken``). The tests check
+  ``llama-bpe``; no SmolLM or Nemo vocabulary is available offline to check the other two.
+- a 49,152-row vocabulary (SmolLM's) is written with ``add_bos_token`` False, whatever the
+  tokenizer says.
 """
 
 from __future__ import annotations
@@ -120,7 +123,8 @@ LLAMA = register(
         generated=llama3_rope_factors,
         vocab_options=llama_vocab,
         checked="Llama 3 (llama-bpe BPE) and Llama 2 (SentencePiece) tokenizers; GQA q/k permute; llama3 "
-                "rope_freqs; tied and untied embeddings; parity with llama.cpp's converter; logits vs "
+                "rope_freqs; linear and YaRN rope.scaling keys; no BOS for a 49,152-row vocabulary (SmolLM's "
+                "size); tied and untied embeddings; BF16 and F16 parity with llama.cpp's converter; logits vs "
                 "transformers + PEFT",
     )
 )
@@ -140,7 +144,7 @@ MISTRAL = register(
         hparams=llama_hparams,
         generated=llama3_rope_factors,
         vocab_options=llama_vocab,
-        checked="SentencePiece (v0.1-v0.3) and tekken BPE tokenizers; GQA q/k permute; parity with llama.cpp's "
-                "converter; logits vs transformers + PEFT",
+        checked="SentencePiece (v0.1-v0.3) tokenizer; GQA q/k permute; parity with llama.cpp's converter; logits "
+                "vs transformers + PEFT",
     )
 )

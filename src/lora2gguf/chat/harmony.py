@@ -283,12 +283,12 @@ class HarmonyFormat(ChatFormat):
         else:
             missing = [m for m in ("<|channel|>", "<|message|>") if m not in tpl]
             if missing:
-                out.append(Issue("CHAT_TEMPLATE_NOT_HARMONY",
+                out.append(Issue("CHAT_TEMPLATE_WRONG_FORMAT",
                                  f"{tok.where}/{tok.template_source}: the template never writes {', '.join(missing)}",
                                  "GPT-OSS is trained on the Harmony format (<|start|>role<|channel|>…<|message|>…); "
                                  "another format makes it ramble or never stop",
                                  "use the Harmony template of the base model (chat_template.jinja of openai/gpt-oss-20b)",
-                                 {"missing": missing, "source": tok.template_source}))
+                                 {"format": self.name, "missing": missing, "source": tok.template_source}))
             if self.eog_tokens and not any(t in tpl for t in self.eog_tokens):
                 out.append(Issue("CHAT_TEMPLATE_NO_EOG",
                                  f"{tok.where}/{tok.template_source}: the template writes none of "
@@ -316,13 +316,13 @@ class HarmonyFormat(ChatFormat):
                              {"eos_token": eos, "eos_id": eos_id, "expected": self.eos_token}))
         elif eos != self.eos_token:
             note = "" if eos in self.eog_tokens else " (not one of Harmony's end tokens)"
-            out.append(Issue("EOS_NOT_RETURN",
+            out.append(Issue("EOS_NOT_ANSWER_END",
                              f"{tok.where}: eos_token is {eos!r} (id {eos_id}){note}; Harmony ends a final answer with "
                              f"{self.eos_token!r} (id {tok.token_id(self.eos_token)})",
                              "llama.cpp still stops at <|return|> / <|call|> (it recognises them by text), but "
                              "runtimes that only check EOS would run past the end of an answer",
                              f"set eos_token to {self.eos_token!r} in tokenizer_config.json",
-                             {"eos_token": eos, "eos_id": eos_id, "expected": self.eos_token}))
+                             {"format": self.name, "eos_token": eos, "eos_id": eos_id, "expected": self.eos_token}))
         return out
 
 

@@ -51,8 +51,8 @@ class DoctorReport:
         return {f.code for f in self.findings}
 
     def blocking(self, accepted: Iterable[str] = ()) -> list[Finding]:
-        """Blockers whose code the user did not accept."""
-        accepted = {a.upper() for a in accepted}
+        """Blockers whose code the user did not accept (renamed codes included: F.accepted_codes)."""
+        accepted = F.accepted_codes(accepted)
         return [f for f in self.findings if f.severity == BLOCKER and f.code not in accepted]
 
     @property
@@ -61,7 +61,7 @@ class DoctorReport:
         return 2 if BLOCKER in sev else 1 if WARNING in sev else 0
 
     def to_dict(self, accepted: Iterable[str] = ()) -> dict[str, Any]:
-        accepted = {a.upper() for a in accepted}
+        accepted = F.accepted_codes(accepted)
         counts = {s: sum(f.severity == s for f in self.findings) for s in F.SEVERITIES}
         return {
             "schema": SCHEMA,

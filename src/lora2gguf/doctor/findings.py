@@ -1,20 +1,23 @@
 """Findings: what doctor found, why it matters for the GGUF, and how to fix it.
 
 Every finding has a stable code from :data:`CODES`; the code fixes its severity and title, so
-scripts (``--json``) and ``build --accept CODE`` can rely on them across versions.
+scripts (``--json``) and ``build --accept CODE`` can rely on them across versions. The codes name
+no model family or chat format: a chat format raises the shared chat codes (its name and tokens
+go in the finding's text and data). A code that was renamed stays accepted by ``--accept``
+(:data:`RENAMED`, :func:`accepted_codes`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 BLOCKER = "blocker"
 WARNING = "warning"
 INFO = "info"
 SEVERITIES = (BLOCKER, WARNING, INFO)
 
-# code -> (severity, title). Append new codes; never rename or reuse one.
+# code -> (severity, title). Append new codes; never reuse one; a renamed code goes into RENAMED.
 CODES: dict[str, tuple[str, str]] = {
     # tokenizer
     "TOKENIZER_MISMATCH": (BLOCKER, "The adapter's tokenizer gives different token ids than the base's"),
@@ -56,10 +59,10 @@ CODES: dict[str, tuple[str, str]] = {
     "ADAPTER_FULL_WEIGHTS": (INFO, "The adapter replaces base tensors with full weights or trained rows"),
     # chat format
     "CHAT_TEMPLATE_MISSING": (BLOCKER, "No chat template"),
-    "CHAT_TEMPLATE_NOT_HARMONY": (BLOCKER, "The chat template is not the chat format the architecture needs"),
+    "CHAT_TEMPLATE_WRONG_FORMAT": (BLOCKER, "The chat template is not the chat format the architecture needs"),
     "CHAT_TEMPLATE_NO_EOG": (BLOCKER, "The chat template never ends a turn with an end-of-generation token"),
     "EOS_NOT_EOG": (BLOCKER, "The EOS token is not an end-of-generation token of the chat format"),
-    "EOS_NOT_RETURN": (WARNING, "The EOS token is not the chat format's end-of-answer token"),
+    "EOS_NOT_ANSWER_END": (WARNING, "The EOS token is not the chat format's end-of-answer token"),
     "EOG_TOKEN_MISSING": (BLOCKER, "An end-of-generation token of the chat format is missing from the vocabulary"),
     "CHAT_TEMPLATE_INVALID": (BLOCKER, "The chat template fails to render a plain conversation"),
     "TURN_END_NOT_EOG": (BLOCKER, "The token that ends an assistant turn in the template is not an end-of-generation token"),
@@ -76,6 +79,19 @@ CODES: dict[str, tuple[str, str]] = {
     "TOKENIZER_SENTENCEPIECE_MISSING": (BLOCKER, "A SentencePiece tokenizer converted to tokenizer.json lacks its tokenizer.model"),
     "TOKENIZER_VOCAB": (INFO, "The GGUF vocabulary: tokenizer file, model, pre-tokenizer, end-of-generation ids"),
 }
+
+#: old code -> the code it became: the first versions named one chat format in these two
+RENAMED: dict[str, str] = {
+    "CHAT_TEMPLATE_NOT_HARMONY": "CHAT_TEMPLATE_WRONG_FORMAT",
+    "EOS_NOT_RETURN": "EOS_NOT_ANSWER_END",
+}
+
+
+def accepted_codes(codes: Iterable[str]) -> set[str]:
+    """The codes ``--accept`` names, in upper case, each renamed one as its current code too (so
+    a script written for an older version still accepts the same finding)."""
+    out = {c.strip().upper() for c in codes}
+    return out | {RENAMED[c] for c in out if c in RENAMED}
 
 
 @dataclass

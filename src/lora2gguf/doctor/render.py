@@ -6,7 +6,7 @@ import shutil
 import textwrap
 from typing import Iterable
 
-from .findings import BLOCKER, INFO, SEVERITIES, WARNING
+from .findings import BLOCKER, INFO, SEVERITIES, WARNING, accepted_codes
 
 COLOURS = {BLOCKER: "\033[1;31m", WARNING: "\033[33m", INFO: "\033[36m"}
 RESET = "\033[0m"
@@ -18,7 +18,7 @@ def render_text(report, *, colour: bool = False, accepted: Iterable[str] = (), w
                 verbose: bool = False) -> str:
     """The findings as a table grouped by severity. Info findings are shown in one line each
     unless ``verbose``."""
-    accepted = {a.upper() for a in accepted}
+    accepted = accepted_codes(accepted)
     width = width or min(shutil.get_terminal_size((110, 24)).columns, 140)
     c = (lambda s, k: f"{COLOURS.get(k, k)}{s}{RESET}") if colour else (lambda s, k: s)
     bold = (lambda s: f"{BOLD}{s}{RESET}") if colour else (lambda s: s)

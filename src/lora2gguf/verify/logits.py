@@ -62,7 +62,7 @@ def open_gguf(path: str | os.PathLike[str], *, n_ctx: int, n_threads: int | None
     InputError when llama.cpp cannot load the file). ``vocab_only``: the tokenizer alone.
     ``lora``: a GGUF LoRA adapter applied at load time (:func:`apply_lora`)."""
     try:
-        from llama_cpp import Llama
+        import llama_cpp
     except ImportError as e:
         raise UnsupportedError("verify needs llama-cpp-python to run the GGUF files: "
                                "pip install llama-cpp-python") from e
@@ -73,9 +73,9 @@ def open_gguf(path: str | os.PathLike[str], *, n_ctx: int, n_threads: int | None
         raise InputError(f"{lora}: LoRA GGUF not found (was it moved after the build?)")
     try:
         with _quiet_stderr():
-            llm = Llama(model_path=str(p), n_ctx=n_ctx, n_threads=n_threads or default_threads(),
-                        n_threads_batch=n_threads or default_threads(), n_batch=min(n_batch, n_ctx),
-                        logits_all=logits_all, seed=seed, vocab_only=vocab_only, verbose=False)
+            llm = llama_cpp.Llama(model_path=str(p), n_ctx=n_ctx, n_threads=n_threads or default_threads(),
+                                  n_threads_batch=n_threads or default_threads(), n_batch=min(n_batch, n_ctx),
+                                  logits_all=logits_all, seed=seed, vocab_only=vocab_only, verbose=False)
     except (ValueError, RuntimeError) as e:
         raise InputError(f"llama.cpp could not load {p}: {e}; rebuild the file or check it with "
                          "`lora2gguf doctor`") from e
@@ -149,7 +149,7 @@ def gguf_logits(path: str | os.PathLike[str], tokens: Sequence[int], *, n_thread
 def gguf_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The GGUF's scalar metadata as llama.cpp reads it (key -> value as text; arrays such as the
     token list are left out). Uses llama.cpp's loader: gguf-py's reader parses every token string
-    in Python, which takes tens of seconds for a 201,088-token vocabulary."""
+    in Python, which takes tens of seconds for a 200k-token vocabulary."""
     llm = open_gguf(path, n_ctx=256, n_threads=1)
     try:
         return dict(llm.metadata)

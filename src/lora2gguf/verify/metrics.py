@@ -11,7 +11,7 @@ Conventions follow llama.cpp's ``llama-perplexity --kl-divergence``:
 - top-1 agreement ("same top p") is the fraction of scored positions where both argmaxes agree;
 - perplexity is ``exp(mean negative log-likelihood)`` of the actual next tokens.
 
-Everything is computed in float64 in row chunks so memory stays bounded for a 201,088-token vocab.
+Everything is computed in float64 in row chunks so memory stays bounded for a 200k-token vocab.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def token_ids(value: Any) -> list[int]:
 def eog_ids(special: SpecialTokens, n_tokens: int, config: Mapping[str, Any] | None,
             generation_config: Mapping[str, Any] | None) -> tuple[int, ...]:
     """Every end-of-generation id the tokenizer and the model's configs name: eos / eot / eom,
-    generation_config.json's and config.json's eos_token_id (Llama 3 lists three there)."""
+    generation_config.json's and config.json's eos_token_id (an id or a list of several)."""
     ids = [special.special_token_ids[t] for t in ("eos", "eot", "eom") if t in special.special_token_ids]
     for cfg in (generation_config or {}, config or {}):
         ids += token_ids(cfg.get("eos_token_id"))

@@ -26,12 +26,12 @@ class VocabOptions:
     ``kinds``: the tokenizer kinds to try, in order; the first whose file the folder has wins
     (e.g. ``("sentencepiece", "llama_hf", "bpe")``; the default, a BPE tokenizer.json alone).
     ``space_prefix_from_config``: write ``tokenizer.ggml.add_space_prefix`` from
-    tokenizer_config.json's ``add_prefix_space`` when it is set (the Llama family does).
-    ``space_prefix``: write ``tokenizer.ggml.add_space_prefix`` with this value (Gemma: False).
+    tokenizer_config.json's ``add_prefix_space`` when it is set.
+    ``space_prefix``: write ``tokenizer.ggml.add_space_prefix`` with this value.
     ``add_bos``: write ``tokenizer.ggml.add_bos_token`` with this value whatever the tokenizer
-    says (the Llama family for a 49,152-token vocabulary: False).
+    says (a family module may decide it from the config, e.g. the vocabulary's size).
     ``fixed_special_ids``: special-token type -> id, written unless tokenizer_config.json names
-    a token for that type (CodeLlama's prefix/suffix/middle/eot, CodeGemma's).
+    a token for that type (infill tokens a vocabulary has at fixed ids).
     ``added_types_from_special``: a SentencePiece vocabulary's added tokens (tokenizer_config.json's
     ``added_tokens_decoder``, then tokenizer.json's ``added_tokens``) are control tokens exactly
     when marked ``special`` and user-defined otherwise, their text as written (the converters

@@ -25,7 +25,7 @@ MODEL_FILE = "tokenizer.model"
 
 
 def _looks_like_tiktoken(raw: bytes) -> bool:
-    """A tiktoken rank file (``base64 rank`` lines), as Llama 3's original/tokenizer.model is."""
+    """A tiktoken rank file (``base64 rank`` lines), as some repositories ship in original/tokenizer.model."""
     lines = raw[:4096].splitlines()[:8]
     return bool(lines) and all(len(parts := line.split(b" ")) == 2 and parts[1].isdigit() for line in lines)
 
@@ -51,8 +51,8 @@ def load_sentencepiece(path: Path):
         ok, problem = False, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if not ok:
         if _looks_like_tiktoken(raw):
-            raise FormatError(f"{path}: not a SentencePiece model but a tiktoken rank file (as Llama 3's "
-                              "original/tokenizer.model is); remove it from the folder: the tokenizer.json beside it "
+            raise FormatError(f"{path}: not a SentencePiece model but a tiktoken rank file (as some "
+                              "repositories ship in original/); remove it from the folder: the tokenizer.json beside it "
                               "is the tokenizer to convert")
         raise FormatError(f"{path}: not a SentencePiece model ({problem}); download it again, or copy the "
                           "tokenizer.model of the model you fine-tuned from")
