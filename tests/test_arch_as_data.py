@@ -31,12 +31,6 @@ DATA_MODULES = {
 ALLOWED = {
     ("doctor/findings.py", "CHAT_TEMPLATE_NOT_HARMONY"):
         "the first name of CHAT_TEMPLATE_WRONG_FORMAT, still accepted by --accept (findings.RENAMED)",
-    ("api.py", 'build("gpt-oss-20b-bf16"'):
-        "a hub id in the module docstring's example, in a module being edited elsewhere; to be reworded there "
-        "to a neutral id (then this entry fails and goes)",
-    ("imatrix.py", "(its own template, Harmony for GPT-OSS)"):
-        "an example in the module docstring of the importance-matrix change being edited elsewhere; "
-        "to be reworded there (then this entry fails and goes)",
 }
 #: display names of families and chat formats, beyond what the registry holds (whole names)
 NAMES = ["Llama 2", "Llama 3", "CodeLlama", "SmolLM", "Mistral", "Nemo", "tekken", "Mixtral", "Qwen", "Qwen2.5",

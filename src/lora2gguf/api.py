@@ -1,7 +1,7 @@
 """The Python API: the same stages the CLI runs.
 
     from lora2gguf.api import build
-    result = build("gpt-oss-20b-bf16", "my-adapter", "out", quants=["Q4_K_M", "MXFP4_MOE"])
+    result = build("base-model", "my-adapter", "out", quants=["Q4_K_M", "MXFP4_MOE"])
 
 Flow: inputs -> doctor -> plan -> stream (BF16/F16/F32 GGUF, optional merged safetensors) ->
 quantize (llama.cpp) -> verify -> report. Progress goes through a callback; nothing prints.
@@ -372,6 +372,9 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
 
     vocab, special = info["vocab"], info["special"]
     eos_id = special.special_token_ids.get("eos")
+    from .doctor.findings import accepted_codes
+
+    accepted = accepted_codes(accept)  # renamed codes too
     record: dict[str, Any] = {
         "lora2gguf_version": __version__,
         "command": list(command) if command is not None else list(sys.argv),
@@ -384,7 +387,7 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         "architecture": arch.name,
         "outtype": outtype,
         "tokenizer": {"source": choice.source, "dir": str(Path(choice.dir).resolve()), "reason": choice.reason},
-        "findings": [f.to_dict() | {"accepted": f.code in set(accept)} for f in report.findings],
+        "findings": [f.to_dict() | {"accepted": f.code in accepted} for f in report.findings],
         "adapter": {
             "r": adapter.config.get("r"), "lora_alpha": adapter.config.get("lora_alpha"),
             "use_rslora": adapter.use_rslora, "pairs": len(adapter.all_terms),

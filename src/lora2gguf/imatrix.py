@@ -7,7 +7,7 @@ Data (:func:`calibration`):
 - ``--imatrix-data FILE``: JSONL of conversations, one ``{"messages": [{"role": ..., "content":
   ...}, ...]}`` per line (the format chat fine-tunes are trained on; ``reasoning_content`` or
   ``thinking`` kept as the reasoning), each rendered as a finished conversation with the GGUF's
-  chat format (its own template, Harmony for GPT-OSS); or ``{"text": ...}`` lines; or any other
+  chat format (the family's format with the template the file carries); or ``{"text": ...}`` lines; or any other
   file, read as plain text;
 - otherwise the built-in calibration: :data:`BUILTIN_LABEL`, a varied text written for lora2gguf
   (prose, dialogue, code, numbers, a few languages; MIT, like the package), then the verify
