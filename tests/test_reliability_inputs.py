@@ -235,6 +235,31 @@ def _config(fn: Callable[[dict], object]) -> Callable[[Path, Path], None]:
     return _json("base", "config.json", fn)
 
 
+EXPERTS_DOWN = "base_model.model.model.layers.0.mlp.experts"  # + .lora_A.weight: down_proj (the outer wrapper)
+
+
+def _rewrite_adapter(ad: Path, fn: Callable[[dict], None]) -> None:
+    """Load the adapter's tensors, let ``fn`` change them, save them again (a new file)."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(ad / ADAPTER))
+    fn(tensors)
+    (ad / ADAPTER).unlink()
+    save_file(tensors, str(ad / ADAPTER), metadata={"format": "pt"})
+
+
+def _expert_rows(rows: int) -> Callable[[Path, Path], None]:
+    """The layer-0 down_proj expert pair saved with ``rows`` rank rows (rank x experts in a good one)."""
+    def f(base: Path, ad: Path) -> None:
+        def resize(t: dict) -> None:
+            a, b = t[EXPERTS_DOWN + ".lora_A.weight"], t[EXPERTS_DOWN + ".lora_B.weight"]
+            rng = np.random.default_rng(rows)
+            t[EXPERTS_DOWN + ".lora_A.weight"] = rng.standard_normal((rows, a.shape[1])).astype(np.float32)
+            t[EXPERTS_DOWN + ".lora_B.weight"] = rng.standard_normal((b.shape[0], rows)).astype(np.float32)
+        _rewrite_adapter(ad, resize)
+    return f
+
+
 CASES: list[Case] = [
     # --- base safetensors shards
     Case("shard-truncated", "base", SHARD2, _truncate(SHARD2, 0.5), BlockedError, r"data ends at byte \d+ but the data section has \d+"),
@@ -341,6 +366,16 @@ CASES: list[Case] = [
     Case("adapter-header-overlap", "adapter", ADAPTER, _header(ADAPTER, _overlap), BlockedError, r"overlap"),
     Case("adapter-pickle-only", "adapter", "adapter_model.bin", _pickle_only_adapter, BlockedError,
          r"adapter_model\.bin: pickle files, which lora2gguf never unpickles.*weights_only=True"),
+    # target_parameters on experts: A (rank x experts, in), B (out, rank x experts); a layout that does not
+    # split into the base's 4 experts at the configured rank 4 is named, never guessed
+    Case("adapter-experts-rows-not-a-multiple", "adapter", ADAPTER, _expert_rows(14), BlockedError,
+         r"ADAPTER_BASE_MISMATCH.*layers\.0\.mlp\.experts\.lora_A\.weight \(14, 64\) .* do not fit "
+         r"model\.layers\.0\.mlp\.experts\.down_proj .*expected A \(16, 64\), B \(64, 16\)\): lora_A's 14 rows "
+         r"are not a multiple of the base's 4 experts\. lora2gguf does not guess.*the same expert count"),
+    Case("adapter-experts-other-count", "adapter", ADAPTER, _expert_rows(32), BlockedError,
+         r"ADAPTER_BASE_MISMATCH.*layers\.0\.mlp\.experts\.lora_A\.weight \(32, 64\) .* do not fit "
+         r"model\.layers\.0\.mlp\.experts\.down_proj .*lora_A's 32 rows are 4 experts at rank 8 or 8 experts "
+         r"at rank 4, but adapter_config\.json gives this parameter rank 4\. lora2gguf does not guess"),
     Case("adapter-nan", "adapter", None, _nan_in_adapter, BlockedError,
          r"ADAPTER_NONFINITE.*layers\.0\.self_attn\.q_proj\.lora_B\.weight \(1 values\)"),
     Case("adapter-nan-accepted", "adapter", ADAPTER, _nan_in_adapter, NumericError,

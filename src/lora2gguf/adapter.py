@@ -299,8 +299,10 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
             if a.shape != (r * n_exp, in_f) or b.shape != (out_f, r * n_exp):
                 raise InputError(
                     f"{where}: {a_key} {a.shape} / {b_key} {b.shape} do not fit {target} {shape} "
-                    f"({n_exp} experts, rank {r}: expected A {(r * n_exp, in_f)}, B {(out_f, r * n_exp)}). "
-                    "Is this adapter for another model, or another expert count?"
+                    f"({n_exp} experts, rank {r}: expected A {(r * n_exp, in_f)}, B {(out_f, r * n_exp)}): "
+                    f"{_expert_layout_problem(a.shape, b.shape, r, n_exp, in_f, out_f)}. lora2gguf does not "
+                    "guess the per-expert layout: use the base the adapter was trained on (the same expert "
+                    "count), or an adapter_config.json whose r / rank_pattern match the saved weights."
                 )
             term = LoraTerm(target, a_key.rsplit(".lora_A", 1)[0], a, b, r, alpha,
                             lora.scaling(alpha, r, rslora), "experts", num_experts=n_exp,
@@ -319,6 +321,22 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
     if not adapter.terms and not adapter.replaced and not adapter.token_rows:
         raise InputError(f"{where}: holds no LoRA tensors")
     return adapter
+
+
+def _expert_layout_problem(a_shape, b_shape, r: int, n_exp: int, in_f: int, out_f: int) -> str:
+    """What the saved shapes of an expert LoRA pair say, against the base's expert count and the
+    configured rank: stacked factors hold rank x experts rows, which cannot be split otherwise."""
+    rows, cols = a_shape[0], b_shape[1]
+    if rows != cols:
+        return f"lora_A has {rows} rows but lora_B {cols} columns; they must be equal (rank x experts)"
+    if (a_shape[1], b_shape[0]) != (in_f, out_f):
+        return (f"the pair maps {a_shape[1]} inputs to {b_shape[0]} outputs, each expert of the parameter "
+                f"{in_f} to {out_f}")
+    if rows % n_exp:
+        return f"lora_A's {rows} rows are not a multiple of the base's {n_exp} experts"
+    other = f" or {rows // r} experts at rank {r}" if rows % r == 0 else ""
+    return (f"lora_A's {rows} rows are {n_exp} experts at rank {rows // n_exp}{other}, but adapter_config.json "
+            f"gives this parameter rank {r}")
 
 
 def _with_magnitude(term: LoraTerm, mag: TensorInfo, where: Path) -> LoraTerm:
