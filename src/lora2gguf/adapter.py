@@ -341,16 +341,22 @@ def _expert_layout_problem(a_shape, b_shape, r: int, n_exp: int, in_f: int, out_
 
 def _with_magnitude(term: LoraTerm, mag: TensorInfo, where: Path) -> LoraTerm:
     """DoRA on a Linear layer: one magnitude per output row (PEFT normalizes each output row of
-    W + delta). DoRA on an embedding normalizes columns, which a row-by-row merge cannot do."""
+    W + delta). DoRA on an embedding or a Conv1D normalizes columns, which a row-by-row merge
+    cannot do; on expert parameters PEFT refuses DoRA, so there is nothing to match."""
     from dataclasses import replace
 
-    if term.kind != "linear" or term.fan_in_fan_out:
-        what = "an embedding" if term.kind == "embedding" else "a fan_in_fan_out (Conv1D) layer" \
-            if term.fan_in_fan_out else "expert parameters"
+    if term.kind == "experts":
         raise UnsupportedError(
-            f"{where}: {mag.name}: DoRA on {what} ({term.key}) is not merged by lora2gguf (it normalizes over "
-            "columns). Merge with PEFT (merge_and_unload) and convert the merged model, or train DoRA on the "
-            "Linear layers only.")
+            f"{where}: {mag.name}: DoRA on the expert parameter {term.target} (target_parameters) is not merged: "
+            "PEFT itself does not apply DoRA to target_parameters (its ParamWrapper refuses use_dora), so there "
+            "is no reference merge to match. Train the experts with plain LoRA (use_dora false), or DoRA on "
+            "target_modules alone (no target_parameters), or convert a model you merged yourself.")
+    if term.kind != "linear" or term.fan_in_fan_out:
+        what = "an embedding" if term.kind == "embedding" else "a fan_in_fan_out (Conv1D) layer"
+        raise UnsupportedError(
+            f"{where}: {mag.name}: DoRA on {what} ({term.target}) is not merged by lora2gguf (PEFT normalizes "
+            "it over columns, which a row-by-row merge cannot do). Merge with PEFT (merge_and_unload) and "
+            "convert the merged model, or train DoRA on the Linear layers only.")
     out_rows = term.b.shape[0]
     if tuple(mag.shape) != (out_rows,):
         raise InputError(f"{where}: DoRA magnitude {mag.name} {mag.shape} does not fit {term.target} "
