@@ -16,7 +16,7 @@ from lora2gguf.testing import families
 from lora2gguf.testing import tokenizers as toks
 from lora2gguf.verify.logits import gguf_logits
 from lora2gguf.verify.metrics import kl_divergence, top1_agreement
-from reference import assert_same_gguf, run_converter
+from reference import assert_same_gguf, read_gguf, read_gguf_gguf_py, run_converter
 
 pytest.importorskip("peft")
 
@@ -246,3 +246,36 @@ def test_dora_merged_as_peft_merges_it(dora_case, reference_llama_cpp, tmp_path)
     broken.write_bytes(bytes(data))
     kl, top1 = _score(broken, tok_ids, ref)
     assert kl > 10 * F32_MAX_MEAN_KL, (kl, top1)
+
+
+def test_read_gguf_matches_gguf_py(tmp_path):
+    """The comparison's own reader (reference.read_gguf, one pass) gives what gguf-py's
+    GGUFReader gives, for every value type GGUF has, string and numeric arrays, and an aligned
+    tensor data section."""
+    w = gguf.GGUFWriter(tmp_path / "t.gguf", "llama")
+    w.add_uint8("t.u8", 7)
+    w.add_int8("t.i8", -7)
+    w.add_uint16("t.u16", 65535)
+    w.add_int16("t.i16", -300)
+    w.add_uint32("t.u32", 4_000_000_000)
+    w.add_int32("t.i32", -5)
+    w.add_float32("t.f32", 0.1)
+    w.add_uint64("t.u64", 2**63 + 5)
+    w.add_int64("t.i64", -(2**40))
+    w.add_float64("t.f64", 1e-300)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "héllo <|im_end|>")
+    w.add_array("t.strings", ["a", "", "ü ✓", "<s>"])
+    w.add_array("t.ints", [1, -2, 3])
+    w.add_array("t.floats", [0.5, -1.25, 3.0e-5])
+    w.add_array("t.bools", [True, False])
+    w.add_tensor("a", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.add_tensor("b", np.arange(5, dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours, theirs = read_gguf(tmp_path / "t.gguf"), read_gguf_gguf_py(tmp_path / "t.gguf")
+    assert ours[0] == theirs[0] and ours[1] == theirs[1]
+    assert {k: type(v) for k, v in ours[1].items()} == {k: type(v) for k, v in theirs[1].items()}
+    assert ours[1]["t.strings"] == ["a", "", "ü ✓", "<s>"] and ours[0]["b"][1] == (5,)
