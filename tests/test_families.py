@@ -18,7 +18,7 @@ from lora2gguf.testing import families
 from lora2gguf.testing import tokenizers as toks
 from lora2gguf.verify.logits import gguf_logits
 from lora2gguf.verify.metrics import kl_divergence, top1_agreement
-from reference import assert_same_gguf, read_gguf, run_converter
+from reference import assert_same_gguf, read_gguf, read_gguf_gguf_py, run_converter
 
 pytest.importorskip("peft")
 
@@ -52,13 +52,25 @@ TEXT = ("What is 2+2? The sum of 2 and 2 is 4. Tell me about the stars and the s
         "away, the sea is near, and a lighthouse keeper watches both through the long winter night.")
 
 
+_BASES: dict[str, Path] = {}
+
+
+def _base(cid: str, tmp_path_factory) -> Path:
+    """The base of case ``cid``, made once per module (the DoRA tests reuse it with their adapters)."""
+    if cid not in _BASES:
+        _, family, tok, extra = next(c for c in CASES if c[0] == cid)
+        write_tokenizer, vocab, ids = TOKENIZERS[tok]
+        config = families.small_config(family, vocab_size=vocab, **ids, **extra)
+        _BASES[cid] = families.make_model(tmp_path_factory.mktemp(cid + "-base"), family, config,
+                                          tokenizer=write_tokenizer)
+    return _BASES[cid]
+
+
 @pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
 def case(request, tmp_path_factory):
     cid, family, tok, extra = request.param
     root = tmp_path_factory.mktemp(cid)
-    write_tokenizer, vocab, ids = TOKENIZERS[tok]
-    config = families.small_config(family, vocab_size=vocab, **ids, **extra)
-    base = families.make_model(root / "base", family, config, tokenizer=write_tokenizer)
+    base = _base(cid, tmp_path_factory)
     adapter = synth.make_adapter(base, root / "adapter", target_modules=families.ALL_LINEAR, target_parameters=(),
                                  r=4, lora_alpha=8, use_rslora=True, rank_pattern={"v_proj": 8},
                                  alpha_pattern={"down_proj": 3})
@@ -316,3 +328,64 @@ def test_dora_merged_as_peft_merges_it(dora_case, reference_llama_cpp, tmp_path)
     broken.write_bytes(bytes(data))
     kl, top1 = _score(broken, tok_ids, ref)
     assert kl > 10 * F32_MAX_MEAN_KL, (kl, top1)
+
+
+def test_read_gguf_matches_gguf_py(tmp_path):
+    """The comparison's own reader (reference.read_gguf, one pass) gives what gguf-py's
+    GGUFReader gives, for every value type GGUF has, string and numeric arrays, and an aligned
+    tensor data section."""
+    w = gguf.GGUFWriter(tmp_path / "t.gguf", "llama")
+    w.add_uint8("t.u8", 7)
+    w.add_int8("t.i8", -7)
+    w.add_uint16("t.u16", 65535)
+    w.add_int16("t.i16", -300)
+    w.add_uint32("t.u32", 4_000_000_000)
+    w.add_int32("t.i32", -5)
+    w.add_float32("t.f32", 0.1)
+    w.add_uint64("t.u64", 2**63 + 5)
+    w.add_int64("t.i64", -(2**40))
+    w.add_float64("t.f64", 1e-300)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "héllo <|im_end|>")
+    w.add_array("t.strings", ["a", "", "ü ✓", "<s>"])
+    w.add_array("t.ints", [1, -2, 3])
+    w.add_array("t.floats", [0.5, -1.25, 3.0e-5])
+    w.add_array("t.bools", [True, False])
+    w.add_tensor("a", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.add_tensor("b", np.arange(5, dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours, theirs = read_gguf(tmp_path / "t.gguf"), read_gguf_gguf_py(tmp_path / "t.gguf")
+    assert ours[0] == theirs[0] and ours[1] == theirs[1]
+    assert {k: type(v) for k, v in ours[1].items()} == {k: type(v) for k, v in theirs[1].items()}
+    assert ours[1]["t.strings"] == ["a", "", "ü ✓", "<s>"] and ours[0]["b"][1] == (5,)
+
+
+@pytest.fixture(scope="module")
+def dora_qwen2_case(tmp_path_factory):
+    """DoRA on the qwen2 case's base: q/k/v carry biases, which DoRA leaves as they are."""
+    root = tmp_path_factory.mktemp("dora-qwen2")
+    base = _base("qwen2", tmp_path_factory)
+    adapter = synth.make_adapter(base, root / "adapter", target_modules=families.ALL_LINEAR, target_parameters=(),
+                                 r=4, lora_alpha=8, rank_pattern={"v_proj": 8}, alpha_pattern={"down_proj": 3},
+                                 use_dora=True)
+    return base, adapter, root
+
+
+def test_dora_on_qwen2_with_biases_equals_llama_cpp_converter_on_the_float64_merge(dora_qwen2_case,
+                                                                                  reference_llama_cpp):
+    """A second family for DoRA (biased q/k/v, NEOX rope, no permute): the BF16 GGUF is the
+    converter's on PEFT's float64 merge, every tensor and key."""
+    base, adapter, root = dora_qwen2_case
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "np") as f:
+        mags = [k for k in f.keys() if k.endswith("lora_magnitude_vector")]
+    assert len(mags) == 7 * synth.read_config(base)["num_hidden_layers"]  # every Linear layer is DoRA
+    res = build(base, adapter, root / "out", name="m")
+    assert res.record["architecture"] == "qwen2"
+    model_dir = synth.write_reference_merge(base, adapter, root / "reference")
+    assert_same_gguf(root / "out" / "m-BF16.gguf", run_converter(reference_llama_cpp, model_dir, root / "ref.gguf"))
+    assert res.outputs[0].tensors["blk.0.attn_q.bias"] == "F32"

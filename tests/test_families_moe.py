@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
+import numpy as np
 import pytest
 
 from lora2gguf import synth
 from lora2gguf.api import build
+from lora2gguf.gguf_header import read_header
 from lora2gguf.testing import families
 from lora2gguf.testing import tokenizers as toks
 from lora2gguf.verify.logits import gguf_logits
@@ -71,8 +72,11 @@ def case(request, tmp_path_factory):
     return _make(request.param, tmp_path_factory)
 
 
-#: the logits are compared on one case per expert layout and family kind (the rest share their code)
-LOGIT_CASES = [c for c in CASES if c[0] in ("qwen3moe-per-expert-base-fused-lora", "mixtral")]
+#: the logits are compared on each checkpoint layout (per expert, fused as transformers 5.x holds
+#: it), with and without a shared expert, and for the llama arch (the per-expert adapter shares
+#: its code with the others)
+LOGIT_CASES = [c for c in CASES if c[0] in ("qwen3moe-per-expert-base-fused-lora", "qwen3moe-fused-base",
+                                            "qwen2moe-shared-expert", "mixtral")]
 
 
 @pytest.fixture(scope="module", params=LOGIT_CASES, ids=[c[0] for c in LOGIT_CASES])
@@ -142,18 +146,69 @@ def test_f32_logits_match_transformers_peft_and_a_gate_up_swap_fails(f32_case, t
     path, ids, ref = f32_case
     kl, top1 = _score(path, ids, ref)
     assert kl < F32_MAX_MEAN_KL and top1 >= F32_MIN_TOP1, (kl, top1)
-    # gate and up swapped (what halves read the wrong way round give): the same test fails
-    reader = gguf.GGUFReader(path)
+    # gate and up swapped (what halves read the wrong way round give): the same test fails. The offsets
+    # come from the header alone (gguf-py's reader parses a 151k-token vocabulary for half a minute)
+    header = read_header(path)
     data = bytearray(path.read_bytes())
-    by = {t.name: t for t in reader.tensors}
-    for layer in range(synth.read_config(path.parent.parent / "base")["num_hidden_layers"]
-                       if (path.parent.parent / "base").exists() else 3):
-        g, u = by.get(f"blk.{layer}.ffn_gate_exps.weight"), by.get(f"blk.{layer}.ffn_up_exps.weight")
-        if g is None:
-            break
-        gs, us = slice(g.data_offset, g.data_offset + g.n_bytes), slice(u.data_offset, u.data_offset + u.n_bytes)
-        data[gs], data[us] = data[us], data[gs]
+    swapped = 0
+    for name, g in header.tensors.items():
+        if name.endswith(".ffn_gate_exps.weight"):
+            u = header.tensors[name.replace("ffn_gate_exps", "ffn_up_exps")]
+            gs = slice(header.data_start + g.offset, header.data_start + g.offset + g.nbytes)
+            us = slice(header.data_start + u.offset, header.data_start + u.offset + u.nbytes)
+            data[gs], data[us] = data[us], data[gs]
+            swapped += 1
+    assert swapped == header.values[f"{header.values['general.architecture']}.block_count"]
     broken = tmp_path / "swapped.gguf"
     broken.write_bytes(bytes(data))
     kl, top1 = _score(broken, ids, ref)
     assert kl > 100 * F32_MAX_MEAN_KL and top1 < F32_MIN_TOP1, (kl, top1)
+
+
+def test_dora_on_per_expert_linear_layers_is_a_linear_dora_per_expert(tmp_path_factory):
+    """transformers 4.x holds each expert as an nn.Linear, so PEFT's DoRA there is a Linear's
+    DoRA, expert by expert: magnitude times (W_e + s B_e A_e) normalised per output row. Every
+    expert matrix of the stacked F32 tensors is that, with its own expert's magnitudes (a float64
+    reference here: PEFT on transformers 5.x's fused experts refuses DoRA, and DoRA on
+    target_parameters is refused by lora2gguf too, test_reliability_inputs)."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    from lora2gguf.safetensors_io import Checkpoint, read_raw, to_f32
+    from reference import read_gguf
+
+    _, _, base, _, root = _make(next(c for c in CASES if c[0] == "mixtral"), tmp_path_factory)
+    adapter = families.make_per_expert_adapter(base, root / "dora-per-expert", parts=("w1", "w2", "w3"),
+                                               attention=("q_proj",))
+    ck = Checkpoint.open(base)
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    scale = 8 / 4
+    merged, rng = {}, np.random.default_rng(0)
+    for key in [k[: -len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")]:
+        module = key[len("base_model.model."):]
+        info = ck.tensors[module + ".weight"]
+        a, b = (lora[f"{key}.lora_{x}.weight"].astype(np.float64) for x in "AB")
+        v = to_f32(read_raw(info), info.dtype).astype(np.float64) + scale * (b @ a)
+        m = np.linalg.norm(v, axis=1) * (1 + 0.1 * rng.standard_normal(v.shape[0]))  # trained magnitudes
+        lora[key + ".lora_magnitude_vector"] = m.astype(np.float32)
+        merged[module] = (v, lora[key + ".lora_magnitude_vector"].astype(np.float64))
+    (adapter / "adapter_model.safetensors").unlink()
+    save_file(lora, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+
+    build(base, adapter, root / "out-dora", name="m", outtype="f32")
+    tensors, _ = read_gguf(root / "out-dora" / "m-F32.gguf")
+    n_checked = 0
+    for part, gguf_name in (("w1", "ffn_gate_exps"), ("w2", "ffn_down_exps"), ("w3", "ffn_up_exps")):
+        for layer in range(synth.read_config(base)["num_hidden_layers"]):
+            _, shape, raw = tensors[f"blk.{layer}.{gguf_name}.weight"]
+            ours = np.frombuffer(raw, np.float32).reshape(tuple(reversed(shape)))
+            for e in range(ours.shape[0]):
+                v, m = merged[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{part}"]
+                dora = (v * (m / np.linalg.norm(v, axis=1))[:, None]).astype(np.float32)
+                assert np.abs(ours[e] - dora).max() <= 2.0 ** -22 * np.abs(dora).max(), (gguf_name, layer, e)
+                assert np.abs(ours[e] - v).max() > 1e-3 * np.abs(dora).max()  # the magnitudes were applied
+                n_checked += 1
+    assert n_checked == 3 * 4 * synth.read_config(base)["num_hidden_layers"]

@@ -235,6 +235,39 @@ def _config(fn: Callable[[dict], object]) -> Callable[[Path, Path], None]:
     return _json("base", "config.json", fn)
 
 
+EXPERTS_DOWN = "base_model.model.model.layers.0.mlp.experts"  # + .lora_A.weight: down_proj (the outer wrapper)
+
+
+def _rewrite_adapter(ad: Path, fn: Callable[[dict], None]) -> None:
+    """Load the adapter's tensors, let ``fn`` change them, save them again (a new file)."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(ad / ADAPTER))
+    fn(tensors)
+    (ad / ADAPTER).unlink()
+    save_file(tensors, str(ad / ADAPTER), metadata={"format": "pt"})
+
+
+def _expert_rows(rows: int) -> Callable[[Path, Path], None]:
+    """The layer-0 down_proj expert pair saved with ``rows`` rank rows (rank x experts in a good one)."""
+    def f(base: Path, ad: Path) -> None:
+        def resize(t: dict) -> None:
+            a, b = t[EXPERTS_DOWN + ".lora_A.weight"], t[EXPERTS_DOWN + ".lora_B.weight"]
+            rng = np.random.default_rng(rows)
+            t[EXPERTS_DOWN + ".lora_A.weight"] = rng.standard_normal((rows, a.shape[1])).astype(np.float32)
+            t[EXPERTS_DOWN + ".lora_B.weight"] = rng.standard_normal((b.shape[0], rows)).astype(np.float32)
+        _rewrite_adapter(ad, resize)
+    return f
+
+
+def _dora_on_experts(base: Path, ad: Path) -> None:
+    """A DoRA magnitude on the experts' target_parameters wrapper and use_dora in the config: what
+    PEFT itself refuses to make (test_peft_refuses_dora_on_target_parameters)."""
+    _rewrite_adapter(ad, lambda t: t.__setitem__(EXPERTS_DOWN + ".lora_magnitude_vector",
+                                                  np.ones(t[EXPERTS_DOWN + ".lora_B.weight"].shape[0], np.float32)))
+    edit_json(ad / ADAPTER_CONFIG, lambda c: c.update(use_dora=True))
+
+
 CASES: list[Case] = [
     # --- base safetensors shards
     Case("shard-truncated", "base", SHARD2, _truncate(SHARD2, 0.5), BlockedError, r"data ends at byte \d+ but the data section has \d+"),
@@ -341,6 +374,20 @@ CASES: list[Case] = [
     Case("adapter-header-overlap", "adapter", ADAPTER, _header(ADAPTER, _overlap), BlockedError, r"overlap"),
     Case("adapter-pickle-only", "adapter", "adapter_model.bin", _pickle_only_adapter, BlockedError,
          r"adapter_model\.bin: pickle files, which lora2gguf never unpickles.*weights_only=True"),
+    # target_parameters on experts: A (rank x experts, in), B (out, rank x experts); a layout that does not
+    # split into the base's 4 experts at the configured rank 4 is named, never guessed
+    Case("adapter-experts-rows-not-a-multiple", "adapter", ADAPTER, _expert_rows(14), BlockedError,
+         r"ADAPTER_BASE_MISMATCH.*layers\.0\.mlp\.experts\.lora_A\.weight \(14, 64\) .* do not fit "
+         r"model\.layers\.0\.mlp\.experts\.down_proj .*expected A \(16, 64\), B \(64, 16\)\): lora_A's 14 rows "
+         r"are not a multiple of the base's 4 experts\. lora2gguf does not guess.*the same expert count"),
+    Case("adapter-experts-other-count", "adapter", ADAPTER, _expert_rows(32), BlockedError,
+         r"ADAPTER_BASE_MISMATCH.*layers\.0\.mlp\.experts\.lora_A\.weight \(32, 64\) .* do not fit "
+         r"model\.layers\.0\.mlp\.experts\.down_proj .*lora_A's 32 rows are 4 experts at rank 8 or 8 experts "
+         r"at rank 4, but adapter_config\.json gives this parameter rank 4\. lora2gguf does not guess"),
+    Case("adapter-dora-on-experts", "adapter", ADAPTER, _dora_on_experts, BlockedError,
+         r"ADAPTER_UNSUPPORTED_FEATURE.*layers\.0\.mlp\.experts\.lora_magnitude_vector: DoRA on the expert "
+         r"parameter model\.layers\.0\.mlp\.experts\.down_proj \(target_parameters\) is not merged.*"
+         r"Train the experts with plain LoRA"),
     Case("adapter-nan", "adapter", None, _nan_in_adapter, BlockedError,
          r"ADAPTER_NONFINITE.*layers\.0\.self_attn\.q_proj\.lora_B\.weight \(1 values\)"),
     Case("adapter-nan-accepted", "adapter", ADAPTER, _nan_in_adapter, NumericError,
@@ -465,7 +512,17 @@ FAMILY_CASES = [
          BlockedError, r"use_dora=True"),
     Case("trainable-tokens-without-indices", "adapter", ADAPTER_CONFIG, lambda base, ad: _token_rows_without_indices(ad),
          BlockedError, r"trainable_token_indices"),
+    # DoRA where PEFT normalizes columns: on the embedding (made by PEFT), on a Conv1D-layout (fan_in_fan_out) layer
+    Case("dora-on-embedding", "adapter", ADAPTER, lambda base, ad: None, BlockedError,
+         r"ADAPTER_UNSUPPORTED_FEATURE.*embed_tokens\.lora_magnitude_vector: DoRA on an embedding "
+         r"\(model\.embed_tokens\.weight\) is not merged.*over columns.*merge_and_unload"),
+    Case("dora-conv1d-layout", "adapter", ADAPTER, lambda base, ad: _dora_fan_in_fan_out(ad), BlockedError,
+         r"ADAPTER_UNSUPPORTED_FEATURE.*q_proj\.lora_magnitude_vector: DoRA on a fan_in_fan_out \(Conv1D\) layer "
+         r"\(model\.layers\.0\.self_attn\.q_proj\.weight\) is not merged.*merge_and_unload"),
 ]
+
+#: the good adapter each family case starts from (the plain one unless named here)
+FAMILY_START = {"dora-magnitude-wrong-length": "dora", "dora-conv1d-layout": "dora", "dora-on-embedding": "dora_embed"}
 
 
 def _unknown_split(ad: Path) -> None:
@@ -496,6 +553,17 @@ def _dora_wrong_length(ad: Path) -> None:
     save_file(t, str(ad / ADAPTER), metadata={"format": "pt"})
 
 
+def _dora_fan_in_fan_out(ad: Path) -> None:
+    """The DoRA adapter on q_proj alone (square: its pair fits either orientation) saved as for a
+    Conv1D layer, whose weight is stored (in, out): fan_in_fan_out in the config."""
+    from safetensors.numpy import load_file, save_file
+
+    t = {k: v for k, v in load_file(str(ad / ADAPTER)).items() if ".q_proj." in k}
+    (ad / ADAPTER).unlink()
+    save_file(t, str(ad / ADAPTER), metadata={"format": "pt"})
+    edit_json(ad / ADAPTER_CONFIG, lambda c: c.update(fan_in_fan_out=True, target_modules=["q_proj"]))
+
+
 def _token_rows_without_indices(ad: Path) -> None:
     from safetensors.numpy import load_file, save_file
 
@@ -506,8 +574,9 @@ def _token_rows_without_indices(ad: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def good_spm(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """A tiny Llama with a SentencePiece tokenizer; a plain and a DoRA adapter."""
+def good_spm(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama with a SentencePiece tokenizer; a plain and a DoRA adapter, and a DoRA adapter
+    that also targets the embedding (PEFT makes it: DoRA on an Embedding normalizes columns)."""
     from lora2gguf.testing import families
     from lora2gguf.testing import tokenizers as toks
 
@@ -518,14 +587,14 @@ def good_spm(tmp_path_factory) -> tuple[Path, Path, Path]:
     plain = synth.make_adapter(base, root / "adapter", target_modules=("q_proj", "v_proj"), target_parameters=())
     dora = synth.make_adapter(base, root / "dora", target_modules=("q_proj", "v_proj"), target_parameters=(),
                               use_dora=True)
-    return base, plain, dora
+    dora_embed = synth.make_adapter(base, root / "dora_embed", target_modules=("embed_tokens", "q_proj"),
+                                    target_parameters=(), use_dora=True)
+    return {"base": base, "plain": plain, "dora": dora, "dora_embed": dora_embed}
 
 
 @pytest.mark.parametrize("case", FAMILY_CASES, ids=lambda c: c.id)
 def test_malformed_family_input(tmp_path, good_spm, case, capsys):
-    base0, plain, dora = good_spm
-    adapter0 = dora if case.id.startswith("dora-magnitude") else plain
-    base, ad, out = make_case(tmp_path, (base0, adapter0), case)
+    base, ad, out = make_case(tmp_path, (good_spm["base"], good_spm[FAMILY_START.get(case.id, "plain")]), case)
     with pytest.raises(Lora2GGUFError) as info:
         build(base, ad, out, name="x", accept=case.accept)
     err = info.value
@@ -540,3 +609,21 @@ def test_malformed_family_input(tmp_path, good_spm, case, capsys):
     rc = cli.main(["build", str(base), str(ad), "-o", str(out), "--name", "x", "--no-verify"])
     captured = capsys.readouterr()
     assert rc == err.exit_code != 0 and "Traceback" not in captured.err + captured.out
+
+
+def test_peft_refuses_dora_on_target_parameters():
+    """The premise of the adapter-dora-on-experts case: PEFT itself will not put DoRA on an MoE's
+    expert parameters, so there is no PEFT merge for lora2gguf to match. If PEFT learns to, this
+    fails, and the refusal in adapter._with_magnitude should become a merge checked against it."""
+    pytest.importorskip("peft")
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, head_dim=16, intermediate_size=48, num_experts=4,
+                                      num_experts_per_tok=2, moe_intermediate_size=16)
+    model = transformers.Qwen3MoeForCausalLM(cfg)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in dict(model.named_parameters())
+    with pytest.raises(ValueError, match="use_dora"):
+        get_peft_model(model, LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"],
+                                         use_dora=True))

@@ -299,8 +299,10 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
             if a.shape != (r * n_exp, in_f) or b.shape != (out_f, r * n_exp):
                 raise InputError(
                     f"{where}: {a_key} {a.shape} / {b_key} {b.shape} do not fit {target} {shape} "
-                    f"({n_exp} experts, rank {r}: expected A {(r * n_exp, in_f)}, B {(out_f, r * n_exp)}). "
-                    "Is this adapter for another model, or another expert count?"
+                    f"({n_exp} experts, rank {r}: expected A {(r * n_exp, in_f)}, B {(out_f, r * n_exp)}): "
+                    f"{_expert_layout_problem(a.shape, b.shape, r, n_exp, in_f, out_f)}. lora2gguf does not "
+                    "guess the per-expert layout: use the base the adapter was trained on (the same expert "
+                    "count), or an adapter_config.json whose r / rank_pattern match the saved weights."
                 )
             term = LoraTerm(target, a_key.rsplit(".lora_A", 1)[0], a, b, r, alpha,
                             lora.scaling(alpha, r, rslora), "experts", num_experts=n_exp,
@@ -321,18 +323,40 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
     return adapter
 
 
+def _expert_layout_problem(a_shape, b_shape, r: int, n_exp: int, in_f: int, out_f: int) -> str:
+    """What the saved shapes of an expert LoRA pair say, against the base's expert count and the
+    configured rank: stacked factors hold rank x experts rows, which cannot be split otherwise."""
+    rows, cols = a_shape[0], b_shape[1]
+    if rows != cols:
+        return f"lora_A has {rows} rows but lora_B {cols} columns; they must be equal (rank x experts)"
+    if (a_shape[1], b_shape[0]) != (in_f, out_f):
+        return (f"the pair maps {a_shape[1]} inputs to {b_shape[0]} outputs, each expert of the parameter "
+                f"{in_f} to {out_f}")
+    if rows % n_exp:
+        return f"lora_A's {rows} rows are not a multiple of the base's {n_exp} experts"
+    other = f" or {rows // r} experts at rank {r}" if rows % r == 0 else ""
+    return (f"lora_A's {rows} rows are {n_exp} experts at rank {rows // n_exp}{other}, but adapter_config.json "
+            f"gives this parameter rank {r}")
+
+
 def _with_magnitude(term: LoraTerm, mag: TensorInfo, where: Path) -> LoraTerm:
     """DoRA on a Linear layer: one magnitude per output row (PEFT normalizes each output row of
-    W + delta). DoRA on an embedding normalizes columns, which a row-by-row merge cannot do."""
+    W + delta). DoRA on an embedding or a Conv1D normalizes columns, which a row-by-row merge
+    cannot do; on expert parameters PEFT refuses DoRA, so there is nothing to match."""
     from dataclasses import replace
 
-    if term.kind != "linear" or term.fan_in_fan_out:
-        what = "an embedding" if term.kind == "embedding" else "a fan_in_fan_out (Conv1D) layer" \
-            if term.fan_in_fan_out else "expert parameters"
+    if term.kind == "experts":
         raise UnsupportedError(
-            f"{where}: {mag.name}: DoRA on {what} ({term.key}) is not merged by lora2gguf (it normalizes over "
-            "columns). Merge with PEFT (merge_and_unload) and convert the merged model, or train DoRA on the "
-            "Linear layers only.")
+            f"{where}: {mag.name}: DoRA on the expert parameter {term.target} (target_parameters) is not merged: "
+            "PEFT itself does not apply DoRA to target_parameters (its ParamWrapper refuses use_dora), so there "
+            "is no reference merge to match. Train the experts with plain LoRA (use_dora false), or DoRA on "
+            "target_modules alone (no target_parameters), or convert a model you merged yourself.")
+    if term.kind != "linear" or term.fan_in_fan_out:
+        what = "an embedding" if term.kind == "embedding" else "a fan_in_fan_out (Conv1D) layer"
+        raise UnsupportedError(
+            f"{where}: {mag.name}: DoRA on {what} ({term.target}) is not merged by lora2gguf (PEFT normalizes "
+            "it over columns, which a row-by-row merge cannot do). Merge with PEFT (merge_and_unload) and "
+            "convert the merged model, or train DoRA on the Linear layers only.")
     out_rows = term.b.shape[0]
     if tuple(mag.shape) != (out_rows,):
         raise InputError(f"{where}: DoRA magnitude {mag.name} {mag.shape} does not fit {term.target} "

@@ -12,7 +12,9 @@ Facts (llama.cpp's converter, conversion/qwen.py Qwen2MoeModel):
   ``expert_shared_feed_forward_length``.
 - LoRA on the experts comes as one Linear pair per expert (PEFT with transformers 4.x) or as PEFT
   ``target_parameters`` on the fused parameters (transformers 5.x; each expert a Linear weight:
-  layout "out_in"); both merge into either checkpoint layout (``fused``).
+  layout "out_in"). Both merge into a per-expert checkpoint (``fused``: the fused parameters'
+  shapes, per layer); a fused checkpoint takes target_parameters adapters only (a per-expert
+  adapter on it matches no tensor and is refused).
 - attention as Qwen2 (q/k/v biases) / Qwen3 (q_norm/k_norm); tokenizer ``qwen2`` BPE; ChatML.
 """
 

@@ -452,7 +452,8 @@ def check_adapter(adapter: AdapterInfo, base: BaseInfo, arch) -> list[Finding]:
         except UnsupportedError as e:
             out.append(F.make("ADAPTER_UNSUPPORTED_FEATURE", str(e),
                               "these adapter tensors would be missing from the GGUF",
-                              "merge with PEFT (merge_and_unload) and convert the merged model",
+                              "retrain without the feature, or merge with PEFT (merge_and_unload) where PEFT "
+                              "supports it and convert the merged model",
                               {"error": "UnsupportedError"}))
         except FormatError as e:
             out.append(F.make("ADAPTER_INVALID", str(e), "the merge needs every LoRA pair complete and 2-D",
