@@ -12,7 +12,6 @@ import pytest
 
 from lora2gguf import o200k
 from lora2gguf.demo import dataset, evaluate
-from lora2gguf.errors import FormatError
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

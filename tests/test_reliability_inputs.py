@@ -10,7 +10,6 @@ Folders are made with hard links to the good files (cheap); a file that a case b
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import struct
