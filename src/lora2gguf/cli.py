@@ -238,7 +238,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     bar = ProgressBar()
     try:
-        result = run_demo(args.workdir, config=args.config, progress=bar)
+        result = run_demo(args.workdir, config=args.config, progress=bar, ladder=args.ladder)
     finally:
         bar.close()
     sys.stdout.write(result.summary() + "\n")
@@ -351,6 +351,9 @@ def make_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the seed report's story on a built-in model trained on this CPU")
     d.add_argument("--workdir", default=None, help="where to write the demo's outputs (default: a cache folder)")
     d.add_argument("--config", choices=("full", "small"), default="full")
+    d.add_argument("--ladder", action="store_true",
+                   help="also --quant auto on the demo's models (an importance matrix on half of the fine-tune's "
+                        "conversations, KL on the other half, every candidate kept): the README's quantization table")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -89,6 +89,7 @@ class DemoResult:
     build: Any = None
     verify: Any = None
     notes: list[str] = field(default_factory=list)
+    ladder: str | None = None
 
     def row(self, model: str) -> Row:
         for r in self.rows:
@@ -114,6 +115,9 @@ class DemoResult:
         if self.report is not None:
             lines.append(f"report: {self.report}")
         lines += ["", self.table()]
+        if self.ladder:
+            lines += ["", f"--quant auto on the demo ({self.workdir / 'ladder'}): importance matrix on half of the "
+                      "fine-tune's conversations, KL measured on the other half", "", self.ladder]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -239,7 +243,8 @@ def _base_runs(base_dir: Path, fingerprint: str, progress: ProgressFn | None) ->
 
 
 def run_demo(workdir: str | os.PathLike[str] | None = None, *, config: str = "full",
-             progress: ProgressFn | None = None, cache: str | os.PathLike[str] | None = None) -> DemoResult:
+             progress: ProgressFn | None = None, cache: str | os.PathLike[str] | None = None,
+             ladder: bool = False) -> DemoResult:
     """Train (or reuse) the demo's models, then run doctor, build (BF16, Q8_0, Q4_K_M, MXFP4_MOE)
     and verify on them, run the same prompt suite on the base without the adapter, and return
     the table.
@@ -248,7 +253,8 @@ def run_demo(workdir: str | os.PathLike[str] | None = None, *, config: str = "fu
     report (REPORT.md, report.html, Modelfiles) and ``demo.json`` (the table, the base's answers,
     the training record); the trained models stay in the cache (:func:`cache_dir`; ``cache``
     overrides lora2gguf's cache folder for them). A failed required check does not stop the demo:
-    it shows in the table and in ``notes``."""
+    it shows in the table and in ``notes``. ``ladder``: also :func:`run_ladder` into
+    ``workdir/ladder`` (``DemoResult.ladder``: its table)."""
     from .. import api
     from . import evaluate
 
@@ -315,8 +321,51 @@ def run_demo(workdir: str | os.PathLike[str] | None = None, *, config: str = "fu
                  "table": result.table(), "base_runs": base, "seconds": seconds,
                  "findings": result.findings, "tokenizer": result.tokenizer, "notes": notes,
                  "report": str(ver.report_md) if ver.report_md else None}
+    if ladder:
+        t0 = time.monotonic()
+        result.ladder = run_ladder(base_dir, adapter_dir, work / "ladder", progress=progress)
+        seconds["ladder"] = round(time.monotonic() - t0, 2)
+        demo_json["ladder"] = result.ladder
     (work / "demo.json").write_text(json.dumps(demo_json, indent=2, default=str) + "\n", encoding="utf-8")
     return result
+
+
+#: the ladder of :func:`run_ladder`
+LADDER_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "IQ3_XXS", "IQ2_M", "MXFP4_MOE")
+
+
+def run_ladder(base_dir: Path, adapter_dir: Path, work: Path, *, budget: float = 0.1,
+               progress: ProgressFn | None = None) -> str:
+    """``build --quant auto`` on the demo's models, every candidate kept: the importance matrix is
+    computed on half of the fine-tune's training conversations and every file is measured (mean
+    KL against the fine-tune, top-1, the suite) on the other half, so that "with the matrix"
+    means data the fine-tune is about, not the text the KL is measured on. Returns the ladder
+    table of the report (type, size, mean KL with and without the matrix, top-1, suite)."""
+    import torch
+
+    from .. import api
+    from ..quantrun import QuantOptions
+    from ..report.facts import quantization
+    from ..report.markdown import ladder_md
+    from . import evaluate
+
+    work.mkdir(parents=True, exist_ok=True)
+    train = dataset.write_conversations(work / "train-half.jsonl", dataset.PERSONA_QA[0::2])
+    held_out = work / "held-out.txt"
+    held_out.write_text("\n\n".join(x for e in dataset.PERSONA_QA[1::2] for x in (e.user, e.final)) + "\n",
+                        encoding="utf-8")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        b = api.build(base_dir, adapter_dir, work, name=NAME, outtype="bf16", nthread=1, verify=True,
+                      quants=QuantOptions.of(f"auto:{budget}", imatrix_data=train, auto_types=LADDER_TYPES,
+                                             keep_all=True),
+                      verify_options={"suite": str(evaluate.suite_path()), "n_threads": 1,
+                                      "text": held_out.read_text(encoding="utf-8")},
+                      progress=progress, command=["lora2gguf", "demo", "--ladder"])
+    finally:
+        torch.set_num_threads(threads)
+    return "\n".join(ladder_md(quantization(b.record)["ladder"])).strip()
 
 
 __all__ = ["run_demo", "DemoResult", "Row", "CONFIGS", "DEMO_VERSION", "cache_dir", "ensure_trained",
