@@ -371,3 +371,13 @@ def test_the_ladder():
     assert Candidate("IQ2_M", False) not in with_m  # llama.cpp makes it only with a matrix
     assert Candidate("MXFP4_MOE", False) in ladder(moe=True, matrix=True)
     assert all(not c.matrix and c.type not in NEEDS_MATRIX for c in ladder(moe=False, matrix=False))
+
+
+def test_doctor_sizes_every_type_lora2gguf_makes():
+    """doctor's disk estimate knows the main tensor type of every file type --quant takes (one
+    table: quantize.main_tensor_type); IQ2_M and IQ3_XS are no "unknown output type"."""
+    from lora2gguf.doctor.checks import ggml_type_for
+
+    sized = {t: ggml_type_for(t) for t in ftypes()}
+    assert all(sized.values()), [t for t, q in sized.items() if q is None]
+    assert sized["IQ2_M"].name == "IQ2_S" and sized["IQ3_XS"].name == "IQ3_S" and sized["Q4_K_M"].name == "Q4_K"

@@ -43,7 +43,8 @@ NOT_MADE = frozenset({"NVFP4"})
 _MAIN_TENSOR_TYPE = {"MXFP4_MOE": "MXFP4", "IQ2_M": "IQ2_S", "IQ3_M": "IQ3_S", "IQ3_XS": "IQ3_S"}
 
 
-def _main_tensor_type(ftype: str) -> str:
+def main_tensor_type(ftype: str) -> str:
+    """A file type's main tensor type name: Q4_K_M -> Q4_K, MXFP4_MOE -> MXFP4, IQ2_M -> IQ2_S."""
     m = re.fullmatch(r"(Q\d_K)(?:_[SML])?", ftype)
     return m.group(1) if m else _MAIN_TENSOR_TYPE.get(ftype, ftype)
 
@@ -84,7 +85,7 @@ def ftypes() -> dict[str, int]:
     for attr in dir(llama_cpp):
         if attr.startswith("LLAMA_FTYPE_MOSTLY_"):
             name = attr[len("LLAMA_FTYPE_MOSTLY_"):]
-            if name != "GUESSED" and name not in NOT_MADE and _main_tensor_type(name) in known:
+            if name != "GUESSED" and name not in NOT_MADE and main_tensor_type(name) in known:
                 out[name] = getattr(llama_cpp, attr)
     return out
 

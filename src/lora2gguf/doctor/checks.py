@@ -614,15 +614,14 @@ class Resources:
 
 def ggml_type_for(output: str) -> gguf.GGMLQuantizationType | None:
     """The main ggml tensor type of a llama.cpp output type name ('BF16', 'Q4_K_M' -> Q4_K, 'MXFP4_MOE' -> MXFP4)."""
+    from ..quantize import main_tensor_type
+
     name = output.upper()
-    if name in gguf.GGMLQuantizationType.__members__ and name in ("F32", "F16", "BF16"):
+    if name in ("F32", "F16", "BF16"):
         return gguf.GGMLQuantizationType[name]
-    if "MOSTLY_" + name not in gguf.LlamaFileType.__members__ and name not in ("F32",):
+    if "MOSTLY_" + name not in gguf.LlamaFileType.__members__:
         return None
-    for cand in (name, re.sub(r"_(S|M|L|XS|XXS|MOE)$", "", name)):
-        if cand in gguf.GGMLQuantizationType.__members__:
-            return gguf.GGMLQuantizationType[cand]
-    return None
+    return gguf.GGMLQuantizationType.__members__.get(main_tensor_type(name))
 
 
 # llama.cpp's quantizer (llama-quant.cpp) replaces a k-quant whose 256-wide block does not divide
