@@ -37,7 +37,7 @@ from .train import TrainSettings
 log = logging.getLogger(__name__)
 
 #: Bump when the data, the training or the model layout changes: the cache is keyed by it.
-DEMO_VERSION = "2"
+DEMO_VERSION = "1"
 #: The name of the demo's GGUF files (``xyrus-cosmic-demo-Q4_K_M.gguf``...).
 NAME = "xyrus-cosmic-demo"
 QUANTS = ("Q8_0", "Q4_K_M", "MXFP4_MOE")

@@ -53,9 +53,6 @@ class TrainSettings:
     lora_alpha: int = 16
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     target_parameters: tuple[str, ...] = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-    #: a few hidden channels whose pre-attention and pre-MLP norm weights start this many times
-    #: larger (see :func:`_outlier_channels_`); 1 for none
-    outlier_scale: float = 20.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -185,28 +182,6 @@ def _compact_config(settings: TrainSettings, vocab_size: int):
     return c
 
 
-def _outlier_channels_(model, settings: TrainSettings) -> list[int]:
-    """Give the base the outlier channels pretrained language models have: a few hidden dimensions
-    whose activations are far larger than the others' (the "outlier features" of LLM.int8, the
-    "massive activations" of Sun et al., 2024). Here: hidden_size/32 channels (at least 2, chosen
-    by the seed) whose input_layernorm and post_attention_layernorm weights start
-    ``settings.outlier_scale`` times larger. They are what makes an importance matrix matter: the
-    weights that read those channels carry more of the output than their size says. Returns the
-    channels."""
-    import torch
-
-    hidden = model.config.hidden_size
-    if settings.outlier_scale == 1:
-        return []
-    g = torch.Generator().manual_seed(settings.seed)
-    channels = sorted(torch.randperm(hidden, generator=g)[:max(2, hidden // 32)].tolist())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
-                p[channels] *= settings.outlier_scale
-    return channels
-
-
 def _round_bf16_(model) -> None:
     import torch
 
@@ -325,7 +300,6 @@ def _train_demo(settings, base_dir, adapter_dir, extra_texts, progress, t0, chec
 
     model = GptOssForCausalLM(_compact_config(settings, vocab.size))
     model.to(torch.float32)
-    _outlier_channels_(model, settings)
     corpus_batch = _batch(corpus_enc, vocab, pad)
     base_losses = _train(model, list(model.parameters()),
                          [[b, corpus_batch] for b in _variant_batches(base_enc, vocab, pad)], vocab,
