@@ -447,6 +447,9 @@ class BaseFile:
     type: str
     bytes: int
     sha256: str | None
+    #: how the SHA-256 was had: "written" (this run wrote the file), "fingerprint" (recorded by an
+    #: earlier run, the file unchanged since), "sha256" (hashed in full); None: not hashed
+    confirmed: str | None = None
 
     def to_dict(self, out_dir: Path | None = None) -> dict[str, Any]:
         inside = out_dir is not None and self.path.parent.resolve() == Path(out_dir).resolve()
