@@ -250,7 +250,7 @@ def export(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *
     """``lora2gguf adapter``: see the module's docstring."""
     from . import arch as arch_registry, hparams, jsonfile
     from .adapter import load_adapter
-    from .api import read_json, write_record
+    from .api import _shapes, read_json, write_record
     from .runstate import RunLock, RunState, input_fingerprint, remove_partials
     from .safetensors_io import Checkpoint
     from .sources import logical_tensors
@@ -264,7 +264,8 @@ def export(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *
     hparams.validate(arch, config, str(base_dir / "config.json"))
     ckpt = Checkpoint.open(base_dir)
     sources = logical_tensors(ckpt)
-    adapter = load_adapter(adapter_dir, {n: s.shape for n, s in sources.items()}, arch)
+    # the base's tensors and the fused expert parameters its per-expert ones stand for (as build reads it)
+    adapter = load_adapter(adapter_dir, _shapes(arch, sources), arch)
     lplan = prepare(arch, config, ckpt, adapter, options)
     for p in options.base_gguf:  # a wrong base stops the run before anything is written
         check_base(lplan, p, hash_file=False)
