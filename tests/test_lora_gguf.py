@@ -513,24 +513,52 @@ def test_adapter_command_pairs_with_a_given_base(quantized, gpt_oss, tmp_path, c
 # --------------------------------------------------------------------------- what llama.cpp cannot apply
 
 
-@pytest.mark.parametrize("kind", ["modules_to_save", "trainable_tokens", "tied_embedding", "dora"])
-def test_what_llama_cpp_cannot_apply_stops_unless_accepted(llama, tmp_path, capsys, kind):
-    base = llama["base"]
+#: target_parameters on GPT-OSS's experts and on their biases (2-D: one matrix each to PEFT)
+EXPERT_BIASES = ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj",
+                 "mlp.experts.down_proj_bias")
+
+
+@pytest.fixture(scope="module")
+def expert_bias_adapter(gpt_oss, tmp_path_factory):
+    """PEFT's LoRA on GPT-OSS's q_proj, experts and expert biases."""
+    return synth.make_adapter(gpt_oss["base"], tmp_path_factory.mktemp("expert_bias") / "ad", target_modules=("q_proj",),
+                              target_parameters=EXPERT_BIASES, r=4, lora_alpha=8)
+
+
+@pytest.mark.parametrize("kind", ["modules_to_save", "trainable_tokens", "tied_embedding", "dora", "lora_bias",
+                                  "expert_biases"])
+def test_what_llama_cpp_cannot_apply_stops_unless_accepted(request, llama, tmp_path, capsys, kind):
+    """The adapter command stops with BlockedError naming the code and the tensor (and writes
+    nothing); the CLI prints it as one error line; with --accept CODE the part is left out of the
+    file and recorded in run.json's lora section, the rest of the adapter written."""
+    base, adapter = llama["base"], None
     if kind == "tied_embedding":
         cfg = dict(llama["cfg"], tie_word_embeddings=True)
         base = families.make_model(tmp_path / "tied", "llama", cfg,
                                    tokenizer=lambda d: toks.sentencepiece_tokenizer(d, style="llama2"))
-        opts, code = dict(target_modules=("q_proj", "embed_tokens")), "LORA_TIED_EMBEDDING"
+        opts, code, tensor = dict(target_modules=("q_proj", "embed_tokens")), "LORA_TIED_EMBEDDING", "token_embd.weight"
     elif kind == "dora":
-        opts, code = dict(target_modules=("q_proj",), use_dora=True), "LORA_DORA"
+        opts, code, tensor = dict(target_modules=("q_proj",), use_dora=True), "LORA_DORA", "layers.0.self_attn.q_proj"
     elif kind == "modules_to_save":
-        opts, code = dict(target_modules=("q_proj",), modules_to_save=("lm_head",)), "LORA_FULL_WEIGHTS"
+        opts, code, tensor = dict(target_modules=("q_proj",), modules_to_save=("lm_head",)), "LORA_FULL_WEIGHTS", \
+            "lm_head.weight"
+    elif kind == "lora_bias":  # Qwen2's q/k/v have biases: PEFT's lora_B gets one
+        base = request.getfixturevalue("qwen2")["base"]
+        opts, code = dict(target_modules=("q_proj", "k_proj", "v_proj"), lora_bias=True), "LORA_BIAS"
+        tensor = "base_model.model.model.layers.0.self_attn.k_proj.lora_B.bias"
+    elif kind == "expert_biases":  # llama.cpp adds the expert biases as they are: no LoRA
+        base = request.getfixturevalue("gpt_oss")["base"]
+        adapter, opts, code = request.getfixturevalue("expert_bias_adapter"), {}, "LORA_NOT_APPLIED"
+        tensor = "blk.0.ffn_gate_exps.bias [4, 64]"
     else:
         opts, code = dict(target_modules=("q_proj",), trainable_token_indices=[3, 5]), "LORA_TOKEN_ROWS"
-    adapter = synth.make_adapter(base, tmp_path / "ad", target_parameters=(), r=4, lora_alpha=8, **opts)
+        tensor = "model.embed_tokens.weight: rows [3, 5]"
+    if adapter is None:
+        adapter = synth.make_adapter(base, tmp_path / "ad", target_parameters=(), r=4, lora_alpha=8, **opts)
     out = tmp_path / "out"
-    with pytest.raises(BlockedError, match=rf"(?s)\[{code}\].*--accept {code}"):
+    with pytest.raises(BlockedError, match=rf"(?s)\[{code}\].*--accept {code}") as info:
         export_adapter(base, adapter, out)
+    assert tensor in str(info.value), str(info.value)
     assert not out.exists() or not any(out.iterdir())
     from lora2gguf import cli
 
@@ -538,8 +566,31 @@ def test_what_llama_cpp_cannot_apply_stops_unless_accepted(llama, tmp_path, caps
     assert cli.main(["adapter", str(base), str(adapter), "-o", str(out)]) == BlockedError.exit_code
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and code in err
-    res = export_adapter(base, adapter, out, accept=[code])
-    (left,) = res.record["lora"]["left_out"]
-    assert left["code"] == code and left["accepted"] is True
+    res = export_adapter(base, adapter, out, accept=[code], verify=False)
+    left = res.record["lora"]["left_out"]
+    assert left and all(x["code"] == code and x["accepted"] is True for x in left)
+    assert any(tensor in x["what"] for x in left)
+    assert json.loads((out / "run.json").read_text())["lora"]["left_out"] == left
     assert "blk.0.attn_q.weight" in res.record["lora"]["tensors"]
     assert code in (res.output.note or "")
+    written = {t.name for t in gguf.GGUFReader(res.path).tensors}
+    assert not any(".bias." in n or n.startswith(("token_embd.", "output.")) for n in written), written
+    if kind == "expert_biases":  # the experts' own LoRA is written, the biases' left out (both layers, 3 each)
+        assert {"blk.1.ffn_gate_exps.weight.lora_a", "blk.1.ffn_down_exps.weight.lora_b"} <= written
+        assert sorted(x["what"].split()[0] for x in left) == sorted(
+            f"blk.{i}.ffn_{p}_exps.bias" for i in range(2) for p in ("gate", "up", "down"))
+
+
+def test_lora_on_the_expert_biases_merges_like_peft(gpt_oss, expert_bias_adapter, tmp_path):
+    """PEFT's LoRA on GPT-OSS's expert biases (gate_up_proj_bias de-interleaved as gate_up_proj is)
+    merges: llama.cpp's logits of the merged F32 GGUF equal transformers + PEFT's; the adapter file
+    with the biases left out (LORA_NOT_APPLIED accepted) is measurably another model."""
+    build(gpt_oss["base"], expert_bias_adapter, tmp_path / "out", name="m", outtype="f32", lora_gguf="f32",
+          accept=["LORA_NOT_APPLIED"])
+    ids = gpt_oss["ids"]
+    ref = synth.peft_logits(gpt_oss["base"], expert_bias_adapter, ids)
+    merged = gguf_logits(tmp_path / "out" / "m-F32.gguf", ids, n_threads=THREADS)
+    assert _kl(ref, merged) < F32_MAX_MEAN_KL and top1_agreement(ref, merged) >= F32_MIN_TOP1, _kl(ref, merged)
+    without = gguf_logits(tmp_path / "out" / "m-base-F32.gguf", ids, n_threads=THREADS,
+                          lora=tmp_path / "out" / "m-LoRA-F32.gguf")
+    assert _kl(merged, without) > 100 * RUNTIME_MAX_MEAN_KL, _kl(merged, without)

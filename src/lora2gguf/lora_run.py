@@ -265,7 +265,7 @@ def export(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *
     ckpt = Checkpoint.open(base_dir)
     sources = logical_tensors(ckpt)
     # the base's tensors and the fused expert parameters its per-expert ones stand for (as build reads it)
-    adapter = load_adapter(adapter_dir, _shapes(arch, sources), arch)
+    adapter = load_adapter(adapter_dir, _shapes(arch, sources), arch, allow=("lora_bias",))  # LORA_BIAS
     lplan = prepare(arch, config, ckpt, adapter, options)
     for p in options.base_gguf:  # a wrong base stops the run before anything is written
         check_base(lplan, p, hash_file=False)
