@@ -69,6 +69,19 @@ def _huge_b(base: Path, ad: Path, tmp: Path) -> None:
     write_st(ad / ADAPTER, header, bytes(buf))
 
 
+def _pair_on_a_norm(base: Path, ad: Path, tmp: Path) -> None:
+    """A LoRA pair on layer 0's input norm (a vector), as no PEFT version writes one."""
+    header, data = read_st(ad / ADAPTER)
+    buf = bytearray(data)
+    module = "base_model.model.model.layers.0.input_layernorm"
+    for which, shape in (("A", (4, 64)), ("B", (64, 4))):
+        values = np.full(shape, 0.01, "<f4").tobytes()
+        header[f"{module}.lora_{which}.weight"] = {"dtype": "F32", "shape": list(shape),
+                                                   "data_offsets": [len(buf), len(buf) + len(values)]}
+        buf += values
+    write_st(ad / ADAPTER, header, bytes(buf))
+
+
 def _other_shapes(base: Path, ad: Path, tmp: Path) -> None:
     _adapter_for_other_model(base, ad)
 
@@ -92,6 +105,9 @@ CASES: list[Case] = [
          r"rank_pattern\['q_proj'\] is 0, expected a positive integer"),
     Case("alpha-pattern-negative", "config", _config(lambda c: c.update(alpha_pattern={"q_proj": -2})), InputError,
          r"alpha_pattern\['q_proj'\] is -2, expected a positive number"),
+    Case("lora-pair-on-a-norm", "adapter", _pair_on_a_norm, InputError,
+         r"input_layernorm.lora_A.weight .*: a LoRA pair on model.layers.0.input_layernorm.weight \(64,\), which is "
+         r"not a matrix"),
     Case("nan-in-lora-b", "adapter", _nan, NumericError, r"q_proj.*NaN or Inf"),
     Case("b-beyond-f16", "adapter", _huge_b, NumericError, r"beyond the range of F16.*--outtype f32 or bf16"),
     Case("base-gguf-other-architecture", "gguf", _base_of("llama", tensors={"blk.0.attn_q.weight": (64, 64)}),

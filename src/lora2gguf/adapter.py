@@ -289,6 +289,12 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
                             fan_in_fan_out=True)
         elif depth == 0 and linear_target in base_shapes:
             shape = base_shapes[linear_target]
+            if len(shape) != 2:
+                raise InputError(
+                    f"{where}: {a_key} / {b_key}: a LoRA pair on {linear_target} {shape}, which is not a matrix (a "
+                    "norm, a bias or another vector); PEFT trains LoRA on weight matrices only. Is this adapter for "
+                    "another model, or written by another tool? Remove the pair, or merge the adapter with the tool "
+                    "that wrote it and convert the merged model.")
             out_f, in_f = (shape[1], shape[0]) if fifo else (shape[0], shape[1])
             r = int(lora.pattern_value(rank_pattern, module, r0))
             alpha = float(lora.pattern_value(alpha_pattern, module, alpha0))
