@@ -82,7 +82,7 @@ class Adapter:
     # base tensor name -> the adapter's full tensor that replaces it (modules_to_save, resized embeddings)
     replaced: dict[str, TensorInfo] = field(default_factory=dict)
     token_rows: dict[str, TokenRows] = field(default_factory=dict)
-    # module -> its lora_B bias (lora_bias): read only where the caller handles it (load_adapter's allow)
+    # adapter key -> a lora_B bias (lora_bias): read only where the caller handles it (load_adapter's allow)
     lora_biases: dict[str, TensorInfo] = field(default_factory=dict)
 
     @property
