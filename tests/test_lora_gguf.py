@@ -42,10 +42,10 @@ HARMONY_TEXT = ("<|start|>user<|message|>What is 2+2? Tell me about the stars an
                 "<|start|>assistant<|channel|>analysis<|message|>Simple sum.<|end|><|start|>assistant<|channel|>final"
                 "<|message|>The sum of 2 and 2 is 4. The stars are far away, the sea is near.<|return|>")
 
-# Noise measured on these fixtures: the merged F32 GGUF against transformers + PEFT, mean KL ~1e-6
-# (Llama) to ~5e-6 (GPT-OSS); base F32 + F32 adapter against the merged F32 GGUF, ~1e-8 (Llama) to
-# ~7e-7 (GPT-OSS): llama.cpp adds B(Ax) in float32 instead of using the merged weights rounded to
-# float32. A wrong fold is of order 0.1-10.
+# Noise measured on these fixtures: the merged F32 GGUF against transformers + PEFT, mean KL ~6e-7
+# (Phi-3) to ~5e-6 (GPT-OSS); base F32 + F32 adapter against the merged F32 GGUF, ~1e-8 (Llama,
+# Qwen2, Qwen2-MoE), 4e-8 (Mixtral), 6e-8 (Phi-3), 2e-7 (Gemma 3), ~7e-7 (GPT-OSS): llama.cpp adds
+# B(Ax) in float32 instead of using the merged weights rounded to float32. A wrong fold is of order 1.
 F32_MAX_MEAN_KL = 1e-4  # against PEFT: the bound the merged files are held to (test_families)
 RUNTIME_MAX_MEAN_KL = 1e-5  # base + adapter against the merged file
 F32_MIN_TOP1 = 0.95
@@ -53,6 +53,12 @@ F32_MIN_TOP1 = 0.95
 # ~4e-6 (F16) and ~2e-4 (BF16) on the Llama fixture (~1e-5 and ~5e-4 on GPT-OSS)
 F16_MAX_MEAN_KL = 5e-5
 BF16_MAX_MEAN_KL = 2e-3
+
+
+SPM = {"vocab_size": 512, "bos_token_id": 1, "eos_token_id": 2}  # a 512-token SentencePiece vocabulary's config
+# folds (PEFT's scale times rank / alpha in the file): rsLoRA at r=4, alpha=8 gives 2
+RS_V8 = 8 / np.sqrt(8) * 8 / 8  # rsLoRA with rank_pattern 8 (alpha 8): alpha/sqrt(8) over llama.cpp's alpha/8
+RS_DOWN3 = 3 / np.sqrt(4) * 4 / 8  # alpha_pattern 3 at rank 4: 3/2 over llama.cpp's 8/4
 
 
 def _kl(ref: np.ndarray, got: np.ndarray) -> float:
@@ -77,7 +83,8 @@ def llama(tmp_path_factory):
     out = root / "out"
     return {"family": "llama", "root": root, "base": base, "adapter": adapter, "cfg": cfg, "res": res, "ids": ids,
             "merged": out / "m-F32.gguf", "base_gguf": out / "m-base-F32.gguf", "lora": out / "m-LoRA-F32.gguf",
-            "ref": synth.peft_logits(base, adapter, ids)}
+            "ref": synth.peft_logits(base, adapter, ids),
+            "folds": {"blk.0.attn_q.weight": 2.0, "blk.0.attn_v.weight": RS_V8}}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +102,8 @@ def gpt_oss(tmp_path_factory, o200k_tokenizer_dir):
     out = root / "out"
     return {"family": "gpt_oss", "root": root, "base": base, "adapter": adapter, "res": res, "ids": ids,
             "merged": out / "m-F32.gguf", "base_gguf": out / "m-base-F32.gguf", "lora": out / "m-LoRA-F32.gguf",
-            "ref": synth.peft_logits(base, adapter, ids)}
+            "ref": synth.peft_logits(base, adapter, ids),
+            "folds": {"blk.0.attn_q.weight": 2.0, "blk.0.attn_v.weight": RS_V8}}
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +125,80 @@ def mixtral(tmp_path_factory):
     out = root / "out"
     return {"family": "mixtral", "root": root, "base": base, "adapter": adapter, "cfg": cfg, "res": res, "ids": ids,
             "merged": out / "m-F32.gguf", "base_gguf": out / "m-base-F32.gguf", "lora": out / "m-LoRA-F32.gguf",
-            "ref": synth.peft_logits(base, adapter, ids)}
+            "ref": synth.peft_logits(base, adapter, ids),
+            "folds": {"blk.0.attn_q.weight": 2.0, "blk.0.attn_output.weight": 2 / np.sqrt(4) * 4 / 8}}
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt_oss", "mixtral"])
+def _family(tmp_path_factory, family: str, cfg: dict, tokenizer, *, targets, params=(), gen=None, fused=False,
+            folds: dict | None = None, **lora) -> dict:
+    """A tiny ``family`` model (transformers) and an rsLoRA adapter on it (PEFT, r=4, alpha=8, plus
+    ``lora``'s patterns); merged F32, base F32 and F32 adapter from one build (of the base saved
+    with transformers 5.x's fused experts when ``fused``). ``folds``: the folds the record must show."""
+    root = tmp_path_factory.mktemp(f"lora_{family}")
+    cfg = families.small_config(family, **cfg)
+    base = families.make_model(root / "base", family, cfg, tokenizer=tokenizer, generation_config=gen)
+    adapter = synth.make_adapter(base, root / "adapter", target_modules=targets, target_parameters=params, r=4,
+                                 lora_alpha=8, use_rslora=True, **lora)
+    built = families.save_fused(base, root / "fused") if fused else base
+    res = build(built, adapter, root / "out", name="m", outtype="f32", lora_gguf="f32")
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(base))(TEXT, add_special_tokens=False)["input_ids"]
+    out = root / "out"
+    return {"family": family, "root": root, "base": base, "built": built, "adapter": adapter, "cfg": cfg, "res": res,
+            "ids": ids, "merged": out / "m-F32.gguf", "base_gguf": out / "m-base-F32.gguf",
+            "lora": out / "m-LoRA-F32.gguf", "ref": synth.peft_logits(base, adapter, ids), "folds": folds or {}}
+
+
+def _spm(d):
+    return toks.sentencepiece_tokenizer(d, style="llama2")
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    """Qwen2 (q/k/v biases, NEOX rope: no permute) with LoRA on every linear layer."""
+    return _family(tmp_path_factory, "qwen2", SPM, _spm, targets=families.ALL_LINEAR, rank_pattern={"v_proj": 8},
+                   alpha_pattern={"down_proj": 3},
+                   folds={"blk.0.attn_q.weight": 2.0, "blk.0.attn_v.weight": RS_V8, "blk.0.ffn_down.weight": RS_DOWN3})
+
+
+@pytest.fixture(scope="module")
+def qwen2_moe(tmp_path_factory):
+    """Qwen2-MoE saved with transformers 5.x's fused experts, LoRA on the fused experts (PEFT's
+    target_parameters), on the shared expert's linear layers and its gate, and on attention."""
+    return _family(tmp_path_factory, "qwen2_moe", SPM, _spm, targets=(*families.ALL_LINEAR, "shared_expert_gate"),
+                   params=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), fused=True,
+                   rank_pattern={"v_proj": 8},
+                   folds={"blk.0.attn_q.weight": 2.0, "blk.0.attn_v.weight": RS_V8, "blk.0.ffn_up_shexp.weight": 2.0,
+                          "blk.0.ffn_gate_inp_shexp.weight": 2.0, "blk.0.ffn_gate_exps.weight": 2.0})
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """Gemma 3 (norms stored as w + 1, q/k norms, tied embeddings, sliding and full layers) with
+    LoRA on every linear layer."""
+    cfg = {"vocab_size": 704, "bos_token_id": 2, "pad_token_id": 0, "eos_token_id": [1, 106], "num_hidden_layers": 6}
+    return _family(tmp_path_factory, "gemma3", cfg, lambda d: toks.gemma_tokenizer(d, generation=3),
+                   targets=families.ALL_LINEAR, rank_pattern={"v_proj": 8}, alpha_pattern={"down_proj": 3},
+                   folds={"blk.0.attn_q.weight": 2.0, "blk.0.attn_v.weight": RS_V8, "blk.0.ffn_down.weight": RS_DOWN3})
+
+
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory):
+    """Phi-3 (q/k/v fused in qkv_proj, gate and up in gate_up_proj: llama.cpp keeps both fused) with
+    LoRA on its four linear layers."""
+    ids = toks.phi3_ids(512)
+    end = ids["<|endoftext|>"]
+    cfg = {"vocab_size": 512 + toks.PHI3_EXTRA_ROWS, "bos_token_id": 1, "eos_token_id": end, "pad_token_id": end,
+           "sliding_window": 2047}
+    gen = {"bos_token_id": 1, "eos_token_id": [end, ids["<|assistant|>"], ids["<|end|>"]], "pad_token_id": end}
+    return _family(tmp_path_factory, "phi3", cfg, toks.phi3_tokenizer, targets=families.PHI3_LINEAR, gen=gen,
+                   rank_pattern={"qkv_proj": 8}, alpha_pattern={"down_proj": 3},
+                   folds={"blk.0.attn_qkv.weight": RS_V8, "blk.0.attn_output.weight": 2.0,
+                          "blk.0.ffn_up.weight": 2.0, "blk.0.ffn_down.weight": RS_DOWN3})
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt_oss", "mixtral", "qwen2", "qwen2_moe", "gemma3", "phi3"])
 def case(request):
     c = request.getfixturevalue(request.param)
     c["merged_logits"] = gguf_logits(c["merged"], c["ids"], n_threads=THREADS)
@@ -141,6 +219,19 @@ def test_runtime_lora_equals_merged_gguf(case):
         (_kl(ref, ours), top1_agreement(ref, ours), _kl(ref, merged))
     base_only = gguf_logits(case["base_gguf"], case["ids"], n_threads=THREADS)
     assert _kl(merged, base_only) > 1000 * RUNTIME_MAX_MEAN_KL
+
+
+def test_adapter_command_on_the_per_expert_checkpoint(qwen2_moe, tmp_path):
+    """`lora2gguf adapter` on the MoE checkpoint as transformers saves it (one tensor per expert),
+    with the adapter trained on transformers 5.x's fused experts, writes the file that the build
+    of the fused checkpoint wrote: the same tensors, bytes and keys."""
+    from lora2gguf.safetensors_io import Checkpoint
+
+    names = set(Checkpoint.open(qwen2_moe["base"]).tensors)
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" in names
+    assert "model.layers.0.mlp.experts.gate_up_proj" in set(Checkpoint.open(qwen2_moe["built"]).tensors)
+    res = export_adapter(qwen2_moe["base"], qwen2_moe["adapter"], tmp_path / "a", name="m", outtype="f32")
+    assert_same_gguf(res.path, qwen2_moe["lora"])
 
 
 def test_the_file_is_what_llama_cpp_checks(case):
@@ -168,19 +259,26 @@ def test_the_file_is_what_llama_cpp_checks(case):
     rec = case["res"].record
     assert rec["lora"]["file"] == case["lora"].name and rec["lora"]["left_out"] == []
     assert set(rec["lora"]["tensors"]) == targets
-    if "blk.0.ffn_gate_exps.weight" in targets:  # the experts, stacked (GPT-OSS: gate and up from gate_up_proj)
+    family = case["family"]
+    if family in ("gpt_oss", "mixtral", "qwen2_moe"):  # the experts, stacked (gate and up from gate_up_proj)
         assert {"blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight"} <= targets
         assert len(shapes["blk.0.ffn_gate_exps.weight.lora_a"]) == 3
-    else:
+    if family == "llama":
         assert "token_embd.weight" in targets and "output.weight" in targets
-    # rsLoRA: alpha/sqrt(r) = 8/2 = 4 where llama.cpp applies alpha/r = 2, so B is doubled; v_proj (r=8) and
-    # the patterned alphas get their own factors
+    if family == "qwen2_moe":  # the shared expert and its gate (a 1-row matrix llama.cpp multiplies, with its LoRA)
+        assert {"blk.0.ffn_gate_shexp.weight", "blk.0.ffn_up_shexp.weight", "blk.0.ffn_down_shexp.weight",
+                "blk.0.ffn_gate_inp_shexp.weight"} <= targets
+    if family == "phi3":  # fused in the GGUF too: B holds q, k and v's rows (gate and up's) as PEFT's B does
+        assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= targets
+        assert shapes["blk.0.attn_qkv.weight.lora_b"][1] == base["blk.0.attn_qkv.weight"][1]
+    # nothing of a norm (Gemma stores them as w + 1) or a bias (Qwen's q/k/v) is in the file
+    assert all(t.endswith(".weight") and "norm" not in t for t in targets)
+    # rsLoRA: alpha/sqrt(r) = 8/2 = 4 where llama.cpp applies alpha/r = 2, so B is doubled; rank_pattern 8
+    # (8/sqrt(8) * 8/8) and the patterned alphas get their own factors
     folds = {t: [x["fold"] for x in d["terms"]] for t, d in rec["lora"]["tensors"].items()}
-    assert folds["blk.0.attn_q.weight"] == [2.0]
-    if case["family"] == "mixtral":  # alpha_pattern o_proj 2: 2/sqrt(4) * 4/8
-        assert folds["blk.0.attn_output.weight"] == [0.5]
-    else:  # rank_pattern v_proj 8: 8/sqrt(8) * 8/8
-        assert folds["blk.0.attn_v.weight"] == [pytest.approx(8 / np.sqrt(8) * 8 / 8)]
+    assert case["folds"]
+    for t, want in case["folds"].items():
+        assert folds[t] == [pytest.approx(want, rel=1e-15)], (t, folds[t], want)
 
 
 def _rewrite(src: Path, dst: Path, fn) -> Path:
@@ -198,12 +296,20 @@ def _rewrite(src: Path, dst: Path, fn) -> Path:
 
 
 def test_wrong_folds_fail(case, tmp_path, reference_lora_converter):
-    """The same comparison catches every way a fold can go wrong: (GPT-OSS, Mixtral) gate and up swapped;
-    (Llama) B without the rotary permute, and the plain alpha/r scaling llama.cpp's own converter
-    writes for an rsLoRA adapter with patterns."""
+    """The same comparison catches every way a fold can go wrong: (GPT-OSS, Mixtral, Qwen2-MoE) gate and
+    up swapped; (Phi-3) the halves of the fused gate_up's B swapped; (Llama) B without the rotary
+    permute, and the plain alpha/r scaling llama.cpp's own converter writes for an rsLoRA adapter
+    with patterns; (Qwen2, Gemma 3) q/k rows of B permuted where their rope wants none."""
     merged = case["merged_logits"]
     broken: dict[str, Path] = {}
-    if case["family"] in ("gpt_oss", "mixtral"):
+    if case["family"] == "phi3":  # the fused gate_up's B rows: gate's half and up's half swapped
+        def halves(name, arrays):
+            if name.endswith("ffn_up.weight.lora_b"):
+                b = arrays[name]
+                return np.concatenate([b[b.shape[0] // 2:], b[:b.shape[0] // 2]])
+            return None
+        broken["gate and up halves of B swapped"] = _rewrite(case["lora"], tmp_path / "halves.gguf", halves)
+    elif case["family"] in ("gpt_oss", "mixtral", "qwen2_moe"):
         def swap(name, arrays):
             for a, b in (("gate", "up"), ("up", "gate")):
                 if f"ffn_{a}_exps.weight.lora_b" in name:
@@ -220,9 +326,11 @@ def test_wrong_folds_fail(case, tmp_path, reference_lora_converter):
                 b, n = arrays[name], heads[kind]
                 return b.reshape(n, b.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(b.shape)
             return None
-        broken["B without the permute"] = _rewrite(case["lora"], tmp_path / "unpermuted.gguf", unpermute)
-        broken["plain alpha/r (llama.cpp's converter)"] = reference_lora_converter(
-            case["adapter"], case["base"], tmp_path / "naive.gguf", "f32")
+        # Llama: B without the permute; the NEOX-rope families (Qwen2, Gemma 3: no permute): a permute applied
+        broken["q/k rows of B permuted wrongly"] = _rewrite(case["lora"], tmp_path / "unpermuted.gguf", unpermute)
+        if case["family"] == "llama":
+            broken["plain alpha/r (llama.cpp's converter)"] = reference_lora_converter(
+                case["adapter"], case["base"], tmp_path / "naive.gguf", "f32")
     for what, path in broken.items():
         kl = _kl(merged, _runtime(case, path))
         assert kl > 1000 * RUNTIME_MAX_MEAN_KL, (what, kl)
@@ -404,24 +512,52 @@ def test_adapter_command_pairs_with_a_given_base(quantized, gpt_oss, tmp_path, c
 # --------------------------------------------------------------------------- what llama.cpp cannot apply
 
 
-@pytest.mark.parametrize("kind", ["modules_to_save", "trainable_tokens", "tied_embedding", "dora"])
-def test_what_llama_cpp_cannot_apply_stops_unless_accepted(llama, tmp_path, capsys, kind):
-    base = llama["base"]
+#: target_parameters on GPT-OSS's experts and on their biases (2-D: one matrix each to PEFT)
+EXPERT_BIASES = ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj",
+                 "mlp.experts.down_proj_bias")
+
+
+@pytest.fixture(scope="module")
+def expert_bias_adapter(gpt_oss, tmp_path_factory):
+    """PEFT's LoRA on GPT-OSS's q_proj, experts and expert biases."""
+    return synth.make_adapter(gpt_oss["base"], tmp_path_factory.mktemp("expert_bias") / "ad", target_modules=("q_proj",),
+                              target_parameters=EXPERT_BIASES, r=4, lora_alpha=8)
+
+
+@pytest.mark.parametrize("kind", ["modules_to_save", "trainable_tokens", "tied_embedding", "dora", "lora_bias",
+                                  "expert_biases"])
+def test_what_llama_cpp_cannot_apply_stops_unless_accepted(request, llama, tmp_path, capsys, kind):
+    """The adapter command stops with BlockedError naming the code and the tensor (and writes
+    nothing); the CLI prints it as one error line; with --accept CODE the part is left out of the
+    file and recorded in run.json's lora section, the rest of the adapter written."""
+    base, adapter = llama["base"], None
     if kind == "tied_embedding":
         cfg = dict(llama["cfg"], tie_word_embeddings=True)
         base = families.make_model(tmp_path / "tied", "llama", cfg,
                                    tokenizer=lambda d: toks.sentencepiece_tokenizer(d, style="llama2"))
-        opts, code = dict(target_modules=("q_proj", "embed_tokens")), "LORA_TIED_EMBEDDING"
+        opts, code, tensor = dict(target_modules=("q_proj", "embed_tokens")), "LORA_TIED_EMBEDDING", "token_embd.weight"
     elif kind == "dora":
-        opts, code = dict(target_modules=("q_proj",), use_dora=True), "LORA_DORA"
+        opts, code, tensor = dict(target_modules=("q_proj",), use_dora=True), "LORA_DORA", "layers.0.self_attn.q_proj"
     elif kind == "modules_to_save":
-        opts, code = dict(target_modules=("q_proj",), modules_to_save=("lm_head",)), "LORA_FULL_WEIGHTS"
+        opts, code, tensor = dict(target_modules=("q_proj",), modules_to_save=("lm_head",)), "LORA_FULL_WEIGHTS", \
+            "lm_head.weight"
+    elif kind == "lora_bias":  # Qwen2's q/k/v have biases: PEFT's lora_B gets one
+        base = request.getfixturevalue("qwen2")["base"]
+        opts, code = dict(target_modules=("q_proj", "k_proj", "v_proj"), lora_bias=True), "LORA_BIAS"
+        tensor = "base_model.model.model.layers.0.self_attn.k_proj.lora_B.bias"
+    elif kind == "expert_biases":  # llama.cpp adds the expert biases as they are: no LoRA
+        base = request.getfixturevalue("gpt_oss")["base"]
+        adapter, opts, code = request.getfixturevalue("expert_bias_adapter"), {}, "LORA_NOT_APPLIED"
+        tensor = "blk.0.ffn_gate_exps.bias [4, 64]"
     else:
         opts, code = dict(target_modules=("q_proj",), trainable_token_indices=[3, 5]), "LORA_TOKEN_ROWS"
-    adapter = synth.make_adapter(base, tmp_path / "ad", target_parameters=(), r=4, lora_alpha=8, **opts)
+        tensor = "model.embed_tokens.weight: rows [3, 5]"
+    if adapter is None:
+        adapter = synth.make_adapter(base, tmp_path / "ad", target_parameters=(), r=4, lora_alpha=8, **opts)
     out = tmp_path / "out"
-    with pytest.raises(BlockedError, match=rf"(?s)\[{code}\].*--accept {code}"):
+    with pytest.raises(BlockedError, match=rf"(?s)\[{code}\].*--accept {code}") as info:
         export_adapter(base, adapter, out)
+    assert tensor in str(info.value), str(info.value)
     assert not out.exists() or not any(out.iterdir())
     from lora2gguf import cli
 
@@ -429,8 +565,31 @@ def test_what_llama_cpp_cannot_apply_stops_unless_accepted(llama, tmp_path, caps
     assert cli.main(["adapter", str(base), str(adapter), "-o", str(out)]) == BlockedError.exit_code
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and code in err
-    res = export_adapter(base, adapter, out, accept=[code])
-    (left,) = res.record["lora"]["left_out"]
-    assert left["code"] == code and left["accepted"] is True
+    res = export_adapter(base, adapter, out, accept=[code], verify=False)
+    left = res.record["lora"]["left_out"]
+    assert left and all(x["code"] == code and x["accepted"] is True for x in left)
+    assert any(tensor in x["what"] for x in left)
+    assert json.loads((out / "run.json").read_text())["lora"]["left_out"] == left
     assert "blk.0.attn_q.weight" in res.record["lora"]["tensors"]
     assert code in (res.output.note or "")
+    written = {t.name for t in gguf.GGUFReader(res.path).tensors}
+    assert not any(".bias." in n or n.startswith(("token_embd.", "output.")) for n in written), written
+    if kind == "expert_biases":  # the experts' own LoRA is written, the biases' left out (both layers, 3 each)
+        assert {"blk.1.ffn_gate_exps.weight.lora_a", "blk.1.ffn_down_exps.weight.lora_b"} <= written
+        assert sorted(x["what"].split()[0] for x in left) == sorted(
+            f"blk.{i}.ffn_{p}_exps.bias" for i in range(2) for p in ("gate", "up", "down"))
+
+
+def test_lora_on_the_expert_biases_merges_like_peft(gpt_oss, expert_bias_adapter, tmp_path):
+    """PEFT's LoRA on GPT-OSS's expert biases (gate_up_proj_bias de-interleaved as gate_up_proj is)
+    merges: llama.cpp's logits of the merged F32 GGUF equal transformers + PEFT's; the adapter file
+    with the biases left out (LORA_NOT_APPLIED accepted) is measurably another model."""
+    build(gpt_oss["base"], expert_bias_adapter, tmp_path / "out", name="m", outtype="f32", lora_gguf="f32",
+          accept=["LORA_NOT_APPLIED"])
+    ids = gpt_oss["ids"]
+    ref = synth.peft_logits(gpt_oss["base"], expert_bias_adapter, ids)
+    merged = gguf_logits(tmp_path / "out" / "m-F32.gguf", ids, n_threads=THREADS)
+    assert _kl(ref, merged) < F32_MAX_MEAN_KL and top1_agreement(ref, merged) >= F32_MIN_TOP1, _kl(ref, merged)
+    without = gguf_logits(tmp_path / "out" / "m-base-F32.gguf", ids, n_threads=THREADS,
+                          lora=tmp_path / "out" / "m-LoRA-F32.gguf")
+    assert _kl(merged, without) > 100 * RUNTIME_MAX_MEAN_KL, _kl(merged, without)

@@ -7,6 +7,8 @@ traceback) and exit with the error's code, and the output folder must be left wi
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -67,6 +69,19 @@ def _huge_b(base: Path, ad: Path, tmp: Path) -> None:
     write_st(ad / ADAPTER, header, bytes(buf))
 
 
+def _pair_on_a_norm(base: Path, ad: Path, tmp: Path) -> None:
+    """A LoRA pair on layer 0's input norm (a vector), as no PEFT version writes one."""
+    header, data = read_st(ad / ADAPTER)
+    buf = bytearray(data)
+    module = "base_model.model.model.layers.0.input_layernorm"
+    for which, shape in (("A", (4, 64)), ("B", (64, 4))):
+        values = np.full(shape, 0.01, "<f4").tobytes()
+        header[f"{module}.lora_{which}.weight"] = {"dtype": "F32", "shape": list(shape),
+                                                   "data_offsets": [len(buf), len(buf) + len(values)]}
+        buf += values
+    write_st(ad / ADAPTER, header, bytes(buf))
+
+
 def _other_shapes(base: Path, ad: Path, tmp: Path) -> None:
     _adapter_for_other_model(base, ad)
 
@@ -90,6 +105,9 @@ CASES: list[Case] = [
          r"rank_pattern\['q_proj'\] is 0, expected a positive integer"),
     Case("alpha-pattern-negative", "config", _config(lambda c: c.update(alpha_pattern={"q_proj": -2})), InputError,
          r"alpha_pattern\['q_proj'\] is -2, expected a positive number"),
+    Case("lora-pair-on-a-norm", "adapter", _pair_on_a_norm, InputError,
+         r"input_layernorm.lora_A.weight .*: a LoRA pair on model.layers.0.input_layernorm.weight \(64,\), which is "
+         r"not a matrix"),
     Case("nan-in-lora-b", "adapter", _nan, NumericError, r"q_proj.*NaN or Inf"),
     Case("b-beyond-f16", "adapter", _huge_b, NumericError, r"beyond the range of F16.*--outtype f32 or bf16"),
     Case("base-gguf-other-architecture", "gguf", _base_of("llama", tensors={"blk.0.attn_q.weight": (64, 64)}),
@@ -164,3 +182,123 @@ def test_unknown_outtype(good, tmp_path):
         from lora2gguf.api import build
 
         build(*good, tmp_path / "out2", base_gguf=[tmp_path / "x.gguf"])
+
+
+# --------------------------------------------------------------------------- a base GGUF is hashed once
+
+
+def _base_gguf_for(good, tmp: Path, pad_bytes: int = 32 << 20) -> Path:
+    """A base GGUF the good adapter pairs with: every tensor it adapts, in the shape it was made
+    for (zeros), and a padding tensor that makes the file far larger than a fingerprint reads."""
+    res = export_adapter(*good, tmp / "shapes", name="x")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for t in gguf.GGUFReader(res.path).tensors:
+        target, which = t.name.rsplit(".lora_", 1)
+        ne = [int(d) for d in t.shape]  # a: [in, r(, E)], b: [r, out(, E)]
+        got = shapes.setdefault(target, (0, 0, *ne[2:]))
+        shapes[target] = (ne[0], got[1], *ne[2:]) if which == "a" else (got[0], ne[1], *ne[2:])
+    tensors = {name: tuple(reversed(ne)) for name, ne in shapes.items()}
+    tensors["zz_padding.weight"] = (8, pad_bytes // 32)
+    return _gguf(tmp / "base.gguf", "gpt-oss", tensors)
+
+
+def _count_reads(monkeypatch, path: Path) -> list[int]:
+    """Bytes read from ``path`` through open() and os.pread (how sha256_file and
+    output_fingerprint read), appended per read; read_header maps the file and touches its
+    header only."""
+    import builtins
+
+    reads: list[int] = []
+    target = str(path.resolve())
+    real_open, real_pread = builtins.open, os.pread
+
+    class Counting:
+        def __init__(self, f):
+            self._f = f
+
+        def read(self, *a):
+            b = self._f.read(*a)
+            reads.append(len(b))
+            return b
+
+        def readinto(self, buf):
+            n = self._f.readinto(buf)
+            reads.append(n or 0)
+            return n
+
+        def __getattr__(self, k):
+            return getattr(self._f, k)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
+    def counting_open(file, mode="r", *a, **kw):
+        f = real_open(file, mode, *a, **kw)
+        if isinstance(file, (str, Path)) and "r" in mode and str(Path(file).resolve()) == target:
+            return Counting(f)
+        return f
+
+    def counting_pread(fd, n, off):
+        b = real_pread(fd, n, off)
+        if os.readlink(f"/proc/self/fd/{fd}") == target:
+            reads.append(len(b))
+        return b
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(os, "pread", counting_pread)
+    return reads
+
+
+def test_a_base_gguf_is_hashed_once(good, tmp_path, monkeypatch):
+    """--base-gguf FILE (13-40 GB in real use) is hashed in full on the first run only: an unchanged
+    rerun takes its recorded SHA-256, confirmed by the file's fingerprint (at most 2.5 MiB read);
+    a touched file is hashed again (same SHA-256), an edited one or one replaced by a file of the
+    same size, mtime and sampled bytes is hashed again and its new SHA-256 recorded."""
+    from lora2gguf.gguf_out import sha256_file
+    from lora2gguf.runstate import FINGERPRINT_MAX_BYTES
+    from test_resume import _flip, _unsampled_offset
+
+    base_gguf = _base_gguf_for(good, tmp_path)
+    size = base_gguf.stat().st_size
+    assert size > 10 * FINGERPRINT_MAX_BYTES
+    out = tmp_path / "out"
+    reads = _count_reads(monkeypatch, base_gguf)
+
+    def run() -> tuple[str, str, int]:
+        reads.clear()
+        rec = export_adapter(*good, out, name="x", base_gguf=[base_gguf], verify=False).record
+        (pair,) = rec["lora"]["pairs"]
+        assert json.loads((out / "run.json").read_text())["lora"]["pairs"] == [pair]
+        return pair["sha256"], rec["stages"]["lora"]["base_gguf"][str(base_gguf.resolve())], sum(reads)
+
+    first, how, n = run()
+    assert how == "sha256" and n >= size and first == sha256_file(base_gguf)
+    for _ in range(2):
+        sha, how, n = run()
+        assert (sha, how) == (first, "fingerprint") and n <= FINGERPRINT_MAX_BYTES, n
+
+    t = base_gguf.stat().st_mtime_ns + 10**9
+    os.utime(base_gguf, ns=(t, t))  # touched: the same bytes
+    sha, how, n = run()
+    assert (sha, how) == (first, "sha256") and n >= size
+    sha, how, n = run()
+    assert (sha, how) == (first, "fingerprint") and n <= FINGERPRINT_MAX_BYTES
+
+    off = _unsampled_offset(size)
+    _flip(base_gguf, off)  # edited where the fingerprint does not read
+    edited, how, n = run()
+    assert how == "sha256" and n >= size and edited != first
+    assert edited == sha256_file(base_gguf)
+
+    new = tmp_path / "replacement.gguf"
+    shutil.copyfile(base_gguf, new)
+    _flip(new, off)  # back to the first bytes: same size, same sampled bytes, same mtime
+    st = base_gguf.stat()
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(new, base_gguf)
+    replaced, how, n = run()
+    assert how == "sha256" and n >= size and replaced == first == sha256_file(base_gguf)
+    assert run()[:2] == (first, "fingerprint")

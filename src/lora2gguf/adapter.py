@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from . import lora
 from .arch import Architecture
@@ -82,6 +82,8 @@ class Adapter:
     # base tensor name -> the adapter's full tensor that replaces it (modules_to_save, resized embeddings)
     replaced: dict[str, TensorInfo] = field(default_factory=dict)
     token_rows: dict[str, TokenRows] = field(default_factory=dict)
+    # adapter key -> a lora_B bias (lora_bias): read only where the caller handles it (load_adapter's allow)
+    lora_biases: dict[str, TensorInfo] = field(default_factory=dict)
 
     @property
     def all_terms(self) -> list[LoraTerm]:
@@ -97,13 +99,14 @@ def read_config(folder: Path) -> dict[str, Any]:
                             missing="is this a PEFT adapter folder (saved with save_pretrained)?")
 
 
-def check_config(config: Mapping[str, Any], path: Path) -> None:
-    """Raise for adapter types and features that the merge does not handle."""
+def check_config(config: Mapping[str, Any], path: Path, allow: Collection[str] = ()) -> None:
+    """Raise for adapter types and features that the merge does not handle (``allow``: keys of
+    :data:`UNSUPPORTED_FEATURES` the caller handles itself)."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise UnsupportedError(f"{path}: peft_type is {peft_type!r}; lora2gguf merges LoRA adapters only (peft_type LORA).")
     for key, label in UNSUPPORTED_FEATURES.items():
-        if config.get(key):
+        if config.get(key) and key not in allow:
             raise UnsupportedError(
                 f"{path}: the adapter uses {label} ({key}={config[key]!r}), which lora2gguf does not merge yet. "
                 "Merge it with PEFT (merge_and_unload) and convert the merged model, or retrain without it."
@@ -124,6 +127,7 @@ def check_config(config: Mapping[str, Any], path: Path) -> None:
 
 LORA_SUFFIXES = {".lora_A.weight": ("A", "linear"), ".lora_B.weight": ("B", "linear"),
                  ".lora_embedding_A": ("A", "embedding"), ".lora_embedding_B": ("B", "embedding")}
+LORA_BIAS_SUFFIX = ".lora_B.bias"
 TOKEN_ROWS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
 
@@ -141,6 +145,13 @@ def _split_key(key: str) -> tuple[str, str, int, str]:
                 module = module[: -len(".base_layer")]
                 depth += 1
             return module, which, depth, kind
+    if name.endswith(LORA_BIAS_SUFFIX):  # lora_bias: lora_B is a Linear with a bias
+        module = name[: -len(LORA_BIAS_SUFFIX)]
+        depth = 0
+        while module.endswith(".base_layer"):
+            module = module[: -len(".base_layer")]
+            depth += 1
+        return module, "b", depth, "bias"
     if name.endswith(TOKEN_ROWS_SUFFIX):
         return name[: -len(TOKEN_ROWS_SUFFIX)] + ".weight", "T", 0, "rows"
     if name.endswith(MAGNITUDE_SUFFIX) or name.endswith(MAGNITUDE_SUFFIX + ".weight"):
@@ -193,15 +204,18 @@ def _targets_param(config: Mapping[str, Any], key: str) -> bool:
     return any(key == t or key.endswith("." + t) for t in (config.get("target_parameters") or []))
 
 
-def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]], arch: Architecture) -> Adapter:
+def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]], arch: Architecture,
+                 allow: Collection[str] = ()) -> Adapter:
     """Read an adapter folder and match each A/B pair to a base tensor, checking shapes.
 
     `base_shapes` maps the base model's tensor names (as the BF16 checkpoint names them) to
-    shapes.
+    shapes. ``allow``: features of :data:`UNSUPPORTED_FEATURES` the caller handles itself; with
+    "lora_bias" the lora_B biases are read into ``Adapter.lora_biases`` (a GGUF LoRA adapter
+    names them and leaves them out; the merge refuses them).
     """
     folder = Path(folder)
     config = read_config(folder)
-    check_config(config, folder / CONFIG_NAME)
+    check_config(config, folder / CONFIG_NAME, allow)
     if not (folder / WEIGHTS_NAME).exists() and (folder / "adapter_model.bin").exists():
         raise InputError(
             f"{folder / 'adapter_model.bin'}: a pickle file, which lora2gguf never unpickles (it can run code). "
@@ -226,6 +240,12 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
             continue
         if kind == "magnitude":
             magnitudes[module] = info
+            continue
+        if kind == "bias":
+            if not config.get("lora_bias"):
+                raise FormatError(f"{where}: {key} is a lora_B bias, but adapter_config.json says lora_bias="
+                                  f"{config.get('lora_bias')!r}; save the adapter again with PEFT's save_pretrained")
+            adapter.lora_biases[key] = info
             continue
         if kind == "full":
             if module in adapter.replaced:
@@ -269,6 +289,12 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
                             fan_in_fan_out=True)
         elif depth == 0 and linear_target in base_shapes:
             shape = base_shapes[linear_target]
+            if len(shape) != 2:
+                raise InputError(
+                    f"{where}: {a_key} / {b_key}: a LoRA pair on {linear_target} {shape}, which is not a matrix (a "
+                    "norm, a bias or another vector); PEFT trains LoRA on weight matrices only. Is this adapter for "
+                    "another model, or written by another tool? Remove the pair, or merge the adapter with the tool "
+                    "that wrote it and convert the merged model.")
             out_f, in_f = (shape[1], shape[0]) if fifo else (shape[0], shape[1])
             r = int(lora.pattern_value(rank_pattern, module, r0))
             alpha = float(lora.pattern_value(alpha_pattern, module, alpha0))
@@ -280,17 +306,28 @@ def load_adapter(folder: Path | str, base_shapes: Mapping[str, tuple[int, ...]],
             term = LoraTerm(linear_target, module, a, b, r, alpha, lora.scaling(alpha, r, rslora), "linear",
                             fan_in_fan_out=fifo)
         else:
-            targeted = [p for p in arch.expert_params
-                        if f"{module}.{p}" in base_shapes and _targets_param(config, f"{module}.{p}")]
+            wrapped = arch.wrapped_params or arch.expert_params
+            targeted = [p for p in wrapped if f"{module}.{p}" in base_shapes and _targets_param(config, f"{module}.{p}")]
             if depth >= len(targeted):
                 raise InputError(
                     f"{where}: adapter tensors for {module!r} match no tensor of the base model "
-                    f"(looked for {linear_target!r} and the expert parameters {list(arch.expert_params)} named in "
+                    f"(looked for {linear_target!r} and the expert parameters {list(wrapped)} named in "
                     "target_parameters). Is this adapter for another model?"
                 )
             param = targeted[len(targeted) - 1 - depth]
             target = f"{module}.{param}"
             shape = base_shapes[target]
+            if param not in arch.expert_params:  # a 2-D parameter beside the experts: one matrix to PEFT
+                r = int(lora.pattern_value(rank_pattern, target, r0))
+                alpha = float(lora.pattern_value(alpha_pattern, target, alpha0))
+                if len(shape) != 2 or a.shape != (r, shape[1]) or b.shape != (shape[0], r):
+                    raise InputError(
+                        f"{where}: {a_key} {a.shape} / {b_key} {b.shape} do not fit {target} {shape} with rank {r}. "
+                        "Is this adapter for another model or size?")
+                term = LoraTerm(target, a_key.rsplit(".lora_A", 1)[0], a, b, r, alpha,
+                                lora.scaling(alpha, r, rslora), "linear")
+                adapter.terms.setdefault(term.target, []).append(term)
+                continue
             if len(shape) != 3:
                 raise InputError(f"{where}: {target} has shape {shape}; expected a 3-D (experts, ..., ...) parameter")
             n_exp, in_f, out_f = shape if arch.expert_layout == "in_out" else (shape[0], shape[2], shape[1])

@@ -275,8 +275,11 @@ def plan_lora(family: Family, config: Mapping[str, Any], sources: Mapping[str, S
     if dora or cfg.get("use_dora"):
         left.append(LeftOut("LORA_DORA", f"use_dora: the magnitude vectors of {len(dora)} module(s)"
                                          + (f" (e.g. {dora[0]})" if dora else "")))
-    if cfg.get("lora_bias"):
-        left.append(LeftOut("LORA_BIAS", "lora_bias: the lora_B biases"))
+    if cfg.get("lora_bias") or adapter.lora_biases:
+        biases = sorted(adapter.lora_biases)
+        left.append(LeftOut("LORA_BIAS", f"lora_bias: the lora_B biases of {len(biases)} module(s)"
+                                         + (f" ({', '.join(biases[:3])}{' ...' if len(biases) > 3 else ''})"
+                                            if biases else "")))
 
     plan = make_plan(family, config, sources, adapter, "bf16")
     tied = not any(t.kind == gguf.MODEL_TENSOR.OUTPUT for t in plan.tensors)
@@ -447,6 +450,9 @@ class BaseFile:
     type: str
     bytes: int
     sha256: str | None
+    #: how the SHA-256 was had: "written" (this run wrote the file), "fingerprint" (recorded by an
+    #: earlier run, the file unchanged since), "sha256" (hashed in full); None: not hashed
+    confirmed: str | None = None
 
     def to_dict(self, out_dir: Path | None = None) -> dict[str, Any]:
         inside = out_dir is not None and self.path.parent.resolve() == Path(out_dir).resolve()

@@ -3,7 +3,8 @@
 - ``adapter BASE_DIR ADAPTER_DIR -o OUT_DIR``: the adapter file alone (lora_gguf.py), from the
   adapter and the base's config and safetensors headers: seconds, whatever the base's size. With
   ``--base-gguf FILE`` (repeatable) each base GGUF is checked against the adapter (architecture,
-  every adapted tensor's shape), recorded with its SHA-256, and verify runs base + adapter in
+  every adapted tensor's shape), recorded with its SHA-256 (hashed once: a rerun confirms the
+  file by its fingerprint, runstate.RunState.input_sha256), and verify runs base + adapter in
   llama.cpp against the fine-tune.
 - ``build ... --lora-gguf``: besides the merged GGUFs, the adapter file and the base GGUFs it pairs
   with: ``NAME-base-<OUTTYPE>.gguf`` (the base without the adapter, with the same tokenizer and
@@ -22,7 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -102,15 +103,24 @@ def write_adapter(lplan: LoraPlan, options: LoraOptions, *, out_dir: Path, name:
 
 
 def pair_bases(lplan: LoraPlan, paths: Sequence[Path], out_dir: Path, known: dict[str, str] | None = None,
-               progress: ProgressFn | None = None) -> list[BaseFile]:
-    """Each base GGUF checked against the adapter (lora_gguf.check_base), with its SHA-256 (the
-    one this run recorded when it wrote the file, else hashed here)."""
+               progress: ProgressFn | None = None, state=None) -> list[BaseFile]:
+    """Each base GGUF checked against the adapter (lora_gguf.check_base: its header), with its
+    SHA-256: the one this run recorded when it wrote the file; else, for a file given with
+    --base-gguf (13-40 GB), the one the run manifest ``state`` recorded while the file's
+    fingerprint is unchanged (RunState.input_sha256), so that a rerun does not read it again;
+    else hashed here. BaseFile.confirmed says which."""
+    from .gguf_out import sha256_file
+
     known = known or {}
     out = []
     for i, p in enumerate(paths):
         if progress:
             progress("lora", i, len(paths), f"checking {Path(p).name}")
-        out.append(check_base(lplan, p, sha256=known.get(str(Path(p).resolve()))))
+        base = check_base(lplan, p, hash_file=False)
+        sha, how = known.get(str(Path(p).resolve())), "written"
+        if sha is None:
+            sha, how = state.input_sha256(p) if state is not None else (sha256_file(Path(p)), "sha256")
+        out.append(replace(base, sha256=sha, confirmed=how))
     return out
 
 
@@ -192,7 +202,7 @@ def build_stage(lplan: LoraPlan, options: LoraOptions, *, arch, config, ckpt, ou
     if was_resumed:
         resumed.append("lora")
     lora_out.role = ROLE_ADAPTER
-    bases = pair_bases(lplan, base_paths, out_dir, known, progress)
+    bases = pair_bases(lplan, base_paths, out_dir, known, progress, state)
     return [*outputs, lora_out], section(lplan, options, lora_out, bases, out_dir)
 
 
@@ -240,7 +250,7 @@ def export(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *
     """``lora2gguf adapter``: see the module's docstring."""
     from . import arch as arch_registry, hparams, jsonfile
     from .adapter import load_adapter
-    from .api import read_json, write_record
+    from .api import _shapes, read_json, write_record
     from .runstate import RunLock, RunState, input_fingerprint, remove_partials
     from .safetensors_io import Checkpoint
     from .sources import logical_tensors
@@ -254,7 +264,8 @@ def export(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *
     hparams.validate(arch, config, str(base_dir / "config.json"))
     ckpt = Checkpoint.open(base_dir)
     sources = logical_tensors(ckpt)
-    adapter = load_adapter(adapter_dir, {n: s.shape for n, s in sources.items()}, arch)
+    # the base's tensors and the fused expert parameters its per-expert ones stand for (as build reads it)
+    adapter = load_adapter(adapter_dir, _shapes(arch, sources), arch, allow=("lora_bias",))  # LORA_BIAS
     lplan = prepare(arch, config, ckpt, adapter, options)
     for p in options.base_gguf:  # a wrong base stops the run before anything is written
         check_base(lplan, p, hash_file=False)
@@ -278,7 +289,7 @@ def export(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *
         out, was_resumed = write_adapter(lplan, options, out_dir=out_dir, name=name, state=state, inputs=inputs,
                                          progress=progress)
         out.role = ROLE_ADAPTER
-        bases = pair_bases(lplan, options.base_gguf, out_dir, None, progress)
+        bases = pair_bases(lplan, options.base_gguf, out_dir, None, progress, state)
         record: dict[str, Any] = {
             "kind": "lora-adapter",
             "lora2gguf_version": __version__,
@@ -295,7 +306,9 @@ def export(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *
             "notes": list(lplan.notes),
             "outputs": [out.to_json()],
             "lora": section(lplan, options, out, bases, out_dir),
-            "stages": {"lora": {"seconds": round(out.seconds, 3), "resumed": was_resumed}},
+            "stages": {"lora": {"seconds": round(out.seconds, 3), "resumed": was_resumed,
+                                **({"base_gguf": {str(b.path.resolve()): b.confirmed for b in bases}}
+                                   if bases else {})}},
             "resumed": ["lora"] if was_resumed else [],
             "removed_partials": [p.name for p in removed],
             "technical": {"architecture": arch.gguf_arch_name, "context_length": config.get("max_position_embeddings"),

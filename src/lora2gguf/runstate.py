@@ -15,6 +15,9 @@
   else (stale, partial, edited, truncated, replaced, missing) is redone. :meth:`RunState.rehash`
   (``lora2gguf verify --rehash``) re-checks every full SHA-256. An entry is written only after the
   stage's outputs are renamed into place, so a killed run never leaves a stage marked finished.
+  :meth:`RunState.input_sha256` does the same for a file a run reads but does not write (a
+  ``--base-gguf`` of 13-40 GB): its full SHA-256 is recorded with its fingerprint in the
+  manifest's ``inputs`` and taken from there while the fingerprint is unchanged.
 - :func:`remove_partials`: ``*.partial`` leftovers of a killed run are deleted at the start.
 - :func:`input_fingerprint`: content fingerprints of a base and an adapter folder, cheap enough
   to take on every run: small files (configs, tokenizer files, adapter weights up to
@@ -339,6 +342,8 @@ class RunState:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / STATE_NAME
         self.stages: dict[str, StageEntry] = dict(stages or {})
+        #: absolute path -> {"bytes", "sha256", "fingerprint"} of files read, not written (input_sha256)
+        self.inputs: dict[str, dict[str, Any]] = {}
 
     @classmethod
     def load(cls, out_dir: str | os.PathLike[str]) -> "RunState":
@@ -361,6 +366,11 @@ class RunState:
                                                str(e.get("finished", "")))
             except (KeyError, TypeError, ValueError):
                 log.warning("%s: stage %r is malformed; it will be redone", self.path, name)
+        inputs = data.get("inputs")
+        if isinstance(inputs, dict):
+            self.inputs = {k: dict(v) for k, v in inputs.items()
+                           if isinstance(v, dict) and isinstance(v.get("sha256"), str)
+                           and isinstance(v.get("fingerprint"), dict)}
         return self
 
     def _resolve(self, name: str) -> Path:
@@ -418,6 +428,26 @@ class RunState:
             self.save()
         entry.confirmed = confirmed
         return entry
+
+    def input_sha256(self, path: str | os.PathLike[str]) -> tuple[str, str]:
+        """The full SHA-256 of a file the run reads but does not write (a ``--base-gguf``, 13-40 GB),
+        without reading it again while it is unchanged: the SHA-256 recorded with the file's
+        :func:`output_fingerprint` when that fingerprint is still the file's ("fingerprint": a few
+        MiB read), else hashed in full and recorded ("sha256"; an edited, touched, copied or
+        replaced file). The fingerprint recorded is the one taken before hashing, so a file
+        changed while it was being read is hashed again next time. Returns (sha256, how)."""
+        full = Path(path).resolve()
+        name = str(full)
+        before = output_fingerprint(full)
+        want = self.inputs.get(name)
+        if want is not None and want.get("fingerprint") == before and want.get("bytes") == before["size"]:
+            return str(want["sha256"]), "fingerprint"
+        if want is not None:
+            log.info("%s changed, or was touched or copied, since its SHA-256 was recorded; hashing it", full)
+        sha = sha256_file(full)
+        self.inputs[name] = {"bytes": before["size"], "sha256": sha, "fingerprint": before}
+        self.save()
+        return sha, "sha256"
 
     def rehash(self) -> list[Rehashed]:
         """The full SHA-256 of every recorded output against the recorded one. A stage with an
@@ -487,8 +517,11 @@ class RunState:
             self.save()
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, "lora2gguf_version": __version__,
-                "stages": {k: v.to_json() for k, v in self.stages.items()}}
+        out = {"schema": SCHEMA, "lora2gguf_version": __version__,
+               "stages": {k: v.to_json() for k, v in self.stages.items()}}
+        if self.inputs:
+            out["inputs"] = self.inputs
+        return out
 
     def save(self) -> None:
         tmp = self.path.with_name(self.path.name + PARTIAL_SUFFIX)

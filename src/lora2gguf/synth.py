@@ -538,6 +538,7 @@ def make_adapter(
     trainable_token_indices: Sequence[int] | dict[str, Sequence[int]] | None = None,
     resize_vocab: int | None = None,
     use_dora: bool = False,
+    lora_bias: bool = False,
 ) -> Path:
     """Make a LoRA adapter for the base in ``base_dir`` with PEFT itself and return ``dest_dir``.
 
@@ -546,6 +547,7 @@ def make_adapter(
     saves them whole: seeded changes to every row here); ``trainable_token_indices`` trains only
     those rows of the input embedding (seeded new values). ``use_dora``: DoRA (PEFT initializes
     the magnitudes to the row norms; here they are changed by about 10%, as training would).
+    ``lora_bias``: lora_B gets a bias (PEFT's lora_bias, on layers that have one; seeded values).
 
     The base is loaded with transformers (float32), wrapped with ``get_peft_model(LoraConfig(...))``,
     every lora_A/lora_B is set to seeded random values (PEFT's own init makes B zero, hence a zero
@@ -576,6 +578,8 @@ def make_adapter(
         extra["modules_to_save"] = list(modules_to_save)
     if use_dora:
         extra["use_dora"] = True
+    if lora_bias:
+        extra["lora_bias"] = True
     if trainable_token_indices is not None:
         extra["trainable_token_indices"] = (dict(trainable_token_indices) if isinstance(trainable_token_indices, dict)
                                             else list(trainable_token_indices))
@@ -600,6 +604,10 @@ def make_adapter(
                                 float(module.scaling["default"]), init_scale)
             A.copy_(torch.from_numpy(a))
             B.copy_(torch.from_numpy(b))
+            bias = module.lora_B["default"].bias
+            if bias is not None:  # lora_bias (PEFT initializes it to zero): seeded, as training would change it
+                noise = _rng(seed, mname + ".bias").standard_normal(tuple(bias.shape)).astype(np.float32)
+                bias.copy_(torch.from_numpy(noise * np.float32(0.1 * init_scale)))
             if save_dtype == "bfloat16":
                 A.data = A.data.to(torch.bfloat16)
                 B.data = B.data.to(torch.bfloat16)

@@ -22,7 +22,8 @@ tests), not editing the pipeline. A family is data plus a few named override poi
   (an adapter names the loaded model's modules, the base's files may use the other name);
 - ``expert_params``: 3-D expert parameters PEFT can target (``target_parameters``), in the order
   the HF module registers them (PEFT nests its ParamWrappers in that order), and their
-  ``expert_layout``; ``stacks``: per-expert checkpoint tensors stacked into one GGUF tensor;
+  ``expert_layout``; ``wrapped_params``: those and the 2-D parameters beside them (GPT-OSS's expert
+  biases), in registration order; ``stacks``: per-expert checkpoint tensors stacked into one GGUF tensor;
   ``fused``: how transformers 5.x's fused expert parameters relate to the per-expert tensors;
 - ``chat_format`` and its end-of-generation tokens; ``vocab_options``: which tokenizer kinds the
   converter tries, in which order, and the few per-family quirks (lora2gguf.vocab.VocabOptions).
@@ -107,6 +108,10 @@ class Family:
     generated: Generated | None = None
     f32_tensors: frozenset[gguf.MODEL_TENSOR] = field(default_factory=frozenset)
     expert_params: tuple[str, ...] = ()
+    # every parameter of the experts module PEFT can target, in the order the module registers them
+    # (PEFT nests its ParamWrappers in that order): the expert_params and the 2-D ones beside them
+    # (GPT-OSS's expert biases, each one matrix to PEFT); empty: the expert_params alone
+    wrapped_params: tuple[str, ...] = ()
     # how the 3-D expert parameters hold each expert's matrix: "in_out" (x @ W[e], GPT-OSS) or
     # "out_in" (a Linear's weight, W[e] @ x); it decides the orientation of PEFT's expert deltas
     expert_layout: str = "in_out"

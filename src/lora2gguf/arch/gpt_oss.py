@@ -6,6 +6,8 @@ Facts about the layouts (read from llama.cpp's converter and transformers' GptOs
   shape (E, intermediate, hidden): transposed, then every other row. The LoRA factors follow:
   the B rows of gate are B's even rows, A is shared (layout.View.factors).
 - experts.down_proj is (E, intermediate, hidden); GGUF's ffn_down_exps is (E, hidden, intermediate).
+- PEFT can target the experts' biases too (target_parameters ``mlp.experts.gate_up_proj_bias``,
+  ``down_proj_bias``: 2-D, one matrix each); gate_up_proj_bias is de-interleaved as gate_up_proj.
 - self_attn.sinks has no `.weight` suffix in HF; GGUF names it attn_sinks.weight.
 - the router (ffn_gate_inp) stays F32, as llama.cpp's converter and quantizer keep it.
 - GGUF keys beyond every text model's: the sliding window and the expert width.
@@ -47,6 +49,7 @@ GPT_OSS = register(
                          "num_key_value_heads": 8, "num_hidden_layers": 36},
         hparams=_hparams,
         expert_params=("gate_up_proj", "down_proj"),
+        wrapped_params=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
         f32_tensors=frozenset({gguf.MODEL_TENSOR.FFN_GATE_INP}),
         chat_format="harmony",
         eog_tokens=("<|return|>", "<|end|>", "<|call|>"),
