@@ -333,7 +333,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="type of lora_a / lora_b (llama.cpp multiplies in float32 whatever the type)")
     a.add_argument("--accept", action="append", default=[], metavar="CODE",
                    help="leave out a part llama.cpp cannot apply at load time (LORA_FULL_WEIGHTS, LORA_TOKEN_ROWS, "
-                        "LORA_DORA, LORA_NOT_APPLIED, LORA_TIED_EMBEDDING; repeatable); it is recorded")
+                        "LORA_DORA, LORA_BIAS, LORA_NOT_APPLIED, LORA_TIED_EMBEDDING; repeatable); it is recorded")
     a.add_argument("--base-gguf", action="append", default=[], metavar="FILE",
                    help="a base GGUF to check the adapter against and verify it on (repeatable)")
     a.add_argument("--no-verify", action="store_true", help="with --base-gguf: check the pair but do not run verify")
