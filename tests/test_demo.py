@@ -309,7 +309,7 @@ def test_small_demo_auto_keeps_what_its_measurements_choose(small_demo, tmp_path
     assert set(rows) == {("Q8_0", False), ("Q4_K_M", True), ("Q4_K_M", False), ("IQ4_XS", True), ("IQ4_XS", False)}
     assert rows[("Q4_K_M", True)]["kl_mean"] != rows[("Q4_K_M", False)]["kl_mean"]  # the matrix was used
     # the choice follows from the recorded measurements alone
-    measured = [{k: c[k] for k in ("file", "type", "imatrix", "bytes", "kl_mean", "failures")}
+    measured = [{k: c[k] for k in ("file", "type", "imatrix", "bytes", "tensor_bytes", "kl_mean", "failures")}
                 for c in auto["candidates"]]
     chosen, _ = choose(measured, auto["budget"])
     assert chosen is not None and chosen == auto["chosen"]

@@ -362,6 +362,10 @@ def test_auto_chooses_the_smallest_file_within_the_budget_that_passes():
     assert verdicts["a-Q8_0"].startswith("within the budget, larger")
     assert choose(rows, 0.0005)[0] is None
     assert choose(rows, 0.1)[0] == "a-Q4_K_M"  # Q4_K_M-no-imatrix ties on size, with a higher KL
+    # the tensor data decides, not the matrix's metadata keys (a few hundred bytes)
+    rows[1] |= {"bytes": 470, "tensor_bytes": 430}
+    rows[2] |= {"bytes": 460, "tensor_bytes": 430}
+    assert choose(rows, 0.1)[0] == "a-Q4_K_M"
 
 
 def test_the_ladder():

@@ -507,7 +507,10 @@ def _auto_stage(out_dir: Path, state: RunState, result: BuildResult, candidates:
     record = result.record
     vres = verify_pkg.verify(out_dir, progress=progress, report=False, **verify_options)
     record.update(vres.record)
-    chosen, rows = quantrun.choose(quantrun.measurements(vres.section, candidates), qopts.auto)
+    from .gguf_header import read_header
+
+    data_bytes = {f: sum(t.nbytes for t in read_header(out_dir / f).tensors.values()) for f in candidates}
+    chosen, rows = quantrun.choose(quantrun.measurements(vres.section, candidates, data_bytes), qopts.auto)
     named = {f"{record['name']}-{t}.gguf" for t in qopts.types}
     removed = set() if (chosen is None or qopts.keep_all) else {f for f in candidates if f != chosen and f not in named}
     for f in sorted(removed):

@@ -304,9 +304,11 @@ def matrix_stage(state, options: QuantOptions, tools, *, main_file: Path, main_s
 # ------------------------------------------------------------------------------------ auto
 
 
-def measurements(verify_section: dict[str, Any], candidates: dict[str, Candidate]) -> list[dict[str, Any]]:
+def measurements(verify_section: dict[str, Any], candidates: dict[str, Candidate],
+                 tensor_bytes: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """One row per candidate file from verify's section: type, matrix, size, mean KL, top-1,
-    suite checks passed, the required checks it fails."""
+    suite checks passed, the required checks it fails; ``tensor_bytes``: each file's tensor data
+    (what :func:`choose` compares: the matrix's few metadata keys are no reason to prefer a file)."""
     files = {f["file"]: f for f in verify_section.get("files") or []}
     fails: dict[str, list[dict[str, Any]]] = {}
     for x in verify_section.get("failures") or []:
@@ -322,6 +324,7 @@ def measurements(verify_section: dict[str, Any], candidates: dict[str, Candidate
                 total += 1
                 passed += bool(r.get("passed"))
         rows.append({"file": fname, "type": cand.type, "imatrix": cand.matrix, "bytes": f.get("bytes"),
+                     "tensor_bytes": (tensor_bytes or {}).get(fname, f.get("bytes")),
                      "kl_mean": m.get("kl_mean"), "kl_p99": m.get("kl_p99"), "top1": m.get("top1"),
                      "checks_passed": passed, "checks": total,
                      "failures": [f"{x['check']}" + (f" [{x['prompt']}]" if x.get("prompt") else "")
@@ -330,11 +333,11 @@ def measurements(verify_section: dict[str, Any], candidates: dict[str, Candidate
 
 
 def choose(rows: list[dict[str, Any]], budget: float) -> tuple[str | None, list[dict[str, Any]]]:
-    """The smallest file whose mean KL is at most ``budget`` and which fails no required check
-    (ties: the lower KL, then the name); every row gets its ``verdict``. Returns (the chosen
-    file or None, the rows)."""
+    """The smallest file (by tensor data, ``tensor_bytes``, else ``bytes``) whose mean KL is at most
+    ``budget`` and which fails no required check (ties: the lower KL, then the name); every row
+    gets its ``verdict``. Returns (the chosen file or None, the rows)."""
     ok = [r for r in rows if r["kl_mean"] is not None and r["kl_mean"] <= budget and not r["failures"]]
-    best = min(ok, key=lambda r: (r["bytes"], r["kl_mean"], r["file"])) if ok else None
+    best = min(ok, key=lambda r: (r.get("tensor_bytes") or r["bytes"], r["kl_mean"], r["file"])) if ok else None
     out = []
     for r in rows:
         if best is not None and r["file"] == best["file"]:
