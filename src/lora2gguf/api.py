@@ -349,7 +349,7 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         out, confirmed = quantrun.quantize_file(
             state, stage=stage, src=main_file, src_sha256=main_sha, dst=dst, qtype=q, nthread=nthread,
             matrix=matrix if with_matrix else None, overrides=qopts.overrides, tools=tools, progress=progress,
-            resumed=resumed, label=dst.name)
+            resumed=resumed, label=stage.split(":", 1)[1])
         outputs.append(out)
         q_confirmed.update(confirmed or {})
     if auto_prev is not None:
