@@ -429,6 +429,25 @@ def test_parse_bnb_quant_state_errors():
         N.parse_bnb_quant_state(t, "other")
 
 
+def test_bnb_fp4_code_8_decodes_to_negative_zero_and_the_saved_map_is_checked():
+    """bitsandbytes saves FP4's quant_map with +0.0 at code 8 but its kernels decode code 8 from the
+    sign bit, to -0.0; a decoded base must carry the same bits (a zero's sign is a different bf16)."""
+    x = np.zeros((2, 64), dtype=np.float32)
+    x[0, 0], x[1, 5] = 1.0, -1.0
+    t = N.encode_bnb_4bit(x, "fp4", 64, False, prefix="m.weight")
+    saved = t["m.weight.quant_map"]
+    assert saved[8] == 0 and not np.signbit(saved[8])  # as bitsandbytes saves it
+    packed = t["m.weight"].reshape(-1)
+    t["m.weight"] = np.full_like(t["m.weight"], 0x88)  # every code 8
+    out = N.decode_bnb_4bit_state(t, "m")
+    assert np.signbit(out).all() and (out == 0).all()
+    t["m.weight"] = packed.reshape(-1, 1)
+    damaged = dict(t)
+    damaged["m.weight.quant_map"] = saved * np.float32(2)
+    with pytest.raises(FormatError, match=r"m\.weight\.quant_map.*fp4"):
+        N.decode_bnb_4bit_state(damaged, "m")
+
+
 def test_decode_bnb_int8():
     w = np.array([[127, -127, 0], [64, 1, -1]], dtype=np.int8)
     scb = np.array([2.0, 127.0], dtype=np.float32)

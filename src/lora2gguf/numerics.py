@@ -733,7 +733,14 @@ def parse_bnb_quant_state(tensors: Mapping[str, np.ndarray], prefix: str) -> dic
 def decode_bnb_4bit_state(tensors: Mapping[str, np.ndarray], prefix: str) -> np.ndarray:
     """:func:`parse_bnb_quant_state` then :func:`decode_bnb_4bit`: the weight as float32."""
     st = parse_bnb_quant_state(tensors, prefix)
-    st.pop("quant_type")
+    quant_type = st.pop("quant_type")
+    # bitsandbytes' dequantize kernels decode NF4 and FP4 from their own tables, not from the saved
+    # quant_map; the two differ in one bit: FP4's code 8 is -0.0 (sign bit set), saved as +0.0
+    table = bnb_4bit_code(quant_type)
+    if st["quant_map"].shape != table.shape or not np.array_equal(st["quant_map"], table):
+        raise FormatError(f"bitsandbytes tensor '{_weight_prefix(prefix)}.quant_map' is not the {quant_type} table "
+                          "bitsandbytes decodes with; the checkpoint is damaged or was not written by bitsandbytes")
+    st["quant_map"] = table
     return decode_bnb_4bit(name=_weight_prefix(prefix), **st)
 
 
@@ -793,13 +800,13 @@ def encode_bnb_4bit(
         dmap = bnb_dynamic_map()
         q2, absmax2 = _bnb_blockwise_quantize(absmax - offset, dmap, BNB_NESTED_BLOCKSIZE)
         out[w + ".absmax"] = q2.astype(np.uint8)
-        out[w + ".quant_map"] = code
+        out[w + ".quant_map"] = code + np.float32(0.0)  # saved with +0.0 where the table has -0.0
         out[w + ".nested_absmax"] = absmax2
         out[w + ".nested_quant_map"] = dmap
         meta.update(nested_blocksize=BNB_NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=float(offset))
     else:
         out[w + ".absmax"] = absmax
-        out[w + ".quant_map"] = code
+        out[w + ".quant_map"] = code + np.float32(0.0)  # saved with +0.0 where the table has -0.0
     blob = json.dumps(meta).encode("utf-8")
     out[f"{w}.quant_state.bitsandbytes__{quant_type}"] = np.frombuffer(blob, dtype=np.uint8).copy()
     return out
