@@ -27,7 +27,7 @@ each as a subprocess under ``/usr/bin/time -v`` (wall time and "Maximum resident
 Page cache: each input is read once before the measurements (a warm-up ``cp`` whose copy is
 deleted), so every measured run reads from a warm page cache, as a user's second run would; the
 output is always written to disk and synced. Outputs are deleted after each measurement.
-Prints a table and writes ``results.json`` in the workdir.
+Prints a table and writes ``results-<family>.json`` in the workdir.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The stream writer fills a file of known size from pieces (offset, bytes). Pieces that arrive at
 the frontier (the first byte not yet streamed; the common case, since a plan writes its tensors
 in file order) are copied into page-aligned chunk buffers; a full chunk is hashed (SHA-256) on
-one thread and written on another, with O_DIRECT where the filesystem takes it. A piece that
+one thread and written by two others (two writes in flight), with O_DIRECT where the filesystem
+takes it. A piece that
 arrives ahead of the frontier is written at once through the page cache and streamed again
 (read back) when the frontier reaches it, so the hash and the direct writes still see the file
 in order.
@@ -13,6 +14,10 @@ virtual machines this was measured on that copy costs ~1.3 CPU s per GB, more th
 a direct write hands the buffer to the device (~0.1 CPU s per GB). The file is the same.
 Where O_DIRECT is refused (tmpfs, macOS, Windows, some network filesystems) every chunk goes
 through the page cache instead.
+
+Why two writers and 32 MB chunks: one 16 MB direct write at a time waits for the device between
+writes; on the virtual disk measured (2026-12-07) one writer of 16 MB chunks made 430-490 MB/s,
+two writers of 32 MB chunks 620-720 MB/s (``cp`` through the page cache: ~550 MB/s).
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import queue
 import threading
 
 BLOCK = 4096  # alignment of direct writes: offsets, lengths and buffer addresses
-CHUNK = 16 * 1024 * 1024  # bytes per write (a multiple of BLOCK)
-BUFFERS = 4  # chunk buffers in flight (64 MB)
+CHUNK = 32 * 1024 * 1024  # bytes per write (a multiple of BLOCK)
+WRITERS = 2  # writing threads: writes in flight
+BUFFERS = 6  # chunk buffers: one being filled, one being hashed, the writers' and spares (192 MB)
 
 
 class SequentialWriter:
@@ -51,6 +57,7 @@ class SequentialWriter:
         self.direct_bytes = 0  # streamed with O_DIRECT
         self.buffered_bytes = 0  # streamed through the page cache (pieces written ahead not counted)
         self._sha = hashlib.sha256()
+        self._lock = threading.Lock()  # the byte counters and the O_DIRECT fallback
         self._free: queue.Queue = queue.Queue()
         for _ in range(BUFFERS):
             self._free.put(mmap.mmap(-1, chunk))  # anonymous maps are page-aligned
@@ -59,8 +66,9 @@ class SequentialWriter:
         self._buf: mmap.mmap | None = None
         self._fill = 0
         self._chunk_pos = 0  # file offset of the current buffer's first byte
-        self._threads = [threading.Thread(target=self._hash_loop, name="lora2gguf-sha256", daemon=True),
-                         threading.Thread(target=self._write_loop, name="lora2gguf-write", daemon=True)]
+        self._threads = [threading.Thread(target=self._hash_loop, name="lora2gguf-sha256", daemon=True)]
+        self._threads += [threading.Thread(target=self._write_loop, name=f"lora2gguf-write_{i}", daemon=True)
+                          for i in range(WRITERS)]
         for t in self._threads:
             t.start()
 
@@ -157,7 +165,8 @@ class SequentialWriter:
             if self.error is None and not self._stopping:
                 self._sha.update(memoryview(buf)[:n])
             self._to_write.put(item)
-        self._to_write.put(None)
+        for _ in range(WRITERS):
+            self._to_write.put(None)
 
     def _write_loop(self) -> None:
         while (item := self._to_write.get()) is not None:
@@ -171,21 +180,26 @@ class SequentialWriter:
 
     def _write_chunk(self, buf: mmap.mmap, pos: int, n: int) -> None:
         mv = memoryview(buf)
-        if self.dfd is not None and pos % BLOCK == 0:
+        dfd = self.dfd
+        if dfd is not None and pos % BLOCK == 0:
             padded = -(-n // BLOCK) * BLOCK  # the tail beyond n is cut by close()'s ftruncate
             if padded > n:
                 buf[n:padded] = bytes(padded - n)
             try:
-                _pwrite_all(self.dfd, mv[:padded], pos)
-                self.direct_bytes += n
+                _pwrite_all(dfd, mv[:padded], pos)
+                with self._lock:
+                    self.direct_bytes += n
                 return
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                os.close(self.dfd)  # the filesystem takes O_DIRECT opens but not these writes
-                self.dfd = None
+                with self._lock:  # the filesystem takes O_DIRECT opens but not these writes
+                    if self.dfd is not None:
+                        os.close(self.dfd)
+                        self.dfd = None
         _pwrite_all(self.fd, mv[:n], pos)
-        self.buffered_bytes += n
+        with self._lock:
+            self.buffered_bytes += n
 
     def _stop(self) -> None:
         if self._threads:
