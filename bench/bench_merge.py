@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         np.add(acc, w, out=acc)
         numerics.bf16_round_into(acc.view(np.uint32), tmp, out)
 
-    rows = merge.TILE_ROWS
+    rows = merge.tile_rows(n, m)
     d = np.empty((rows, m))
     x = np.empty((rows, m), np.float32)
     t = np.empty((rows, m), np.uint32)

@@ -120,12 +120,13 @@ def test_does_not_depend_on_blas_threads_tiles_or_orientation():
     with threadpool_limits(limits=2, user_api="blas"):
         two = _run(w, bs, a, "bf16")
     np.testing.assert_array_equal(one, two)
-    old = merge.TILE_ROWS
+    old = merge.TILE_ELEMENTS
     try:
-        merge.TILE_ROWS = 7
+        merge.TILE_ELEMENTS = 7 * m  # tiles of 7 rows
+        assert merge.tile_rows(n, m) == 7
         tiled = _run(w, bs, a, "bf16")
     finally:
-        merge.TILE_ROWS = old
+        merge.TILE_ELEMENTS = old
     np.testing.assert_array_equal(one, tiled)
     # the transposed block, with the factors' roles swapped: the same products, the same bits
     wt = np.ascontiguousarray(w.T)

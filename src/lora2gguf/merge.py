@@ -38,8 +38,16 @@ RULE = ("each merged element is the exact sum of W and the float64 products a * 
         "is within its error bound of a rounding boundary), rounded once, to nearest even, to the output "
         "type; the bytes do not depend on the CPU, BLAS, threads or tiling")
 
-#: rows per tile: 32 rows x 2880 columns x 8 bytes = 737 KB of float64, within the L2 cache
-TILE_ROWS = 32
+#: elements per tile (2 MB of float64 in flight): whole rows, at least one. Measured
+#: (bench/bench_merge.py shapes, one thread): against tiles of 32 rows, the same speed for rows of
+#: 2880 to 14336 and 2x faster for Qwen3-MoE's experts (rows of 768 or 2048: numpy's per-call
+#: cost dominated small tiles)
+TILE_ELEMENTS = 1 << 18
+
+
+def tile_rows(n: int, m: int) -> int:
+    """Rows per tile of an (n, m) block."""
+    return max(1, min(n, TILE_ELEMENTS // max(1, m)))
 
 _U = 2.0 ** -52
 DTYPES = ("bf16", "f16", "f32")
@@ -160,7 +168,7 @@ def merge_block(w: np.ndarray | TileSource, shape: tuple[int, int], left: np.nda
     work = work or Work()
     k = 0 if left is None else left.shape[1]
     extra = 1 if add else 0
-    tile = max(1, min(n, TILE_ROWS))
+    tile = tile_rows(n, m)
     d_all = work.get("d", tile * m, np.float64)
     w_all = work.get("w", tile * m, np.float32)
     x_all = work.get("x", tile * m, np.float32)
