@@ -44,20 +44,28 @@ def _tensors(path: Path) -> dict[str, bytes]:
     return out
 
 
+def _k256_base(root: Path) -> Path:
+    """A tiny Llama whose widths are multiples of 256 (so K and IQ types are real): hidden 256,
+    intermediate 512, 2 layers, GQA, a 512-piece SentencePiece vocabulary; saved under root/base."""
+    from lora2gguf.testing import families
+    from lora2gguf.testing import tokenizers as toks
+
+    cfg = families.small_config("llama", vocab_size=512, hidden_size=256, intermediate_size=512,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                bos_token_id=1, eos_token_id=2)
+    return families.make_model(root / "base", "llama", cfg,
+                               tokenizer=lambda d: toks.sentencepiece_tokenizer(d, style="llama2"))
+
+
 @pytest.fixture(scope="module")
 def k256(tmp_path_factory):
     """A tiny Llama (hidden 256, intermediate 512, 2 layers, GQA; a 512-piece SentencePiece
     vocabulary) with a LoRA on every linear module, built to BF16 once."""
     from lora2gguf import synth
     from lora2gguf.testing import families
-    from lora2gguf.testing import tokenizers as toks
 
     root = tmp_path_factory.mktemp("k256")
-    cfg = families.small_config("llama", vocab_size=512, hidden_size=256, intermediate_size=512,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                bos_token_id=1, eos_token_id=2)
-    base = families.make_model(root / "base", "llama", cfg,
-                               tokenizer=lambda d: toks.sentencepiece_tokenizer(d, style="llama2"))
+    base = _k256_base(root)
     adapter = synth.make_adapter(base, root / "adapter", target_modules=families.ALL_LINEAR, target_parameters=(),
                                  r=4, lora_alpha=8)
     out = root / "out"
@@ -400,14 +408,9 @@ def outlier_model(tmp_path_factory):
 
     from lora2gguf import synth
     from lora2gguf.testing import families
-    from lora2gguf.testing import tokenizers as toks
 
     root = tmp_path_factory.mktemp("outliers")
-    cfg = families.small_config("llama", vocab_size=512, hidden_size=256, intermediate_size=512,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                bos_token_id=1, eos_token_id=2)
-    base = families.make_model(root / "base", "llama", cfg,
-                               tokenizer=lambda d: toks.sentencepiece_tokenizer(d, style="llama2"))
+    base = _k256_base(root)
     shard = next(base.glob("*.safetensors"))
     weights = st.load_file(str(shard))
     channels = np.random.default_rng(0).choice(256, 4, replace=False)
