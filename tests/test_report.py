@@ -104,6 +104,7 @@ def test_html_is_self_contained(run):
     assert not re.search(r"""(?:src|href)\s*=\s*["'](?:https?:)?//""", html)
     assert "@import" not in html and "url(" not in html
     assert html.count("<svg") == 2
+    assert not re.search(r"&amp;(?:#x?[0-9a-fA-F]+|[a-z]+);", html), "text escaped twice"
 
 
 def _chromium() -> str | None:

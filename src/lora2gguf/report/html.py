@@ -177,7 +177,7 @@ def render_html(f: dict[str, Any]) -> str:
                           "ok" if g.get("passed") else "bad")])
         H.append(_t(["File", "Type", "Mean KL", "KL p99", "Max KL", "Top-1", "Perplexity", "Gate"], rows, "agreement"))
         H.append(f"<p>{escape(f['tokenization_note'])}</p>")
-        H.append(_t(["File", "Tokenizer"], [[_code(x["file"]), escape(x["tokenization"])] for x in f["runs"]]))
+        H.append(_t(["File", "Tokenizer"], [[_code(x["file"]), x["tokenization"]] for x in f["runs"]]))
         if f["side_by_side"]:
             H.append("<h3>Merged file or base + LoRA</h3><p>The same fine-tune two ways per type: merged into one "
                      "GGUF, or the base GGUF with the LoRA GGUF applied by llama.cpp at load time.</p>")
