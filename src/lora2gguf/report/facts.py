@@ -83,17 +83,17 @@ def facts(record: dict[str, Any], out_dir: str | Path | None = None) -> dict[str
             runs = v.get("reference_runs") if m == "reference" else v["runs"].get(m, [])
             greedy = next((g for g in runs or [] if g["prompt"] == p["id"] and g["mode"] == "greedy"), None)
             answers[p["id"]][m] = greedy
-    types = [f["type"] for f in files]
 
-    def label(f: dict[str, Any]) -> str:  # the type, or the file's stem where types repeat
-        return f["type"] if f["type"] and types.count(f["type"]) == 1 else Path(f["file"]).stem
+    def own_name(file: str) -> str:  # a file's own part of its name: Q6_K-no-imatrix of NAME-Q6_K-no-imatrix.gguf
+        stem, prefix = Path(file).stem, f"{record.get('name')}-"
+        return stem[len(prefix):] if stem.startswith(prefix) and len(stem) > len(prefix) else stem
 
     run_types = [r["type"] for r in ran]
 
     def run_label(r: dict[str, Any]) -> str:
         if r["lora"]:
             return f"{r['base_type']} + LoRA"
-        return r["type"] if r["type"] and run_types.count(r["type"]) == 1 else Path(r["file"]).stem
+        return r["type"] if r["type"] and run_types.count(r["type"]) == 1 else own_name(r["file"])
 
     quantized_points = [(run_label(r), _mb(r["bytes"] if not r["lora"] else (r["lora"].get("base_bytes") or 0)
                                           + (r["bytes"] or 0)), (r["metrics"] or {}).get("kl_mean"))

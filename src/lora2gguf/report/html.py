@@ -23,7 +23,7 @@ pre{background:#1a202c;color:#e2e8f0;padding:10px;overflow-x:auto;border-radius:
 .facts{background:#fefcbf;color:#744210;border:1px solid #f6e05e;font-weight:normal}
 .facts h2{border:0;margin:0 0 6px;font-size:18px;padding:0}.facts ul{margin:6px 0 0;padding-left:20px}
 .facts li{margin:3px 0}
-.plots{display:flex;flex-wrap:wrap;gap:16px}.plots svg{box-sizing:border-box;border:1px solid #e2e8f0;width:calc(50% - 8px);min-width:420px;height:auto}
+.plots{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.plots svg{box-sizing:border-box;border:1px solid #e2e8f0;width:calc(50% - 8px);min-width:420px;height:auto}
 table.kv td:first-child{width:220px;background:#f7fafc;font-weight:600}
 details{margin:8px 0}
 """

@@ -39,12 +39,12 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return ticks
 
 
-def _frame(title: str, xlabel: str, ylabel: str) -> list[str]:
+def _frame(title: str, xlabel: str, ylabel: str, height: int = _H) -> list[str]:
     return [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" role="img" viewBox="0 0 {_W} {_H}" '
-        f'width="{_W}" height="{_H}" aria-label="{escape(title)}">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" role="img" viewBox="0 0 {_W} {height}" '
+        f'width="{_W}" height="{height}" aria-label="{escape(title)}">',
         f"<title>{escape(title)}</title>",
-        f'<rect x="0" y="0" width="{_W}" height="{_H}" fill="#fff"/>',
+        f'<rect x="0" y="0" width="{_W}" height="{height}" fill="#fff"/>',
         f'<text x="{_W / 2}" y="18" text-anchor="middle" font-size="14" font-weight="bold">{escape(title)}</text>',
         f'<text x="{(_ML + _W - _MR) / 2}" y="{_H - 8}" text-anchor="middle" font-size="12">{escape(xlabel)}</text>',
         f'<text x="14" y="{(_MT + _H - _MB) / 2}" text-anchor="middle" font-size="12" '
@@ -52,6 +52,58 @@ def _frame(title: str, xlabel: str, ylabel: str) -> list[str]:
         f'<line x1="{_ML}" y1="{_H - _MB}" x2="{_W - _MR}" y2="{_H - _MB}" stroke="#333"/>',
         f'<line x1="{_ML}" y1="{_MT}" x2="{_ML}" y2="{_H - _MB}" stroke="#333"/>',
     ]
+
+
+#: approximate width of one character at font-size 11 (for placing labels; SVG cannot measure)
+_CHAR_W = 6.2
+_LINE_H = 12.0
+
+
+def short_labels(labels: Sequence[str]) -> list[str]:
+    """Labels without what they all share: a common leading name ("model-") and ".gguf"; a label
+    left empty keeps its full form."""
+    labels = list(labels)
+    if len(labels) < 2:
+        return [lb[:-5] if lb.endswith(".gguf") else lb for lb in labels]
+    stem = [lb[:-5] if lb.endswith(".gguf") else lb for lb in labels]
+    common = stem[0]
+    for lb in stem[1:]:
+        while not lb.startswith(common):
+            common = common[:-1]
+    cut = common.rfind("-") + 1  # cut at a word boundary
+    return [lb[cut:] or full for lb, full in zip(stem, labels)]
+
+
+def place_labels(anchors: Sequence[tuple[float, float, str]], *, left: float, right: float, top: float,
+                 bottom: float) -> list[tuple[float, float, str]]:
+    """Where to write each point's label so that no two overlap and none leaves the plot:
+    ``anchors`` (x, y, text) of the points; returns (x, y, text-anchor) per label, in order. A label
+    goes right of its point (left of it where it would cross ``right``), moved down or up in steps
+    of a line until its box is free."""
+    placed: list[tuple[float, float, float, float]] = []
+    out: list[tuple[float, float, str] | None] = [None] * len(anchors)
+    for i in sorted(range(len(anchors)), key=lambda j: (anchors[j][1], anchors[j][0])):
+        x, y, text = anchors[i]
+        w = _CHAR_W * len(text)
+        to_left = x + 9 + w > right
+        bx0 = x - 9 - w if to_left else x + 9
+        spot = None
+        for step in range(0, 24):
+            for dy in ((step * _LINE_H,) if step == 0 else (step * _LINE_H, -step * _LINE_H)):
+                ty = y + 4 + dy
+                box = (bx0, ty - _LINE_H + 2, bx0 + w, ty + 2)
+                if box[1] < top or box[3] > bottom:
+                    continue
+                if all(box[2] <= b[0] or box[0] >= b[2] or box[3] <= b[1] or box[1] >= b[3] for b in placed):
+                    spot = (ty, box)
+                    break
+            if spot:
+                break
+        if spot is None:  # no free place: on the point's own line
+            spot = (y + 4, (bx0, y - 8, bx0 + w, y + 6))
+        placed.append(spot[1])
+        out[i] = (x - 9 if to_left else x + 9, spot[0], "end" if to_left else "start")
+    return out  # type: ignore[return-value]
 
 
 def scatter_size_vs_kl(points: Sequence[tuple], *, title: str = "Size against KL divergence",
@@ -67,7 +119,9 @@ def scatter_size_vs_kl(points: Sequence[tuple], *, title: str = "Size against KL
         return "\n".join(out + ["</svg>"])
     xs = [p[1] for p in pts]
     ks = [max(p[2], 1e-12) for p in pts] + ([budget] if budget else [])
-    x0, x1 = 0.0, max(xs) * 1.15
+    lo, hi = min(xs), max(xs)
+    pad = (hi - lo) * 0.08 or hi * 0.05 or 1.0
+    x0, x1 = max(0.0, lo - pad), hi + pad
     l0 = math.floor(math.log10(min(ks)))
     l1 = math.ceil(math.log10(max(ks)))
     if l1 == l0:
@@ -94,6 +148,10 @@ def scatter_size_vs_kl(points: Sequence[tuple], *, title: str = "Size against KL
         out.append(f'<text x="{_W - _MR - 4}" y="{y - 4:.1f}" text-anchor="end" font-size="11" fill="#c53030">'
                    f"budget {_fmt(budget)}</text>")
     shapes = {p[3] for p in pts}
+    names = short_labels([p[0] for p in pts])
+    texts = [f"{n}{' (recommended)' if p[4] else ''}" for n, p in zip(names, pts)]
+    spots = place_labels([(X(p[1]), Y(max(p[2], 1e-12)), t) for p, t in zip(pts, texts)],
+                         left=_ML, right=_W - 4, top=_MT, bottom=_H - _MB)
     for i, (lbl, s, k, shape, chosen) in enumerate(pts):
         c = _COLORS[i % len(_COLORS)]
         x, y = X(s), Y(max(k, 1e-12))
@@ -106,8 +164,10 @@ def scatter_size_vs_kl(points: Sequence[tuple], *, title: str = "Size against KL
         if chosen:
             out.append(f'<circle class="chosen" cx="{x:.1f}" cy="{y:.1f}" r="11" fill="none" stroke="#111" '
                        'stroke-width="2"/>')
-        out.append(f'<text x="{x + 9:.1f}" y="{y - 8:.1f}" font-size="11" fill="{c}">{escape(lbl)}'
-                   f"{' (recommended)' if chosen else ''}</text>")
+        lx, ly, anchor = spots[i]
+        weight = ' font-weight="bold"' if chosen else ""
+        out.append(f'<text x="{lx:.1f}" y="{ly:.1f}" text-anchor="{anchor}" font-size="11" fill="{c}"{weight}>'
+                   f"{escape(texts[i])}</text>")
     if len(shapes) > 1:  # the legend: what the shapes mean
         lx, ly = _ML + 10, _MT + 10
         out.append(f'<circle cx="{lx}" cy="{ly}" r="5" fill="#555"/><text x="{lx + 10}" y="{ly + 4}" font-size="11">'
@@ -118,7 +178,8 @@ def scatter_size_vs_kl(points: Sequence[tuple], *, title: str = "Size against KL
 
 
 def _bar_panel(out: list[str], x0: float, width: float, title: str, rows: Sequence[tuple[str, float]],
-               color: str) -> None:
+               color: str, vertical: bool = False) -> None:
+    """One panel of bars; ``vertical``: labels written upwards (many bars), values in the tooltips only."""
     ph = _H - _MT - _MB - 20
     top_y = _MT + 20
     vmax = max(v for _, v in rows) * 1.15 or 1.0
@@ -141,8 +202,14 @@ def _bar_panel(out: list[str], x0: float, width: float, title: str, rows: Sequen
         out.append(f'<rect class="bar" x="{gx - bw / 2:.1f}" y="{Y(v):.1f}" width="{bw:.1f}" '
                    f'height="{top_y + ph - Y(v):.1f}" fill="{color}"><title>{escape(lbl)} {escape(title)}: '
                    f"{_fmt(v)} tokens/s</title></rect>")
-        out.append(f'<text x="{gx:.1f}" y="{Y(v) - 3:.1f}" text-anchor="middle" font-size="10">{_fmt(v)}</text>')
-        out.append(f'<text x="{gx:.1f}" y="{top_y + ph + 14:.1f}" text-anchor="middle" font-size="11">{escape(lbl)}</text>')
+        if vertical:
+            ly = top_y + ph + 6
+            out.append(f'<text x="{gx + 3:.1f}" y="{ly:.1f}" text-anchor="end" font-size="10" '
+                       f'transform="rotate(-90 {gx + 3:.1f} {ly:.1f})">{escape(lbl)}</text>')
+        else:
+            out.append(f'<text x="{gx:.1f}" y="{Y(v) - 3:.1f}" text-anchor="middle" font-size="10">{_fmt(v)}</text>')
+            out.append(f'<text x="{gx:.1f}" y="{top_y + ph + 14:.1f}" text-anchor="middle" font-size="11">'
+                       f"{escape(lbl)}</text>")
 
 
 def bars_tokens_per_s(rows: Sequence[tuple[str, float, float]], *, threads: int | None = None,
@@ -150,14 +217,19 @@ def bars_tokens_per_s(rows: Sequence[tuple[str, float, float]], *, threads: int 
     """``rows``: (label, prompt tokens/s, generation tokens/s). Two panels with their own scales
     (prompt processing is often 10-100x faster than generation)."""
     sub = f" ({threads} thread{'s' if threads != 1 else ''})" if threads else ""
-    out = _frame(title + sub, "", "tokens per second")
-    out = [x for x in out if "<line" not in x]  # the panels draw their own axes
     rows = [r for r in rows if r[1] is not None and r[2] is not None]
+    gap = 50
+    pw = (_W - _ML - _MR - gap) / 2
+    labels = short_labels([r[0] for r in rows])
+    # labels that do not fit under their bars are written upwards, in a taller plot
+    vertical = bool(rows) and max(len(lb) for lb in labels) * _CHAR_W > pw / len(rows)
+    extra = int(max(len(lb) for lb in labels) * _CHAR_W * 0.9) - _MB + 20 if vertical else 0
+    out = _frame(title + sub, "", "tokens per second", height=_H + max(0, extra))
+    out = [x for x in out if "<line" not in x]  # the panels draw their own axes
     if not rows:
         out.append(f'<text x="{_W / 2}" y="{_H / 2}" text-anchor="middle" font-size="12">no speed measured</text>')
         return "\n".join(out + ["</svg>"])
-    gap = 50
-    pw = (_W - _ML - _MR - gap) / 2
-    _bar_panel(out, _ML, pw, "prompt processing", [(lbl, pp) for lbl, pp, _ in rows], _COLORS[0])
-    _bar_panel(out, _ML + pw + gap, pw, "generation", [(lbl, tg) for lbl, _, tg in rows], _COLORS[1])
+    _bar_panel(out, _ML, pw, "prompt processing", [(lb, r[1]) for lb, r in zip(labels, rows)], _COLORS[0], vertical)
+    _bar_panel(out, _ML + pw + gap, pw, "generation", [(lb, r[2]) for lb, r in zip(labels, rows)], _COLORS[1],
+               vertical)
     return "\n".join(out + ["</svg>"])
