@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,8 @@ def _family(tmp_path_factory, family: str, cfg: dict, tokenizer, *, targets, par
     base = families.make_model(root / "base", family, cfg, tokenizer=tokenizer, generation_config=gen)
     adapter = synth.make_adapter(base, root / "adapter", target_modules=targets, target_parameters=params, r=4,
                                  lora_alpha=8, use_rslora=True, **lora)
+    conf = json.loads((adapter / "adapter_config.json").read_text())
+    folds = {t: f(conf) if callable(f) else f for t, f in (folds or {}).items()}
     built = families.save_fused(base, root / "fused") if fused else base
     res = build(built, adapter, root / "out", name="m", outtype="f32", lora_gguf="f32")
     from transformers import AutoTokenizer
@@ -147,7 +150,20 @@ def _family(tmp_path_factory, family: str, cfg: dict, tokenizer, *, targets, par
     out = root / "out"
     return {"family": family, "root": root, "base": base, "built": built, "adapter": adapter, "cfg": cfg, "res": res,
             "ids": ids, "merged": out / "m-F32.gguf", "base_gguf": out / "m-base-F32.gguf",
-            "lora": out / "m-LoRA-F32.gguf", "ref": synth.peft_logits(base, adapter, ids), "folds": folds or {}}
+            "lora": out / "m-LoRA-F32.gguf", "ref": synth.peft_logits(base, adapter, ids), "folds": folds}
+
+
+def _rs_fold(param: str):
+    """The fold of an rsLoRA term on ``param`` (the adapter's alpha/sqrt(r) over llama.cpp's
+    lora_alpha/r), with the rank and alpha the saved adapter_config.json gives it by PEFT's pattern
+    rule: PEFT from 0.22 saves a fused gate_up_proj with twice the rank and alpha (one r per half)."""
+    def fold_of(conf: dict) -> float:
+        def pattern(patterns: dict, default):
+            return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", param)), default)
+        r, alpha = pattern(conf.get("rank_pattern") or {}, conf["r"]), pattern(conf.get("alpha_pattern") or {},
+                                                                                conf["lora_alpha"])
+        return alpha / np.sqrt(r) / (conf["lora_alpha"] / r)
+    return fold_of
 
 
 def _spm(d):
@@ -170,7 +186,8 @@ def qwen2_moe(tmp_path_factory):
                    params=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), fused=True,
                    rank_pattern={"v_proj": 8},
                    folds={"blk.0.attn_q.weight": 2.0, "blk.0.attn_v.weight": RS_V8, "blk.0.ffn_up_shexp.weight": 2.0,
-                          "blk.0.ffn_gate_inp_shexp.weight": 2.0, "blk.0.ffn_gate_exps.weight": 2.0})
+                          "blk.0.ffn_gate_inp_shexp.weight": 2.0,
+                          "blk.0.ffn_gate_exps.weight": _rs_fold("model.layers.0.mlp.experts.gate_up_proj")})
 
 
 @pytest.fixture(scope="module")
