@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from html import escape
 from typing import Sequence
 
@@ -63,14 +64,10 @@ def short_labels(labels: Sequence[str]) -> list[str]:
     """Labels without what they all share: a common leading name ("model-") and ".gguf"; a label
     left empty keeps its full form."""
     labels = list(labels)
-    if len(labels) < 2:
-        return [lb[:-5] if lb.endswith(".gguf") else lb for lb in labels]
     stem = [lb[:-5] if lb.endswith(".gguf") else lb for lb in labels]
-    common = stem[0]
-    for lb in stem[1:]:
-        while not lb.startswith(common):
-            common = common[:-1]
-    cut = common.rfind("-") + 1  # cut at a word boundary
+    if len(stem) < 2:
+        return stem
+    cut = os.path.commonprefix(stem).rfind("-") + 1  # cut at a word boundary
     return [lb[cut:] or full for lb, full in zip(stem, labels)]
 
 
@@ -85,7 +82,7 @@ def place_labels(anchors: Sequence[tuple[float, float, str]], *, left: float, ri
     for i in sorted(range(len(anchors)), key=lambda j: (anchors[j][1], anchors[j][0])):
         x, y, text = anchors[i]
         w = _CHAR_W * len(text)
-        to_left = x + 9 + w > right
+        to_left = x + 9 + w > right and x - 9 - w >= left  # left of the point only where it fits there
         bx0 = x - 9 - w if to_left else x + 9
         spot = None
         for step in range(0, 24):
