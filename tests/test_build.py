@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 import pytest
 
-from lora2gguf import synth
+from lora2gguf import kernel, synth
 from lora2gguf.api import build
 from lora2gguf.numerics import bf16_bits_to_f32, f32_to_bf16_bits
 
@@ -153,6 +153,18 @@ def test_same_bytes_with_any_thread_count(built, tiny_base, tiny_adapter, tmp_pa
         recorded = {o["file"]: o["sha256"] for o in record["outputs"]}
         assert recorded["tiny-BF16.gguf"] == hashlib.sha256(data).hexdigest()
     assert "rounded once" in record["rounding"] and "do not depend on the CPU" in record["rounding"]
+    assert record["stages"]["build"]["merge_kernel"] == "compiled"
+
+
+def test_compiled_kernel_and_numpy_write_the_same_bytes(built, tiny_base, tiny_adapter, tmp_path, monkeypatch):
+    """Both merge routes round every element once, correctly: the numpy route (no compiled
+    kernel, or LORA2GGUF_KERNEL=numpy) writes the compiled route's file, byte for byte."""
+    result, _, _ = built
+    monkeypatch.setattr(kernel, "_lib", None)
+    res = build(tiny_base, tiny_adapter, tmp_path / "numpy", name="tiny")
+    assert (res.out_dir / "tiny-BF16.gguf").read_bytes() == (result.out_dir / "tiny-BF16.gguf").read_bytes()
+    record = json.loads((res.out_dir / "run.json").read_text())
+    assert record["stages"]["build"]["merge_kernel"].startswith("numpy")
 
 
 def _gguf_name(hf: str, part: str, layer: str | None) -> str:

@@ -654,3 +654,21 @@ def test_f64_to_f16_rounds_once():
         assert g == _neighbours_round(v, np.float16), (v, hex(g))
     # a whole array (numpy's vectorized loop) agrees with the scalar path
     np.testing.assert_array_equal(N.f64_to_f16_bits(np.tile(x, 3)), np.tile(got, 3))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_half_bits_finite_on_every_pattern(dtype):
+    """The two-reduction test agrees with the exponent-field definition on all 65536 patterns,
+    one pattern at a time in a field of finite values, and on strided views."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    exp = N.HALF_EXPONENT[dtype]
+    nonfinite = (every & exp) == exp
+    field_ = np.full(7, 0x3C00 if dtype == "f16" else 0x3F80, np.uint16)
+    for bits, bad in zip(every, nonfinite):
+        field_[3] = bits
+        assert N.half_bits_finite(field_, dtype) is (not bad), hex(int(bits))
+    assert N.half_bits_finite(every[~nonfinite].reshape(-1, 2)[:, ::-1].T, dtype)
+    assert not N.half_bits_finite(every.reshape(256, 256)[::3, 1::2], dtype)
+    assert N.half_bits_finite(np.empty((0, 4), np.uint16), dtype)
+    with pytest.raises(FormatError, match="uint16"):
+        N.half_bits_finite(np.zeros(3, np.float32), dtype)

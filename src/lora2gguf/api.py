@@ -24,7 +24,7 @@ from . import __version__, arch as arch_registry
 from .adapter import load_adapter
 from .errors import BlockedError, InputError
 from .gguf_out import GGUFStream, sha256_file, tensor_types
-from . import hparams, jsonfile
+from . import hparams, jsonfile, kernel
 from .hparams import write_hparams
 from .jsonfile import read_json_object
 from .merge import RULE as MERGE_RULE
@@ -308,7 +308,8 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         build_seconds = time.perf_counter() - t0
         stages["build"] = {"seconds": round(build_seconds, 3), "bytes_read": stats.bytes_read,
                            "bytes_written": stats.bytes_written, "threads": stats.threads,
-                           "merged_units": stats.merged_units, "peak_rss_bytes": _peak_rss()}
+                           "merged_units": stats.merged_units, "merge_kernel": kernel.status(),
+                           "peak_rss_bytes": _peak_rss()}
         out = _describe(main_file, outtype.upper(), build_seconds, None, None, sha256=stream.sha256)
         outputs = [out]
         state.record("build", build_key, {main_file: out.sha256, **{p: None for p in merged_files}},

@@ -374,8 +374,7 @@ def encode(x: np.ndarray, t: OutTensor, key: str) -> np.ndarray:
         return gguf.quants.quantize(f32, Q.Q8_0)
     out = numerics.round_f64(x, _ROUND[t.qtype])
     if t.qtype != Q.F32:
-        exp = np.uint16(0x7C00 if t.qtype == Q.F16 else 0x7F80)
-        if np.any((out & exp) == exp):
+        if not numerics.half_bits_finite(out, _ROUND[t.qtype]):
             raise NumericError(f"{t.name}: a LoRA factor of {key} is beyond the range of {t.qtype.name} (largest "
                                f"|value| {float(np.abs(x).max()):.4g}); write the adapter with --outtype f32 or bf16")
     return out

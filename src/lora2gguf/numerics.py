@@ -34,6 +34,7 @@ __all__ = [
     "f64_to_f16_bits",
     "round_f64",
     "bf16_round_into",
+    "half_bits_finite",
     "FP4_E2M1_VALUES",
     "E8M0_BIAS",
     "MXFP4_BLOCK",
@@ -124,6 +125,24 @@ def bf16_bits_to_f32(u16: np.ndarray) -> np.ndarray:
     out = u.astype(np.uint32)
     out <<= np.uint32(16)  # in place: one array, not two
     return out.view(np.float32)
+
+
+#: exponent field of the 16-bit float types, by name
+HALF_EXPONENT = {"bf16": 0x7F80, "f16": 0x7C00}
+
+
+def half_bits_finite(bits: np.ndarray, dtype: str) -> bool:
+    """True when no bf16 / f16 bit pattern in ``bits`` (uint16) is Inf or NaN (exponent field all
+    ones), in two read-only passes without temporaries: a non-finite positive value is at least
+    the exponent mask read as int16, a non-finite negative one at least mask | 0x8000 read as
+    uint16, and every finite value is below both."""
+    exp = HALF_EXPONENT[dtype]
+    u = np.asarray(bits)
+    if u.dtype != np.uint16:
+        raise FormatError(f"half_bits_finite expects uint16 bit patterns, got {u.dtype}")
+    if not u.size:
+        return True
+    return int(u.max()) < (exp | 0x8000) and int(u.view(np.int16).max()) < exp
 
 
 def round_to_bf16(x: np.ndarray) -> np.ndarray:

@@ -46,9 +46,6 @@ _DTYPE = {gguf.GGMLQuantizationType.BF16: "bf16", gguf.GGMLQuantizationType.F16:
           gguf.GGMLQuantizationType.F32: "f32"}
 _SAME_TYPE = {"BF16": gguf.GGMLQuantizationType.BF16, "F16": gguf.GGMLQuantizationType.F16,
               "F32": gguf.GGMLQuantizationType.F32}
-# source columns gathered per step of a transposing gather: 160 rows x 32 columns of bf16 stay
-# in the L1 cache (measured best on 2880-wide experts)
-GATHER_ROWS = 160
 
 
 class Sink(Protocol):
@@ -154,40 +151,23 @@ def source_region(tp: TensorPlan, matrix: int, view: layout.View, *, stored: boo
 
 
 class _Scratch(threading.local):
-    """Per-thread buffers: the merge kernel's and the transposing gather's."""
+    """Per-thread buffers of the merge (the transposing gather's among them)."""
 
     def __init__(self):
         self.work = merge.Work()
-        self._bits: np.ndarray | None = None
-
-    def bits(self, n: int) -> np.ndarray:
-        if self._bits is None or self._bits.size < n:
-            self._bits = np.empty(n, np.uint16)
-        return self._bits[:n]
 
 
-def _tile_source(region: np.ndarray, kind: str, view: layout.View, first_row: int, scratch: _Scratch):
-    """merge_block's W tiles: output rows first_row + (r0..r1) of the view over ``region``, as
-    float32, gathered a tile at a time (bf16 bits widened on the way)."""
-    shape = region.shape
-
-    def tiles(r0: int, r1: int, buf: np.ndarray) -> np.ndarray:
-        sub = view.source_rows(shape, slice(first_row + r0, first_row + r1))
-        if kind == "BF16":
-            rows, cols = buf.shape
-            bits = scratch.bits(rows * cols).reshape(rows, cols)
-            if sub.transpose and sub.cols == layout.ALL:
-                sel = layout.index_array(sub.rows)
-                for i in range(0, shape[0], GATHER_ROWS):  # transpose in blocks that stay in the cache
-                    np.copyto(bits[:, i:i + GATHER_ROWS], region[i:i + GATHER_ROWS, sel].T)
-            else:
-                np.copyto(bits, sub.apply(region))
-            np.left_shift(bits, 16, out=buf.view(np.uint32), dtype=np.uint32)
-            return buf
-        np.copyto(buf, sub.apply(region), casting="same_kind")
-        return buf
-
-    return tiles
+def _gather(region: np.ndarray, view: layout.View) -> merge.Gather:
+    """merge_block's base values: ``view`` over ``region`` (stored bf16 bits or float32 values),
+    read in place. A view that cuts columns by a list of indices is gathered here."""
+    x = region
+    if view.cols != layout.ALL and not isinstance(view.cols, layout.Span):
+        x = np.ascontiguousarray((x.T if view.transpose else x)[:, layout.index_array(view.cols)])
+        view = layout.View(False, view.rows)
+    n_rows = x.shape[1] if view.transpose else x.shape[0]
+    rows = np.arange(n_rows, dtype=np.int64)[layout.index_array(view.rows)]
+    cols = view.cols.slice if isinstance(view.cols, layout.Span) else slice(None)
+    return merge.Gather(x, view.transpose, rows, cols)
 
 
 # --------------------------------------------------------------------------- units
@@ -199,8 +179,10 @@ def _where(rows: slice, matrix: int, tp: TensorPlan) -> str:
 
 
 def _check_stored_finite(raw: np.ndarray, name: str, where: str) -> None:
-    if raw.dtype == np.uint16 and raw.size:  # bf16 bits: exponent all ones is Inf or NaN
-        bad = bool(np.any((raw & np.uint16(0x7F80)) == np.uint16(0x7F80)))
+    if raw.dtype == np.uint16:  # bf16 bits
+        bad = not numerics.half_bits_finite(raw, "bf16")
+    elif raw.dtype == np.float16:
+        bad = not numerics.half_bits_finite(raw.view(np.uint16), "f16")
     else:
         bad = raw.size and not np.isfinite(raw).all()
     if bad:
@@ -229,6 +211,17 @@ def _explain_nonfinite(tp: TensorPlan, matrix: int, rows: slice, factors: list[F
         f"from {files}; check the adapter's scaling (lora_alpha, r, use_rslora)")
 
 
+def _keeps_stored(src, qtype) -> bool:
+    """The output is the source's stored bits (through a view): same type, bits readable."""
+    return _SAME_TYPE.get(src.storage) == qtype and src.read_stored is not None
+
+
+def stored_copy(tp: TensorPlan) -> bool:
+    """Every unit of ``tp`` is stored bits moved through a view: no arithmetic, no buffer."""
+    return (not tp.touched and not tp.add and tp.values is None and not tp.packed
+            and all(_keeps_stored(i.source, tp.tensor.qtype) for i in tp.inputs))
+
+
 def compute_unit(tp: TensorPlan, matrix: int, rows: slice, factors: list[list[Factors]], scratch: _Scratch,
                  take: Callable[[tuple[int, ...], np.dtype], np.ndarray]) -> np.ndarray:
     """The output bytes of one unit: rows ``rows`` of output matrix ``matrix`` of ``tp``
@@ -247,7 +240,7 @@ def compute_unit(tp: TensorPlan, matrix: int, rows: slice, factors: list[list[Fa
         blocks = src.read_packed(slice(part.matrix, part.matrix + 1))[0]
         return np.ascontiguousarray(blocks[layout.index_array(layout.packed_rows(view))])
     if not factors and not tp.add:
-        if _SAME_TYPE.get(src.storage) == t.qtype and src.read_stored is not None:
+        if _keeps_stored(src, t.qtype):
             region, v = source_region(tp, matrix, view, stored=True)
             raw = v.apply(region)
             _check_stored_finite(raw, src.name, _where(rows, matrix, tp))
@@ -260,14 +253,13 @@ def compute_unit(tp: TensorPlan, matrix: int, rows: slice, factors: list[list[Fa
         return encode(vals, t.qtype, t.name).reshape(_piece_shape(t, n, out_cols))
     stored = src.storage == "BF16" and src.read_stored is not None
     region, v = source_region(tp, matrix, view, stored=stored)
-    kind = "BF16" if stored else "F32"
     lr = block_factors(factors, part.matrix, part.view)  # the whole matrix's factors; this block's rows
     left, right = (np.ascontiguousarray(lr[0][rows]), lr[1]) if lr is not None else (None, None)
     dtype = _DTYPE[t.qtype]
     out = take((n, out_cols), np.float32 if dtype == "f32" else np.uint16)
-    tiles = _tile_source(region, kind, v, 0, scratch)
+    gather = _gather(region, v)
     scale = row_scale(factors, part.view, src.name)
-    if not merge.merge_block(tiles, (n, out_cols), left, right, dtype, out=out, add=tp.add, work=scratch.work,
+    if not merge.merge_block(gather, (n, out_cols), left, right, dtype, out=out, add=tp.add, work=scratch.work,
                              row_scale=None if scale is None else scale[rows]):
         if scale is not None:
             raise NumericError(f"merged tensor {src.name!r}{_where(rows, matrix, tp)}: a row of W + delta has norm 0 "
@@ -330,12 +322,13 @@ MAX_WINDOW = 64  # units
 
 
 class _Unit(NamedTuple):
-    """One unit on its way: computed by a worker, written by the caller in file order."""
+    """One unit on its way: computed by a worker (``future``), or, for a stored copy (None),
+    by the writing thread when the file reaches it; written in file order."""
 
     tp: TensorPlan
     matrix: int
     rows: slice
-    future: Future
+    future: Future | None
 
     @property
     def offset(self) -> int:
@@ -356,14 +349,19 @@ def execute(plan: Plan, out: Sink, *, progress: Progress | None = None, threads:
     buffers = _Buffers()
     scratch = _Scratch()
     window: deque[_Unit] = deque()  # in file order
-    held = 0  # bytes the units in the window write
+    held = 0  # bytes the computed units in the window write (buffers they hold)
+    computing = 0  # units in the window given to the workers
     done = 0
 
     def drain_one() -> None:
-        nonlocal held, done
+        nonlocal held, done, computing
         unit = window.popleft()
-        held -= unit.nbytes
-        piece = unit.future.result()
+        if unit.future is None:
+            piece = compute_unit(unit.tp, unit.matrix, unit.rows, [], scratch, buffers.take)
+        else:
+            held -= unit.nbytes
+            computing -= 1
+            piece = unit.future.result()
         out.write(unit.tp.tensor.name, piece, byte_offset=unit.offset)
         buffers.give(piece)  # out.write copied it: the buffer can take another unit
         stats.merged_units += unit.tp.touched or bool(unit.tp.add)
@@ -377,22 +375,27 @@ def execute(plan: Plan, out: Sink, *, progress: Progress | None = None, threads:
     try:
         with threadpool_limits(limits=1, user_api="blas"):
             for tp in plan.tensors:
+                if stored_copy(tp):  # mapped and copied by this thread when the file reaches it
+                    window.extend(_Unit(tp, matrix, rows, None) for matrix, rows in tp.blocks())
+                    continue
                 factors = [[read_factors(b) for b in inp.terms] for inp in tp.inputs]
                 for matrix, rows in tp.blocks():
                     fut = pool.submit(compute_unit, tp, matrix, rows, factors, scratch, buffers.take)
                     unit = _Unit(tp, matrix, rows, fut)
                     window.append(unit)
                     held += unit.nbytes
+                    computing += 1
                     # beyond one unit per worker (and one being written), the workers may run ahead by
-                    # LOOKAHEAD_BYTES: while the writer is busy with big untouched tensors (hashing and
-                    # copying, no arithmetic) they merge the experts that follow
-                    while len(window) > threads + 1 and (held > LOOKAHEAD_BYTES or len(window) > MAX_WINDOW):
+                    # LOOKAHEAD_BYTES of computed units: while this thread copies big untouched tensors
+                    # (stored copies, queued above at no cost) they merge the tensors that follow
+                    while computing > threads + 1 and (held > LOOKAHEAD_BYTES or computing > MAX_WINDOW):
                         drain_one()
             while window:
                 drain_one()
     except BaseException:
         for unit in window:
-            unit.future.cancel()
+            if unit.future is not None:
+                unit.future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         out.abort()
         raise
