@@ -623,6 +623,16 @@ def test_full_disk_is_a_blocker(tiny_base, np_adapter, tmp_path):
     assert not ({"DISK_SPACE", "DISK_SPACE_LOW"} & codes(ok))
 
 
+def test_resources_say_which_merge_route_runs(tiny_base, np_adapter, monkeypatch):
+    from lora2gguf import kernel
+    f = one(doctor.run(tiny_base, np_adapter, free_bytes=10**12), "RESOURCES")
+    assert "merge: the compiled kernel" in f.what
+    monkeypatch.setattr(kernel, "_lib", None)
+    monkeypatch.setattr(kernel, "_why", "the compiled kernel is not built")
+    f = one(doctor.run(tiny_base, np_adapter, free_bytes=10**12), "RESOURCES")
+    assert "merge: in numpy" in f.what and "the compiled kernel is not built" in f.what and "reinstall" in f.what
+
+
 def test_free_space_is_measured_on_the_nearest_existing_parent(tiny_base, np_adapter, tmp_path):
     out = tmp_path / "not" / "yet" / "there"
     report = doctor.run(tiny_base, np_adapter, out_dir=out)

@@ -261,6 +261,10 @@ int64_t l2g_merge_bf16(const void *w, int kind, const int64_t *row_off, int64_t 
     return nc;
 }
 
+/* the interface version: lora2gguf.kernel refuses a library built from another version of this
+ * file (an editable install whose kernel was not rebuilt) and merges in numpy */
+int64_t l2g_kernel_version(void) { return 1; }
+
 /* the kernel's own rounding, for the tests: n doubles -> bf16 bits */
 void l2g_bf16_of(const double *x, int64_t n, uint16_t *out) {
     for (int64_t i = 0; i < n; i++) out[i] = bf16_of(x[i]);

@@ -13,6 +13,8 @@ import os
 import numpy as np
 
 ENV = "LORA2GGUF_KERNEL"
+#: l2g_kernel_version() of the _kernels.c this code calls
+VERSION = 1
 
 _lib = None
 _why = ""
@@ -29,6 +31,12 @@ def _load():
         _why = "the compiled kernel is not built (no C compiler when lora2gguf was installed)"
         return None
     lib = ctypes.CDLL(_kernels.__file__)
+    version = getattr(lib, "l2g_kernel_version", None)
+    if version is not None:
+        version.restype = ctypes.c_int64
+    if version is None or version() != VERSION:
+        _why = f"{_kernels.__file__} was built from another version of _kernels.c: reinstall lora2gguf"
+        return None
     f = lib.l2g_merge_bf16
     p = ctypes.c_void_p
     i64 = ctypes.c_int64

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 
 import gguf
 
+from .. import kernel
 from ..errors import FormatError, InputError, UnsupportedError
 from ..inspect import AdapterInfo, BaseInfo, TokenizerInfo
 from . import findings as F
@@ -817,6 +818,10 @@ def check_resources(res: Resources) -> list[Finding]:
              f"~{o.seconds / 60:.1f} min" for o in res.outputs]
     lines.append(f"peak memory ~{_gb(res.peak_memory_bytes)}; free on {res.free_where or '(no output folder given)'}: "
                  f"{_gb(res.free_bytes)}")
+    route = kernel.status()
+    lines.append("merge: the compiled kernel" if route == "compiled" else
+                 f"merge: in numpy, about 2x slower, the same bytes: {route[len('numpy ('):-1]}; with a C compiler "
+                 "installed, reinstall lora2gguf to build its kernel")
     dl = res.download
     if dl is not None:
         lines.append(f"download: {dl.what}, {_gb(dl.bytes)} into the Hugging Face cache {dl.where}"
