@@ -5,15 +5,19 @@
 
 Times, on one thread (as each build worker runs), for one expert matrix in GGUF orientation:
 
-- ``merge_block``: lora2gguf's merge (:mod:`lora2gguf.merge`): the float64 delta and sum, the
-  bf16 rounding, the elements near a rounding boundary found and settled exactly;
-- its steps on one tile, each on its own (matmul, add, max/min, float64 -> float32, bf16 rounding,
-  candidates), to show where the time goes;
-- ``float32 merge``: what the build did before (``W + (B @ A) * s`` in float32, rounded to bf16 once
-  from float32): faster, but its bits depend on BLAS's kernel choice (issue 11);
+- the compiled kernel (``_kernels.c``, :mod:`lora2gguf.kernel`) reading W as a build does, stored
+  bf16 bits in place (:class:`merge.Gather`): row by row, and transposed (GPT-OSS stores its
+  experts (in, out), so a build reads them column by column);
+- the numpy route on the same inputs (``LORA2GGUF_KERNEL=numpy``, or no compiler at install):
+  the gather of the bits into float32 tiles included;
+- ``merge_block`` (numpy) from W already in float32, and its steps on one tile, each on its own
+  (matmul, add, max/min, float64 -> float32, bf16 rounding, candidates), to show where the time
+  goes;
+- ``float32 merge``: what the build did before issue 11 (``W + (B @ A) * s`` in float32, rounded
+  to bf16 once from float32): its bits depend on BLAS's kernel choice;
 
-and prints nanoseconds per element and the ratio. Both read W from a float32 array (the gather
-of the stored bf16 bits, the same for both, is left out).
+and prints nanoseconds per element and the ratios. The compiled and numpy routes write the same
+bytes (tests/test_merge_kernel.py).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from lora2gguf import merge, numerics
+from lora2gguf import kernel, merge, numerics
 
 
 def per_element(fn, n_elements: int, repeat: int) -> float:
@@ -83,20 +87,50 @@ def main(argv: list[str] | None = None) -> int:
         "bf16 rounding": lambda r0: numerics.bf16_round_into(x.view(np.uint32), t, o),
         "candidates near a boundary": lambda r0: merge._bf16_candidates(x.view(np.uint32), t, 1e-15),
     }
+    bits = numerics.f32_to_bf16_bits(w)
+    bits_t = np.ascontiguousarray(bits.T)  # stored (in, out): the output rows are its columns
+    gathers = {"rows": merge.Gather(bits, False, np.arange(n, dtype=np.int64)),
+               "transposed": merge.Gather(bits_t, True, np.arange(n, dtype=np.int64))}
+
+    def routed(g, compiled):
+        lib = kernel._lib
+
+        def run():
+            kernel._lib = lib if compiled else None
+            try:
+                merge.merge_block(g, (n, m), left, right, "bf16", out=out, work=work)
+            finally:
+                kernel._lib = lib
+        return run
+
     with threadpool_limits(limits=1, user_api="blas"):
+        routes = {}
+        for name, g in gathers.items():
+            if kernel.available():
+                routes[f"compiled kernel, stored bf16 read in place ({name})"] = per_element(routed(g, True), n * m,
+                                                                                              args.repeat)
+            routes[f"numpy route, stored bf16 gathered ({name})"] = per_element(routed(g, False), n * m, args.repeat)
         exact = per_element(lambda: merge.merge_block(w, (n, m), left, right, "bf16", out=out, work=work), n * m,
                             args.repeat)
         fast = per_element(float32_merge, n * m, args.repeat)
         parts = {name: per_element(each_tile(step), len(tiles) * rows * m, args.repeat) for name, step in steps.items()}
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, one thread; W {n} x {m}, rank {k}")
+    print(f"merge kernel: {kernel.status()}")
     print("| merge | ns per element |")
     print("|---|---|")
+    for name, v in routes.items():
+        print(f"| {name} | {v:.2f} |")
     print(f"| lora2gguf merge_block (correctly rounded) | {exact:.2f} |")
     for name, v in parts.items():
         print(f"| - {name} | {v:.2f} |")
     print(f"| float32 merge (matmul, add, round; bits depend on BLAS) | {fast:.2f} |")
-    print(f"| ratio | {exact / fast:.2f}x |")
+    print(f"| ratio, merge_block / float32 merge | {exact / fast:.2f}x |")
+    for kind in gathers:
+        c = routes.get(f"compiled kernel, stored bf16 read in place ({kind})")
+        if c:
+            print(f"| ratio, numpy / compiled route ({kind}) | "
+                  f"{routes[f'numpy route, stored bf16 gathered ({kind})'] / c:.2f}x |")
     return 0
 
 

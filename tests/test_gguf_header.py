@@ -48,3 +48,35 @@ def test_truncated_or_foreign_files_are_format_errors(small_gguf, tmp_path):
         f.write(b"GGML")
     with pytest.raises(FormatError, match="not a GGUF file"):
         read_header(other)
+
+
+def _stream(path, meta=lambda w: None):
+    import numpy as np
+    from lora2gguf.gguf_out import GGUFStream
+    from lora2gguf.plan import OutTensor
+    t = OutTensor("a.weight", (4, 8), gguf.GGMLQuantizationType.F32)
+    s = GGUFStream(path, "llama", meta, [t])
+    s.write("a.weight", np.arange(32, dtype=np.float32).reshape(4, 8))
+    return s
+
+
+def test_a_stream_checks_its_header_read_back(tmp_path):
+    """The written header is read back (on a thread, while tensors stream) before the file is
+    renamed into place; the types recorded come from that read-back."""
+    s = _stream(tmp_path / "ok.gguf")
+    path = s.finish()
+    assert s.header_types == {"a.weight": "F32"} == tensor_types(path)
+
+
+def test_a_header_that_does_not_read_back_leaves_no_file(tmp_path, monkeypatch):
+    from lora2gguf import gguf_out
+    from lora2gguf.errors import OutputError
+
+    def unreadable(path, **kw):
+        raise FormatError("a string is not UTF-8")
+
+    monkeypatch.setattr(gguf_out, "read_header", unreadable)
+    s = _stream(tmp_path / "bad.gguf")
+    with pytest.raises(OutputError, match="does not read back"):
+        s.finish()
+    assert not list(tmp_path.iterdir())

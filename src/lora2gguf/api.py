@@ -310,7 +310,8 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
                            "bytes_written": stats.bytes_written, "threads": stats.threads,
                            "merged_units": stats.merged_units, "merge_kernel": kernel.status(),
                            "peak_rss_bytes": _peak_rss()}
-        out = _describe(main_file, outtype.upper(), build_seconds, None, None, sha256=stream.sha256)
+        out = _describe(main_file, outtype.upper(), build_seconds, None, None, sha256=stream.sha256,
+                        types=stream.header_types)
         outputs = [out]
         state.record("build", build_key, {main_file: out.sha256, **{p: None for p in merged_files}},
                      {"output": asdict(out), "stats": stages["build"]})
@@ -588,8 +589,8 @@ def _gc_paused():
 
 
 def _describe(path: Path, type_name: str, seconds: float, source: str | None, note: str | None,
-              sha256: str | None = None) -> OutputFile:
-    types = tensor_types(path)
+              sha256: str | None = None, types: dict[str, str] | None = None) -> OutputFile:
+    types = types if types is not None else tensor_types(path)
     return OutputFile(path.name, type_name, path.stat().st_size, sha256 or sha256_file(path), seconds,
                       type_counts(types), types, source, note)
 

@@ -120,14 +120,16 @@ class _Cursor:
         return v
 
 
-def read_header(path: str | os.PathLike[str]) -> Header:
+def read_header(path: str | os.PathLike[str], *, file_size: int | None = None) -> Header:
     """Parse and check a GGUF header: magic, version, every key (scalar and string values kept, arrays
     skipped), every tensor info;
-    tensor data must lie, aligned and in order of its offsets without overlap, inside the file."""
+    tensor data must lie, aligned and in order of its offsets without overlap, inside the file
+    (``file_size``: the size a file still being written will have; default its size now)."""
     path = Path(path)
-    size = path.stat().st_size
-    if size < 24:
-        raise FormatError(f"{path}: {size} bytes is too short for a GGUF file")
+    now = path.stat().st_size
+    size = now if file_size is None else file_size
+    if now < 24:
+        raise FormatError(f"{path}: {now} bytes is too short for a GGUF file")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         c = _Cursor(memoryview(mm), path)
         try:
