@@ -154,3 +154,20 @@ def test_compiled_reports_non_finite(poison):
     out = np.empty((40, 50), np.uint16)
     g = merge.Gather(w, False, np.arange(40, dtype=np.int64))
     assert merge.merge_block(g, w.shape, left, right, "bf16", out=out) is False
+
+
+def test_shapes_that_do_not_agree_are_refused_before_the_kernel_runs():
+    """The kernel reads raw memory: a gather, factors or output that do not match the block are
+    a ValueError, never a read out of bounds."""
+    w = np.ones((8, 16), np.float32)
+    g = merge.Gather(w, False, np.arange(8, dtype=np.int64))
+    out = np.empty((8, 16), np.uint16)
+    left, right = np.ones((8, 2)), np.ones((2, 16))
+    with pytest.raises(ValueError):
+        merge.merge_block(g, (8, 17), left, right, "bf16", out=np.empty((8, 17), np.uint16))
+    with pytest.raises(ValueError):
+        merge.merge_block(merge.Gather(w, False, np.arange(1, 9, dtype=np.int64)), (8, 16), left, right, "bf16",
+                          out=out)
+    with pytest.raises(ValueError):
+        merge.merge_block(g, (8, 16), left, np.ones((2, 15)), "bf16", out=out)
+    assert merge.merge_block(g, (8, 16), left, right, "bf16", out=out)

@@ -330,6 +330,13 @@ def _merge_compiled(w: Gather, shape: tuple[int, int], left, right, add: float, 
     right_max = np.ascontiguousarray(np.abs(right).max(axis=1)) if k and m else None
     coef = (k + (1 if add else 0) + 8) * _U if (k or add) else 0.0
     origin, row_off, col_stride = w.strided()
+    # the kernel reads and writes raw memory: every shape is checked here, never out of bounds
+    if (origin.shape[1] != m or row_off.shape != (n,) or out.dtype != np.uint16 or out.size != n * m
+            or (n and not 0 <= int(w.rows.min()) <= int(w.rows.max()) < origin.shape[0])
+            or (k and (left.shape != (n, k) or right.shape != (k, m)))):
+        raise ValueError(f"merge_block: a gather of {len(w.rows)} rows x {origin.shape[1]} columns, factors "
+                         f"{None if not k else (left.shape, right.shape)} and out {out.shape} {out.dtype} for a "
+                         f"block of {n} x {m}")
     cand = work.get("cand", CANDIDATE_CAP, np.int64)
     got = kernel.merge_bf16(origin, 0 if w.bf16 else 1, row_off, col_stride, n, m, left, right, right_max, add,
                             coef, out, cand)
