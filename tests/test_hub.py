@@ -136,7 +136,9 @@ def test_a_cache_snapshot_is_known_by_its_repo_id(tmp_path):
 def test_download_reads_only_what_it_needs_and_resumes_after_an_interruption(fake_hub, tmp_path, tiny_base,
                                                                              tiny_adapter):
     home, out = tmp_path / "hf", tmp_path / "out"
-    env = _env(fake_hub, home)
+    # the client must still be waiting on the stalled transfer when Ctrl-C comes: with the default
+    # 10 s read timeout a loaded machine let it resume and finish first (seen once in CI)
+    env = _env(fake_hub, home, HF_HUB_DOWNLOAD_TIMEOUT="120")
     storage = home / "hub" / "models--org--base"
     snapshot = storage / "snapshots" / fake_hub.base_commit
     etags = {n: _sha(tiny_base / n) for n in SHARDS}  # an LFS file's etag is its SHA-256
@@ -215,13 +217,18 @@ def test_download_reads_only_what_it_needs_and_resumes_after_an_interruption(fak
 
 
 AUDIT = r"""
-import json, os, sys
+import json, os, sys, threading
 log = open(sys.argv[1], "w")
+lock = threading.Lock()  # a build opens files on several threads; a text file is not thread-safe
 def hook(event, args):
     if event in ("open", "os.listdir", "os.scandir") and args and isinstance(args[0], (str, bytes, os.PathLike)):
-        log.write(json.dumps([event, os.path.abspath(os.fsdecode(args[0]))]) + "\n")
+        line = json.dumps([event, os.path.abspath(os.fsdecode(args[0]))])
     elif event == "socket.connect":
-        log.write(json.dumps(["connect", repr(args[1])]) + "\n")
+        line = json.dumps(["connect", repr(args[1])])
+    else:
+        return
+    with lock:
+        log.write(line + "\n")
 sys.addaudithook(hook)
 from lora2gguf.cli import main
 code = main(sys.argv[2:])
