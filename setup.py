@@ -1,7 +1,7 @@
 """Build of lora2gguf's optional compiled merge kernel (everything else is in pyproject.toml).
 
 The extension is optional: where no C compiler is found the install goes on and the merge runs
-in numpy (the same bytes, about 3x slower; ``lora2gguf doctor`` says so)."""
+in numpy (the same bytes, about twice as slow; ``lora2gguf doctor`` says so)."""
 
 from setuptools import Extension, setup
 

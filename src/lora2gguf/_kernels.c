@@ -37,6 +37,20 @@ typedef uint16_t v4h __attribute__((vector_size(8)));
 #define L2G_CLONES
 #endif
 
+/* float32 bits rounded to bf16 bits, to nearest, ties to even (finite values) */
+static inline __attribute__((always_inline)) uint16_t rne16(uint32_t b) {
+    return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+/* the float32 bits of e * 2**26 (capped): below it, the bound e may reach a quarter float32 step */
+static inline __attribute__((always_inline)) uint32_t small_bits_of(double e) {
+    double small = e * 67108864.0; /* 2**26 */
+    float small_f = small < 3.0e38 ? (float)small : 3.0e38f;
+    uint32_t bits;
+    memcpy(&bits, &small_f, 4);
+    return bits;
+}
+
 /* round to bf16 once (to nearest, ties to even): float32 rounding made "to odd" when inexact
  * (float32 keeps 16 more bits than bf16, so odd-then-nearest-even is one rounding). Finite d. */
 static inline __attribute__((always_inline)) uint16_t bf16_of(double d) {
@@ -48,8 +62,7 @@ static inline __attribute__((always_inline)) uint16_t bf16_of(double d) {
      * inexact, step to the float32 neighbour toward zero if f is beyond d, then set the last bit */
     b -= (uint32_t)(fabs(back) > fabs(d));
     b |= (uint32_t)(back != d);
-    b += 0x7FFFu + ((b >> 16) & 1u);
-    return (uint16_t)(b >> 16);
+    return rne16(b);
 }
 
 static inline __attribute__((always_inline)) double w_at(const void *w, int kind, int64_t off) {
@@ -86,10 +99,7 @@ static inline __attribute__((always_inline)) int finish(const double *a, int len
         return 0;
     }
     double e = coef * (vmax + s_row);
-    double small = e * 67108864.0; /* 2**26 */
-    float small_f = small < 3.0e38 ? (float)small : 3.0e38f;
-    uint32_t small_bits;
-    memcpy(&small_bits, &small_f, 4);
+    uint32_t small_bits = small_bits_of(e);
     uint32_t near[CHUNK], any = 0;
     for (int t = 0; t < len; t++) {
         float f = (float)a[t];
@@ -98,7 +108,7 @@ static inline __attribute__((always_inline)) int finish(const double *a, int len
         uint32_t n = (((b - 0x7FFFu) & 0xFFFFu) <= 2u) | ((b & 0x7FFFFFFFu) < small_bits);
         near[t] = n;
         any |= n;
-        out[t] = (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+        out[t] = rne16(b);
     }
     if (!any) return 0;
     double e2 = e + U64 * (vmax + e); /* the two additions below may round inward */
@@ -127,44 +137,30 @@ static inline __attribute__((always_inline)) v4d vmax(v4d a, v4d b) {
 
 /* finish() for a full run of 16 values held in four vectors: the same rule, without branches
  * on the common path (the scalar finish() settles a run that has a near element) */
-static inline __attribute__((always_inline)) int finish16(const v4d *s, double s_row, double coef, uint16_t *out, int64_t flat, int64_t *cand,
-                           int64_t cap, int64_t *nc) {
-    v4d s0 = s[0], s1 = s[1], s2 = s[2], s3 = s[3];
-    v4d a0 = vabs(s0), a1 = vabs(s1), a2 = vabs(s2), a3 = vabs(s3);
+static inline __attribute__((always_inline)) int finish16(const v4d *s, double s_row, double coef, uint16_t *out,
+                                                          int64_t flat, int64_t *cand, int64_t cap, int64_t *nc) {
+    v4d a0 = vabs(s[0]), a1 = vabs(s[1]), a2 = vabs(s[2]), a3 = vabs(s[3]);
     const v4d big = {DBL_MAX, DBL_MAX, DBL_MAX, DBL_MAX};
     v4l ok = (a0 <= big) & (a1 <= big) & (a2 <= big) & (a3 <= big); /* false for NaN */
     v4d mx = vmax(vmax(a0, a1), vmax(a2, a3));
     double vm = mx[0] > mx[1] ? mx[0] : mx[1];
     double vm2 = mx[2] > mx[3] ? mx[2] : mx[3];
     vm = vm > vm2 ? vm : vm2;
-    double a[CHUNK];
-    if (!(ok[0] & ok[1] & ok[2] & ok[3]) || coef == 0.0) {
-        memcpy(a, &s0, 32);
-        memcpy(a + 4, &s1, 32);
-        memcpy(a + 8, &s2, 32);
-        memcpy(a + 12, &s3, 32);
-        return finish(a, CHUNK, s_row, coef, out, flat, cand, cap, nc);
+    if ((ok[0] & ok[1] & ok[2] & ok[3]) && coef != 0.0) {
+        uint32_t sb = small_bits_of(coef * (vm + s_row));
+        const v4u small_bits = {sb, sb, sb, sb};
+        v4u any = {0, 0, 0, 0};
+        for (int p = 0; p < 4; p++) {
+            v4u b = (v4u)__builtin_convertvector(s[p], v4f);
+            v4u near = (v4u)(((b - 0x7FFFu) & 0xFFFFu) <= 2u) | (v4u)((b & 0x7FFFFFFFu) < small_bits);
+            any |= near;
+            v4h h = __builtin_convertvector((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16, v4h); /* rne16, 4 wide */
+            memcpy(out + 4 * p, &h, 8);
+        }
+        if (!(any[0] | any[1] | any[2] | any[3])) return 0;
     }
-    double e = coef * (vm + s_row);
-    double small = e * 67108864.0; /* 2**26 */
-    float small_f = small < 3.0e38 ? (float)small : 3.0e38f;
-    uint32_t sb;
-    memcpy(&sb, &small_f, 4);
-    const v4u small_bits = {sb, sb, sb, sb};
-    v4d parts[4] = {s0, s1, s2, s3};
-    v4u any = {0, 0, 0, 0};
-    for (int p = 0; p < 4; p++) {
-        v4u b = (v4u)__builtin_convertvector(parts[p], v4f);
-        v4u near = (v4u)(((b - 0x7FFFu) & 0xFFFFu) <= 2u) | (v4u)((b & 0x7FFFFFFFu) < small_bits);
-        any |= near;
-        v4h h = __builtin_convertvector((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16, v4h);
-        memcpy(out + 4 * p, &h, 8);
-    }
-    if (!(any[0] | any[1] | any[2] | any[3])) return 0;
-    memcpy(a, &s0, 32);
-    memcpy(a + 4, &s1, 32);
-    memcpy(a + 8, &s2, 32);
-    memcpy(a + 12, &s3, 32);
+    double a[CHUNK]; /* a non-finite value, V exact, or a near element: the scalar finish() decides */
+    memcpy(a, s, sizeof a);
     return finish(a, CHUNK, s_row, coef, out, flat, cand, cap, nc);
 }
 

@@ -136,22 +136,20 @@ class GGUFStream:
         return self.path
 
     def _check_read_back(self) -> None:
-        """The header, read back from the file, has the tensors this stream wrote ."""
+        """The header, read back from the file, has the tensors this stream wrote, and the file
+        the size the header describes; else the unfinished file is removed and the error raised."""
         err = self._header.get("error")
         if isinstance(err, FormatError):
-            self._discard()
-            raise OutputError(f"{self.tmp}: the written GGUF does not read back ({err})") from None
+            err = OutputError(f"{self.tmp}: the written GGUF does not read back ({err})")
+        elif err is None:
+            size, n = self.tmp.stat().st_size, len(self._header["types"])
+            if size != self.size:
+                err = OutputError(f"{self.tmp}: {size:,} bytes written, the header describes {self.size:,}")
+            elif n != len(self.tensors):
+                err = OutputError(f"{self.tmp}: reads back {n} tensors, expected {len(self.tensors)}")
         if err is not None:
             self._discard()
             raise err
-        n = len(self._header["types"])
-        size = self.tmp.stat().st_size
-        if size != self.size:
-            self._discard()
-            raise OutputError(f"{self.tmp}: {size:,} bytes written, the header describes {self.size:,}")
-        if n != len(self.tensors):
-            self._discard()
-            raise OutputError(f"{self.tmp}: reads back {n} tensors, expected {len(self.tensors)}")
 
     def _discard(self) -> None:
         if getattr(self, "_out", None) is not None:
