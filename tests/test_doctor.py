@@ -710,3 +710,28 @@ def test_codes_are_unique_and_severities_known():
     # a renamed code is gone from CODES (never reused) and its new code is one
     assert not set(F.RENAMED) & set(F.CODES) and set(F.RENAMED.values()) <= set(F.CODES)
     assert F.accepted_codes([" eos_not_return", "DISK_SPACE"]) == {"EOS_NOT_RETURN", "EOS_NOT_ANSWER_END", "DISK_SPACE"}
+
+
+def test_llama_arch_answers_are_cached_per_library_file(tmp_path, monkeypatch):
+    """Which architectures llama.cpp knows is asked of llama.cpp once per library file (path, size,
+    mtime) and kept in the cache folder; an entry for another build of the library is not used."""
+    import json
+
+    monkeypatch.setenv("LORA2GGUF_CACHE_DIR", str(tmp_path / "cache"))
+    lib = checks.find_libllama()
+    assert checks.llama_arch_names(lib, ["gpt-oss", "no-such-arch-xyz"]) == frozenset({"gpt-oss"})
+    cache = tmp_path / "cache" / checks.ARCH_CACHE
+    (key, answers), = json.loads(cache.read_text()).items()
+    st = lib.stat()
+    assert key == f"{lib}|{st.st_size}|{st.st_mtime_ns}" and answers == {"gpt-oss": True, "no-such-arch-xyz": False}
+    # the kept answers are the ones given (an edited entry shows it)
+    cache.write_text(json.dumps({key: {"gpt-oss": False, "no-such-arch-xyz": True}}))
+    assert checks.llama_arch_names(lib, ["gpt-oss", "no-such-arch-xyz"]) == frozenset({"no-such-arch-xyz"})
+    # an entry of another build of the library (another size) is not used, and is replaced
+    other = f"{lib}|{st.st_size + 1}|{st.st_mtime_ns}"
+    cache.write_text(json.dumps({other: {"gpt-oss": False}}))
+    assert checks.llama_arch_names(lib, ["gpt-oss"]) == frozenset({"gpt-oss"})
+    assert list(json.loads(cache.read_text())) == [key]
+    # a cache that cannot be read is asked around
+    cache.write_text("{not json")
+    assert checks.llama_arch_names(lib, ["gpt-oss"]) == frozenset({"gpt-oss"})

@@ -1,11 +1,13 @@
 """seqwrite.SequentialWriter: pieces written in any order become the right file, hashed right,
-whether the chunks go out with O_DIRECT or through the page cache (real files, real threads)."""
+whether the chunks go out with O_DIRECT, through the page cache with early writeback, or plainly
+through the page cache (real files, real threads)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import random
+import sys
 
 import pytest
 
@@ -33,9 +35,9 @@ def _layout(rng: random.Random, size: int, header: int) -> tuple[bytes, list[tup
     return bytes(expected), data, zeros
 
 
-@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("mode", ["writeback", "direct", "buffered"])
 @pytest.mark.parametrize("seed", range(6))
-def test_any_write_order_gives_the_file_and_its_sha256(tmp_path, seed, direct):
+def test_any_write_order_gives_the_file_and_its_sha256(tmp_path, seed, mode):
     rng = random.Random(seed)
     size = rng.choice([1, BLOCK, 5 * CHUNK + 123, 11 * CHUNK])
     header = min(size, rng.choice([0, 1, 100, BLOCK + 9]))
@@ -43,7 +45,7 @@ def test_any_write_order_gives_the_file_and_its_sha256(tmp_path, seed, direct):
     path = tmp_path / "f.bin"
     path.write_bytes(expected[:header])  # someone else wrote the header, through the page cache
     fd = os.open(path, os.O_RDWR)
-    w = SequentialWriter(path, fd, size, direct=direct, chunk=CHUNK)
+    w = SequentialWriter(path, fd, size, mode=mode, chunk=CHUNK)
     w.in_file(0, header)
     for a, b in zeros:
         w.zeros(a, b)
@@ -52,14 +54,14 @@ def test_any_write_order_gives_the_file_and_its_sha256(tmp_path, seed, direct):
         for _ in range(len(order) // 3):
             i, j = rng.randrange(len(order)), rng.randrange(len(order))
             order[i], order[j] = order[j], order[i]
-    for a, b in order:
-        w.write(a, memoryview(expected)[a:b])
+    for a, b in order:  # half of them lent (written from where they are where the mode allows)
+        w.write(a, memoryview(expected)[a:b], borrow=rng.random() < 0.5)
     digest = w.close()
     os.close(fd)
     got = path.read_bytes()
     assert got == expected
     assert digest == hashlib.sha256(expected).hexdigest()
-    if not direct:
+    if mode != "direct":
         assert w.direct_bytes == 0
 
 
@@ -74,7 +76,7 @@ def test_in_order_stream_goes_out_with_o_direct_where_the_filesystem_takes_it(tm
     os.close(probe)
     size = 3 * CHUNK + 10
     payload = os.urandom(size)
-    w = SequentialWriter(path, fd, size, chunk=CHUNK)
+    w = SequentialWriter(path, fd, size, mode="direct", chunk=CHUNK)
     w.write(0, payload)
     assert w.close() == hashlib.sha256(payload).hexdigest()
     os.close(fd)
@@ -113,3 +115,27 @@ def test_a_range_never_written_reads_as_zeros(tmp_path):
 def test_chunk_size_must_be_a_multiple_of_the_block(tmp_path):
     with pytest.raises(ValueError, match="multiple"):
         SequentialWriter(tmp_path / "f", -1, 10, chunk=BLOCK + 1)
+
+
+def test_the_write_mode_is_writeback_on_linux_and_chosen_by_the_environment(tmp_path, monkeypatch):
+    from lora2gguf import seqwrite
+    from lora2gguf.errors import InputError
+
+    monkeypatch.delenv("LORA2GGUF_WRITE", raising=False)
+    if sys.platform.startswith("linux"):  # glibc and musl both have sync_file_range
+        assert seqwrite.default_mode() == "writeback"
+    else:
+        assert seqwrite.default_mode() == "direct"
+    monkeypatch.setenv("LORA2GGUF_WRITE", "Buffered")
+    assert seqwrite.default_mode() == "buffered"
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDWR)
+    w = SequentialWriter(path, fd, 10, chunk=CHUNK)
+    assert w.mode == "buffered"
+    w.write(0, b"0123456789")
+    w.close()
+    os.close(fd)
+    monkeypatch.setenv("LORA2GGUF_WRITE", "fast")
+    with pytest.raises(InputError, match="LORA2GGUF_WRITE='fast'.*writeback, direct, buffered"):
+        seqwrite.default_mode()

@@ -202,3 +202,15 @@ def test_pre_tokenizer_facts_are_the_converters(reference_llama_cpp):
         table[h] = name  # a sequence of ifs: the last match wins
     assert body.count("if chkhsh ==") == len(re.findall(r'if chkhsh == "', body)) > 90
     assert table == pre_mod.CHKHSH
+
+
+def test_merges_within_keeps_exactly_the_merges_that_join_into_a_piece():
+    """Probe's merge filter (a set of each piece's splits) against the rule it stands for: a
+    string merge is split at its first space, a pair is joined; kept iff the join is a piece."""
+    subs = {"ab", "abc", "a", "b", "c", "x", "a x", "ĠĠ", "y z"}
+    strings = ["a b", "ab c", "a bc", "b c", "a  x", " x", "x ", "Ġ Ġ", "y z", "y  z", "c a", "abc d", "ab", "a b c"]
+    rule = [m for m in strings if (lambda a, _, b: a + b)(*m.partition(" ")) in subs]
+    assert pre_mod._merges_within(strings, subs) == rule
+    assert rule == ["a b", "ab c", "a bc", "a  x", " x", "x ", "Ġ Ġ", "y  z", "ab"]
+    pairs = [["a", "b"], ["ab", "c"], ["y", " z"], ["c", "a"], ["y ", "z"]]
+    assert pre_mod._merges_within(pairs, subs) == [["a", "b"], ["ab", "c"], ["y", " z"], ["y ", "z"]]

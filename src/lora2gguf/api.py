@@ -288,9 +288,14 @@ def _build_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, *, config, a
         if save_merged and plan.kept_mxfp4:
             raise InputError("--save-merged with --keep-mxfp4: the merged safetensors need the experts decoded; "
                              "run --save-merged without --keep-mxfp4")
-        with _gc_paused():
-            stream = GGUFStream(main_file, arch.gguf_arch_name, add_metadata, plan.outputs)
-        jsonfile.forget()  # tokenizer.json, parsed once for doctor and the vocabulary
+        def header_metadata(w) -> None:  # on the stream's header thread, while the workers start merging
+            try:
+                with _gc_paused():
+                    add_metadata(w)
+            finally:
+                jsonfile.forget()  # tokenizer.json, parsed once for doctor and the vocabulary
+
+        stream = GGUFStream(main_file, arch.gguf_arch_name, header_metadata, plan.outputs, background=True)
 
         def on_progress(done: int, total: int, what: str) -> None:
             if progress:

@@ -42,10 +42,42 @@ class GGUFStream:
     """One GGUF file: metadata first, then tensor data by (name, byte offset within the tensor)."""
 
     def __init__(self, path: Path, arch_name: str, add_metadata: Callable[[gguf.GGUFWriter], None],
-                 tensors: list[OutTensor]):
+                 tensors: list[OutTensor], *, background: bool = False):
+        """``background``: the header (metadata, tensor infos; a large vocabulary takes most of a
+        second to pack) is written on a thread, and the first :meth:`write` waits for it, so that
+        the caller's merge workers start at once; an error from ``add_metadata`` is raised by that
+        first call (or by :meth:`finish` / :meth:`ready`), and leaves no file behind."""
         self.path = Path(path)
         self.tmp = partial_path(self.path)
         self.tensors = {t.name: t for t in tensors}
+        self.sha256: str | None = None  # set by finish()
+        self._out: SequentialWriter | None = None
+        self._fd: int | None = None
+        self._prep_error: BaseException | None = None
+        self._prep: threading.Thread | None = None
+        if background:
+            self._prep = threading.Thread(target=self._prepare_caught, args=(arch_name, add_metadata, tensors),
+                                          name="lora2gguf-gguf-header", daemon=True)
+            self._prep.start()
+        else:
+            self._prepare(arch_name, add_metadata, tensors)
+
+    def _prepare_caught(self, arch_name, add_metadata, tensors) -> None:
+        try:
+            self._prepare(arch_name, add_metadata, tensors)
+        except BaseException as e:  # noqa: BLE001 - raised by ready()
+            self._prep_error = e
+
+    def ready(self) -> None:
+        """Wait for the header (written on a thread with ``background``); raise what stopped it."""
+        if self._prep is not None:
+            self._prep.join()
+            self._prep = None
+        if self._prep_error is not None:
+            raise self._prep_error
+
+    def _prepare(self, arch_name: str, add_metadata: Callable[[gguf.GGUFWriter], None],
+                 tensors: list[OutTensor]) -> None:
         try:
             writer = FastKVWriter(self.tmp, arch_name)
             add_metadata(writer)
@@ -77,13 +109,12 @@ class GGUFStream:
             gaps.append((self.data_start + off + t.nbytes, self.data_start + off + padded))  # alignment padding
             off += padded
         self.size = self.data_start + off
-        self._fd: int | None = os.open(self.tmp, os.O_RDWR)
+        self._fd = os.open(self.tmp, os.O_RDWR)
         self._out = SequentialWriter(self.tmp, self._fd, self.size)
         self._out.in_file(0, self.data_start)  # header, metadata, tensor infos: written by gguf-py
         for start, end in gaps:
             self._out.zeros(start, end)
         self.bytes_written = self.data_start
-        self.sha256: str | None = None  # set by finish()
         # the header read back from the file while the tensors stream (finish() waits for it): a
         # 200k-token vocabulary takes ~0.7 s to walk, time the disk-bound stream hides
         self._header: dict = {}
@@ -102,14 +133,17 @@ class GGUFStream:
         """GGUF tensor name -> ggml type name, as the written header reads back (after finish())."""
         return self._header["types"]
 
-    def write(self, name: str, data: np.ndarray, byte_offset: int = 0) -> None:
+    def write(self, name: str, data: np.ndarray, byte_offset: int = 0, *, borrow: bool = False) -> None:
+        """``borrow``: ``data`` is never changed afterwards, so it may be written from where it is
+        (:meth:`SequentialWriter.write`)."""
+        self.ready()
         t = self.tensors[name]
         buf = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         if byte_offset + buf.nbytes > t.nbytes:
             raise ValueError(f"{name}: write of {buf.nbytes} bytes at {byte_offset} past the tensor's {t.nbytes}")
         pos = self.data_start + self.offsets[name] + byte_offset
         try:
-            self._out.write(pos, buf)
+            self._out.write(pos, buf, borrow=borrow)
         except OSError as e:
             self._discard()
             raise OutputError(
@@ -121,6 +155,7 @@ class GGUFStream:
 
     def finish(self) -> Path:
         """Pad, sync, check the header read back, and rename into place; `sha256` is the file's hash."""
+        self.ready()
         try:
             self.sha256 = self._out.close()
             os.fsync(self._fd)
@@ -166,6 +201,9 @@ class GGUFStream:
             pass
 
     def abort(self) -> None:
+        if self._prep is not None:  # the header thread removes its own file when it fails
+            self._prep.join()
+            self._prep = None
         self._discard()
 
 

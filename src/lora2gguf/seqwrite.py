@@ -3,25 +3,36 @@
 The stream writer fills a file of known size from pieces (offset, bytes). Pieces that arrive at
 the frontier (the first byte not yet streamed; the common case, since a plan writes its tensors
 in file order) are copied into page-aligned chunk buffers; a full chunk is hashed (SHA-256) on
-one thread and written by two others (two writes in flight), with O_DIRECT where the filesystem
-takes it. A piece that
-arrives ahead of the frontier is written at once through the page cache and streamed again
-(read back) when the frontier reaches it, so the hash and the direct writes still see the file
-in order.
+one thread and written by two others (two writes in flight). A piece that arrives ahead of the
+frontier is written at once through the page cache and streamed again (read back) when the
+frontier reaches it, so the hash and the chunk writes still see the file in order.
 
-Why O_DIRECT: writing through the page cache costs a copy of every byte into it, and on the
-virtual machines this was measured on that copy costs ~1.3 CPU s per GB, more than the merge;
-a direct write hands the buffer to the device (~0.1 CPU s per GB). The file is the same.
-Where O_DIRECT is refused (tmpfs, macOS, Windows, some network filesystems) every chunk goes
-through the page cache instead.
+How a chunk reaches the disk (``mode``; the file is the same in each):
 
-Why two writers and 32 MB chunks: one 16 MB direct write at a time waits for the device between
-writes; on the virtual disk measured (2026-12-07) one writer of 16 MB chunks made 430-490 MB/s,
-two writers of 32 MB chunks 620-720 MB/s (``cp`` through the page cache: ~550 MB/s).
+- ``writeback`` (the default where the system has ``sync_file_range``, i.e. Linux): through the
+  page cache, as ``cp`` writes, but the disk is asked to start writing each chunk at once
+  (``SYNC_FILE_RANGE_WRITE``), and a chunk ``LAG`` chunks behind is waited for and dropped from
+  the cache. The kernel keeps many requests in flight, the final fsync finds little left to do,
+  and the page cache holds at most ~``LAG`` chunks of the file (a 40 GB output does not push the
+  user's files out of memory).
+- ``direct``: O_DIRECT, the buffer handed to the device (no copy into the page cache, ~0.1
+  CPU s per GB instead of ~0.7), but one request per writer in flight.
+- ``buffered``: plain writes; the kernel writes back when it likes and the final fsync waits.
+
+Why writeback: on the virtual disk measured (2026-12-08, 2.5 GB from memory, fsync'ed), the
+same data took 4.1-5.0 s in writeback mode, 6.5-7.6 s direct with two writers and 9.7 s
+buffered; ``cp`` of a 2.5 GB file took 4.6-5.6 s. O_DIRECT had been the faster one on the day
+before (620-720 MB/s): the disk's behaviour with few large requests varies, while writeback
+behaves as ``cp`` does. Where O_DIRECT is refused (tmpfs, some network filesystems) the direct
+mode falls back to the page cache; without ``sync_file_range`` (macOS, Windows) the default is
+direct. ``LORA2GGUF_WRITE=direct|writeback|buffered`` chooses (benchmarks compare them).
 """
 
 from __future__ import annotations
 
+import collections
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import mmap
@@ -33,6 +44,39 @@ BLOCK = 4096  # alignment of direct writes: offsets, lengths and buffer addresse
 CHUNK = 32 * 1024 * 1024  # bytes per write (a multiple of BLOCK)
 WRITERS = 2  # writing threads: writes in flight
 BUFFERS = 6  # chunk buffers: one being filled, one being hashed, the writers' and spares (192 MB)
+LAG = 4  # writeback mode: chunks written but not yet waited for (and kept in the page cache)
+MODES = ("writeback", "direct", "buffered")
+
+# sync_file_range(2) flags
+_WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
+
+
+def _load_sync_file_range():
+    if not hasattr(os, "posix_fadvise"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def default_mode() -> str:
+    """``LORA2GGUF_WRITE`` if set, else writeback where the system has sync_file_range, else direct."""
+    mode = os.environ.get("LORA2GGUF_WRITE", "").strip().lower()
+    if mode:
+        if mode not in MODES:
+            from .errors import InputError
+
+            raise InputError(f"LORA2GGUF_WRITE={mode!r}: expected one of {', '.join(MODES)}")
+        return "direct" if mode == "writeback" and _sync_file_range is None else mode
+    return "writeback" if _sync_file_range is not None else "direct"
 
 
 class SequentialWriter:
@@ -43,9 +87,15 @@ class SequentialWriter:
     ranges nobody writes (padding). `close()` returns the SHA-256 of the file's bytes.
     """
 
-    def __init__(self, path: os.PathLike | str, fd: int, size: int, *, direct: bool = True, chunk: int = CHUNK):
+    def __init__(self, path: os.PathLike | str, fd: int, size: int, *, mode: str | None = None, chunk: int = CHUNK):
         if chunk <= 0 or chunk % BLOCK:
             raise ValueError(f"chunk size {chunk} is not a positive multiple of {BLOCK}")
+        mode = mode or default_mode()
+        if mode not in MODES:
+            raise ValueError(f"write mode {mode!r}: expected one of {MODES}")
+        if mode == "writeback" and _sync_file_range is None:
+            mode = "direct"
+        self.mode = mode
         self.fd = fd
         self.chunk = chunk
         self.size = size
@@ -53,9 +103,10 @@ class SequentialWriter:
         self.pending: dict[int, tuple[int, bool]] = {}  # start -> (end, zeros) ahead of the frontier
         self.error: BaseException | None = None  # from the writing thread, raised in the caller's
         self._stopping = False
-        self.dfd = _open_direct(path) if direct else None
+        self.dfd = _open_direct(path) if mode == "direct" else None
         self.direct_bytes = 0  # streamed with O_DIRECT
         self.buffered_bytes = 0  # streamed through the page cache (pieces written ahead not counted)
+        self._in_writeback: collections.deque = collections.deque()  # (pos, n) asked to be written, not waited for
         self._sha = hashlib.sha256()
         self._lock = threading.Lock()  # the byte counters and the O_DIRECT fallback
         self._free: queue.Queue = queue.Queue()
@@ -74,8 +125,12 @@ class SequentialWriter:
 
     # -- the caller's side --------------------------------------------------------------------
 
-    def write(self, pos: int, data) -> None:
-        """`data` belongs at file offset `pos`; it is copied (or written) before this returns."""
+    def write(self, pos: int, data, *, borrow: bool = False) -> None:
+        """`data` belongs at file offset `pos`; it is copied (or written) before this returns,
+        unless `borrow`: the caller promises never to change `data` (a mapped source tensor, an
+        array nobody reuses), which is then hashed and written from where it is, without the copy
+        into a chunk buffer, when it arrives at the frontier and the chunks go through the page
+        cache (direct writes need aligned buffers: there it is copied as usual)."""
         self._raise_error()
         mv = memoryview(data).cast("B")
         n = len(mv)
@@ -87,7 +142,10 @@ class SequentialWriter:
             _pwrite_all(self.fd, mv, pos)
             self._add_pending(pos, pos + n, False)
             return
-        self._append(mv)
+        if borrow and self.mode != "direct" and n >= BLOCK:
+            self._lend(mv)
+        else:
+            self._append(mv)
         self._catch_up()
 
     def in_file(self, start: int, end: int) -> None:
@@ -148,6 +206,17 @@ class SequentialWriter:
             if self._fill == self.chunk:
                 self._submit()
 
+    def _lend(self, mv: memoryview) -> None:
+        """Queue `mv` itself, in chunks; each holds a free buffer (unused) while it is in flight,
+        so borrowed and copied chunks share one limit on what is queued."""
+        if self._fill:
+            self._submit()  # the partial chunk before it (page-cache writes need no alignment)
+        while len(mv):
+            k = min(self.chunk, len(mv))
+            self._to_hash.put((self._take_free(), self.frontier, k, mv[:k]))
+            self.frontier += k
+            mv = mv[k:]
+
     def _take_free(self) -> mmap.mmap:
         while True:
             try:
@@ -156,24 +225,27 @@ class SequentialWriter:
                 self._raise_error()
 
     def _submit(self) -> None:
-        self._to_hash.put((self._buf, self._chunk_pos, self._fill))
+        self._to_hash.put((self._buf, self._chunk_pos, self._fill, None))
         self._buf, self._fill = None, 0
 
     def _hash_loop(self) -> None:
         while (item := self._to_hash.get()) is not None:
-            buf, pos, n = item
+            buf, pos, n, lent = item
             if self.error is None and not self._stopping:
-                self._sha.update(memoryview(buf)[:n])
+                self._sha.update(lent if lent is not None else memoryview(buf)[:n])
             self._to_write.put(item)
         for _ in range(WRITERS):
             self._to_write.put(None)
 
     def _write_loop(self) -> None:
         while (item := self._to_write.get()) is not None:
-            buf, pos, n = item
+            buf, pos, n, lent = item
             if self.error is None and not self._stopping:
                 try:
-                    self._write_chunk(buf, pos, n)
+                    if lent is not None:
+                        self._write_buffered(lent, pos, n)
+                    else:
+                        self._write_chunk(buf, pos, n)
                 except BaseException as e:  # raised in the caller's thread by the next call
                     self.error = e
             self._free.put(buf)
@@ -197,9 +269,25 @@ class SequentialWriter:
                     if self.dfd is not None:
                         os.close(self.dfd)
                         self.dfd = None
-        _pwrite_all(self.fd, mv[:n], pos)
+        self._write_buffered(mv[:n], pos, n)
+
+    def _write_buffered(self, mv: memoryview, pos: int, n: int) -> None:
+        _pwrite_all(self.fd, mv, pos)
         with self._lock:
             self.buffered_bytes += n
+        if self.mode == "writeback":
+            self._writeback(pos, n)
+
+    def _writeback(self, pos: int, n: int) -> None:
+        """Start the disk writing [pos, pos+n); wait for the range LAG chunks back and drop it
+        from the page cache (written pages are clean, so dropping them loses nothing)."""
+        _check_sfr(_sync_file_range(self.fd, pos, n, _WRITE))
+        with self._lock:
+            self._in_writeback.append((pos, n))
+            old = self._in_writeback.popleft() if len(self._in_writeback) > LAG else None
+        if old is not None:
+            _check_sfr(_sync_file_range(self.fd, old[0], old[1], _WAIT_BEFORE | _WRITE | _WAIT_AFTER))
+            os.posix_fadvise(self.fd, old[0], old[1], os.POSIX_FADV_DONTNEED)
 
     def _stop(self) -> None:
         if self._threads:
@@ -214,6 +302,12 @@ class SequentialWriter:
     def _raise_error(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+def _check_sfr(rc: int) -> None:
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
 
 
 def _open_direct(path) -> int | None:

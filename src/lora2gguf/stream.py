@@ -49,7 +49,8 @@ _SAME_TYPE = {"BF16": gguf.GGMLQuantizationType.BF16, "F16": gguf.GGMLQuantizati
 
 
 class Sink(Protocol):
-    def write(self, name: str, data: np.ndarray, byte_offset: int = 0) -> None: ...
+    def write(self, name: str, data: np.ndarray, byte_offset: int = 0, *, borrow: bool = False) -> None:
+        """``borrow``: ``data`` is never changed afterwards (the sink may keep it instead of a copy)."""
 
     def abort(self) -> None: ...
 
@@ -292,6 +293,11 @@ class _Buffers:
             self.mine.add(id(buf))
         return buf.reshape(shape)
 
+    def owns(self, arr: np.ndarray) -> bool:
+        base = arr.base if arr.base is not None else arr
+        with self._lock:
+            return id(base) in self.mine
+
     def give(self, arr: np.ndarray) -> None:
         base = arr.base if arr.base is not None else arr
         with self._lock:
@@ -362,7 +368,8 @@ def execute(plan: Plan, out: Sink, *, progress: Progress | None = None, threads:
             held -= unit.nbytes
             computing -= 1
             piece = unit.future.result()
-        out.write(unit.tp.tensor.name, piece, byte_offset=unit.offset)
+        # a piece in no pool buffer (mapped stored bits, a fresh gather) is never changed: lent, not copied
+        out.write(unit.tp.tensor.name, piece, byte_offset=unit.offset, borrow=not buffers.owns(piece))
         buffers.give(piece)  # out.write copied it: the buffer can take another unit
         stats.merged_units += unit.tp.touched or bool(unit.tp.add)
         done += unit.nbytes
@@ -441,7 +448,7 @@ class MergedShards:
                 self.shard_of[s.name] = fname
         return self
 
-    def write(self, name: str, data: np.ndarray, byte_offset: int = 0) -> None:
+    def write(self, name: str, data: np.ndarray, byte_offset: int = 0, *, borrow: bool = False) -> None:
         self.writers[self.shard_of[name]].write(name, np.ascontiguousarray(data), byte_offset=byte_offset)
 
     def abort(self) -> None:

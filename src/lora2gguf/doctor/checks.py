@@ -212,6 +212,51 @@ def _llama_knows(lib: str, mtime: float, name: str) -> bool:
     return "unknown model architecture" not in "".join(messages)
 
 
+ARCH_CACHE = "llama-archs.json"
+
+
+def cache_dir() -> Path:
+    """lora2gguf's cache folder: $LORA2GGUF_CACHE_DIR, else $XDG_CACHE_HOME/lora2gguf, else ~/.cache/lora2gguf."""
+    import os
+
+    if os.environ.get("LORA2GGUF_CACHE_DIR"):
+        return Path(os.environ["LORA2GGUF_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora2gguf"
+
+
+def llama_arch_names(lib: Path, arch_names: Iterable[str]) -> frozenset[str]:
+    """Which of ``arch_names`` the llama.cpp library ``lib`` knows (:func:`_llama_knows`). The
+    answers are kept in :func:`cache_dir` per library file (path, size, modification time), so a
+    run after the first does not load llama.cpp (~0.3 s) to ask again; a rebuilt or reinstalled
+    library is asked anew. A cache that cannot be read or written is only not used."""
+    import json
+    import os
+
+    st = lib.stat()
+    key = f"{lib}|{st.st_size}|{st.st_mtime_ns}"
+    path = cache_dir() / ARCH_CACHE
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        known = cached.get(key) if isinstance(cached, dict) else None
+    except (OSError, ValueError):
+        cached, known = {}, None
+    known = dict(known) if isinstance(known, dict) else {}
+    wanted = sorted(set(arch_names))
+    missing = [n for n in wanted if not isinstance(known.get(n), bool)]
+    if missing:
+        known.update({n: _llama_knows(str(lib), st.st_mtime, n) for n in missing})
+        entries = {k: v for k, v in (cached if isinstance(cached, dict) else {}).items() if k.split("|")[0] != str(lib)}
+        entries[key] = known  # one entry per library path: the newest
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(entries, indent=1, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return frozenset(n for n in wanted if known[n])
+
+
 def find_libllama() -> Path | None:
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
@@ -269,8 +314,7 @@ def probe_tools(arch_names: Iterable[str] = ()) -> Tools:
     lib = find_libllama()
     names = frozenset()
     if lib is not None:
-        mtime = lib.stat().st_mtime
-        names = frozenset(n for n in sorted(set(arch_names)) if _llama_knows(str(lib), mtime, n))
+        names = llama_arch_names(lib, arch_names)
     tver = _version("transformers")
     types = transformers_model_types() if tver is not None else None
     return Tools(_version("llama_cpp_python") or _version("llama-cpp-python"), str(lib) if lib else None, names,
