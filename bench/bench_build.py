@@ -24,9 +24,11 @@ each as a subprocess under ``/usr/bin/time -v`` (wall time and "Maximum resident
   ``convert_hf_to_gguf.py --outtype bf16`` on the merged folder;
 - with --mxfp4: build from the MXFP4 base (decoded), and with --keep-mxfp4 experts kept.
 
-Page cache: each input is read once before the measurements (a warm-up ``cp`` whose copy is
-deleted), so every measured run reads from a warm page cache, as a user's second run would; the
-output is always written to disk and synced. Outputs are deleted after each measurement.
+Page cache: before every measured run the cache is dropped, then each input is read once and
+the programs' Python packages imported once (lora2gguf's, and torch/transformers/PEFT and gguf-py
+for the standard route), so every measured run reads inputs and code from a warm page cache, as
+a user's second run would; lora2gguf and the converter's modules run from bytecode, as installed
+ones do. The output is always written to disk and synced. Outputs are deleted after each measurement.
 Prints a table and writes ``results-<family>.json`` in the workdir.
 """
 
@@ -234,10 +236,18 @@ def timed(cmd: list[str], *, env: dict | None = None) -> dict:
             "peak_rss_bytes": int(m.group(1)) * 1024 if m else None, "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
+#: what every measured program loads (lora2gguf; the standard route's torch, transformers, PEFT;
+#: the converter's gguf-py), imported once by settle() so that it is in the page cache
+WARM_IMPORTS = ("import numpy, tokenizers, jinja2, llama_cpp, lora2gguf.api, lora2gguf.doctor.checks, "
+                "lora2gguf.vocab, lora2gguf.stream, lora2gguf.gguf_out\n"
+                "try:\n import torch, transformers, peft, safetensors.torch\nexcept ImportError:\n pass")
+
+
 def settle(folders: list[Path]) -> bool:
     """The same starting point for every measurement: dirty pages written, the page cache dropped
-    (where permitted: root), then the inputs read once so they are cached, as for a user's second
-    run. Returns whether the cache could be dropped."""
+    (where permitted: root), then the inputs read once and the programs' Python packages imported
+    once, so that both are cached, as for a user's second run. Returns whether the cache could be
+    dropped."""
     subprocess.run(["sync"], check=False)
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -246,6 +256,9 @@ def settle(folders: list[Path]) -> bool:
         dropped = False
     files = [str(p) for f in folders for p in sorted(Path(f).iterdir()) if p.is_file()]
     subprocess.run(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files], check=True)
+    subprocess.run([sys.executable, "-c", WARM_IMPORTS], check=True)
+    subprocess.run([sys.executable, "-c", "import gguf"], check=True,
+                   env=dict(os.environ, PYTHONPATH=str(REFERENCE / "gguf-py")))
     return dropped
 
 

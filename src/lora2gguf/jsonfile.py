@@ -45,6 +45,16 @@ def read_json_object(path: Path, *, missing: str, hint: str = "", keep: bool = F
     return data
 
 
+_ON_FORGET: list = []
+
+
+def on_forget(fn) -> None:
+    """Call ``fn()`` on forget(): for caches of things derived from the kept objects."""
+    _ON_FORGET.append(fn)
+
+
 def forget() -> None:
-    """Drop the kept objects (their memory)."""
+    """Drop the kept objects (their memory), and what on_forget() callers derived from them."""
     _KEPT.clear()
+    for fn in _ON_FORGET:
+        fn()

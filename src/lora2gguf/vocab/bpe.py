@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import gguf
 
+from .. import jsonfile
 from ..errors import FormatError, UnsupportedError
 from ..jsonfile import read_json_object
 from . import pre as pre_mod
@@ -62,7 +63,7 @@ def vocab_of(data: dict, path: Path, vocab_size: int) -> Vocab:
     vocab = model.get("vocab")
     if not isinstance(vocab, dict):
         raise FormatError(f"{path}: model.vocab is not a map of tokens to integer ids")
-    merges = merges_of(data, path)  # malformed merges are a FormatError before anything else reads them
+    merges, probe, load_error, pre = _analysed(data, path)  # malformed merges: a FormatError first
     added_entries = _added_tokens(data, path)
     reverse: dict[int, str] = {}
     for tok, i in vocab.items():
@@ -73,13 +74,6 @@ def vocab_of(data: dict, path: Path, vocab_size: int) -> Vocab:
         i = max(reverse)
         raise too_large(path, i, reverse[i], vocab_size)
 
-    raw = [e["content"] for e in added_entries if not _normalized(e)]
-    try:
-        probe: pre_mod.Probe | None = pre_mod.Probe(data, path, raw)
-        load_error = None
-    except FormatError as e:  # a hand-made file tokenizers cannot load: its split pattern may still name it
-        probe, load_error = None, e
-    pre = pre_mod.identify(probe, data)
     if pre.name is None:
         if load_error is not None:
             raise load_error
@@ -119,12 +113,39 @@ def vocab_of(data: dict, path: Path, vocab_size: int) -> Vocab:
 
 def identify_pre(data: dict, path: Path) -> pre_mod.PreTokenizer:
     """llama.cpp's name for a parsed tokenizer.json's pre-tokenizer (``name`` None: unknown)."""
-    merges_of(data, path)
+    return _analysed(data, path)[3]
+
+
+# (data, merges, probe, load error, pre-tokenizer) of the tokenizer.json objects analysed last:
+# doctor and the vocabulary writer analyse the same parsed object (jsonfile keeps one parse per
+# content), ~0.25 s for a 128k-token vocabulary; dropped with the parse (jsonfile.forget())
+_ANALYSED: list[tuple] = []
+jsonfile.on_forget(_ANALYSED.clear)
+
+
+def _analysed(data: dict, path: Path) -> tuple[list[str], pre_mod.Probe | None, FormatError | None, pre_mod.PreTokenizer]:
+    """merges_of(data), the tokenizers-library probe (with the added tokens that are not
+    normalized among its texts: their decode(encode()) is written), the error that kept the
+    probe from loading (None if it loaded) and the pre-tokenizer llama.cpp would name."""
+    model = data.get("model") or {}
+    # the same object, not changed since (a caller's own dict may have been edited in place)
+    key = (id(data), id(model), len(model.get("vocab") or ()), len(model.get("merges") or ()),
+           repr([data.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder", "added_tokens")]),
+           repr({k: v for k, v in model.items() if k not in ("vocab", "merges")}))
+    for entry in _ANALYSED:
+        if entry[0] is data and entry[1] == key:
+            return entry[2:]
+    merges = merges_of(data, path)  # malformed merges are a FormatError before anything else reads them
+    raw = [e["content"] for e in _added_tokens(data, path) if not _normalized(e)]
     try:
-        probe: pre_mod.Probe | None = pre_mod.Probe(data, path, ())
-    except FormatError:
-        probe = None
-    return pre_mod.identify(probe, data)
+        probe: pre_mod.Probe | None = pre_mod.Probe(data, path, raw)
+        load_error = None
+    except FormatError as e:  # a hand-made file tokenizers cannot load: its split pattern may still name it
+        probe, load_error = None, e
+    entry = (data, key, merges, probe, load_error, pre_mod.identify(probe, data))
+    del _ANALYSED[:-1]  # at most two kept
+    _ANALYSED.append(entry)
+    return entry[2:]
 
 
 # gguf-py writes a space inside a merge part as this character (the space itself separates the two parts)
