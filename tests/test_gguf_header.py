@@ -80,3 +80,42 @@ def test_a_header_that_does_not_read_back_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="does not read back"):
         s.finish()
     assert not list(tmp_path.iterdir())
+
+
+def test_a_header_packed_on_a_thread_is_waited_for_and_its_error_raised(tmp_path):
+    """background=True: the metadata callback runs on a thread; the first write waits for it
+    (the file is the same as the one written without the thread), and an error in it is raised
+    by the first write, by finish() or by ready(), with no file left behind."""
+    import threading
+
+    import numpy as np
+    from lora2gguf.gguf_out import GGUFStream
+    from lora2gguf.plan import OutTensor
+
+    t = OutTensor("a.weight", (4, 8), gguf.GGMLQuantizationType.F32)
+    data = np.arange(32, dtype=np.float32).reshape(4, 8)
+    threads = []
+
+    def meta(w):
+        threads.append(threading.current_thread())
+        w.add_string("general.name", "x" * 5000)
+
+    paths = []
+    for background in (False, True):
+        s = GGUFStream(tmp_path / f"bg{background}.gguf", "llama", meta, [t], background=background)
+        s.write("a.weight", data)
+        paths.append(s.finish())
+    assert threads[0] is threading.main_thread() and threads[1] is not threading.main_thread()
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+    def bad(w):
+        raise ValueError("no such key type")
+
+    for call in ("write", "finish", "ready"):
+        folder = tmp_path / call
+        folder.mkdir()
+        s = GGUFStream(folder / "bad.gguf", "llama", bad, [t], background=True)
+        with pytest.raises(ValueError, match="no such key type"):
+            s.write("a.weight", data) if call == "write" else getattr(s, call)()
+        s.abort()
+        assert not list(folder.iterdir())

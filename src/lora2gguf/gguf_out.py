@@ -1,6 +1,7 @@
 """Writing GGUF files: gguf-py writes the header, metadata and tensor infos; tensor data is then
-filled in slab by slab at the offsets gguf-py's layout implies, streamed in file order with
-large direct writes and hashed on the way (seqwrite).
+filled in slab by slab at the offsets gguf-py's layout implies, streamed in file order in
+large writes and hashed on the way (seqwrite). With ``background``, the header is packed on a
+thread while the caller's merge workers start.
 
 A file is written under a temporary name in the output folder and renamed into place only when
 complete and readable by gguf-py, so a file with the final name is always a finished one.
