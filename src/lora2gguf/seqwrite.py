@@ -30,9 +30,9 @@ mode falls back to the page cache; without ``sync_file_range`` (macOS, Windows) 
 direct. ``LORA2GGUF_WRITE=direct|writeback|buffered`` chooses (benchmarks compare them).
 
 Also tried (2026-12-08): the merged chunks O_DIRECT and only the lent copies through the page
-cache, to save the CPU of the copy into the cache where the merge keeps both cores busy. A
-one-layer gpt-oss-20b-width build took 11.3-12.1 s that way against 10.1-10.4 s all through
-the page cache: the direct writes were slower than the CPU they saved.
+cache, to save the CPU of the copy into the cache where the merge keeps both cores busy. The
+one-layer MoE build of bench/README.md took 11.3-12.1 s that way against 10.1-10.4 s all
+through the page cache: the direct writes were slower than the CPU they saved.
 """
 
 from __future__ import annotations

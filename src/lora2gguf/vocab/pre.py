@@ -140,7 +140,7 @@ class Probe:
         added = [e.get("content") for e in data.get("added_tokens") or [] if isinstance(e, dict)]
         added = [a for a in added if isinstance(a, str) and a]
         # an added token inside a text splits it where the reduction did not look: load the whole
-        # model (substring tests: a regex of Llama 3's 256 added tokens takes 0.15 s to compile)
+        # model (substring tests: a regex of 256 added tokens takes 0.15 s to compile)
         whole = (model.get("type") != "BPE" or model.get("byte_fallback") or model.get("dropout")
                  or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
                  or any(a in text and a != text for text in texts for a in added))
