@@ -99,7 +99,8 @@ class FakeHub:
 
     def stall_file(self, name: str, after: int) -> tuple[threading.Event, threading.Event]:
         """The next full GET of ``name`` sends ``after`` bytes, sets the first event and waits for the
-        second (at most 60 s), then drops the connection."""
+        second (at most 600 s: a test sets it when it is done, whatever happened), then drops the
+        connection."""
         reached, release = threading.Event(), threading.Event()
         self.stall = {"name": name, "after": after, "reached": reached, "release": release}
         return reached, release
@@ -306,7 +307,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self._record(repo_id, name, status, cut)
             stall["reached"].set()
-            stall["release"].wait(60)
+            stall["release"].wait(600)
             self.close_connection = True
             return
         sent = 0

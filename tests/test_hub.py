@@ -152,9 +152,14 @@ def test_download_reads_only_what_it_needs_and_resumes_after_an_interruption(fak
     try:
         assert reached.wait(180), "the download never reached the shard"
         other = storage / "blobs" / etags[SHARDS[1]]
-        for _ in range(600):  # the client writes what it received (a 10 MiB chunk) into the partial file,
-            if partial.is_file() and partial.stat().st_size > 0 and other.is_file():  # and the other shard,
-                break  # fetched in parallel, is complete
+        # the client writes what it received (a 10 MiB chunk) into the partial file, and the other
+        # shard, fetched in parallel, completes; the transfer stays stalled until release is set
+        # (a 60 s cap on the stall let a loaded CI machine resume and finish before Ctrl-C)
+        deadline = time.monotonic() + 300
+        while not (partial.is_file() and partial.stat().st_size > 0 and other.is_file()):
+            assert time.monotonic() < deadline and proc.poll() is None, (
+                f"partial file {partial.is_file() and partial.stat().st_size}, other shard {other.is_file()}, "
+                f"client exit {proc.poll()}")
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         _, err1 = proc.communicate(timeout=120)
