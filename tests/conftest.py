@@ -7,20 +7,12 @@ Treat the fixture folders as read-only; a test that needs to modify one copies i
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from lora2gguf import synth
-
-# lora2gguf's cache (which architectures llama.cpp knows) in a folder of this session's own, for
-# the tests' processes and their children: no answer kept by an earlier run or by the user is used
-os.environ["LORA2GGUF_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora2gguf-test-cache-")
-atexit.register(shutil.rmtree, os.environ["LORA2GGUF_CACHE_DIR"], True)
 
 #: The reference llama.cpp tree (for facts to check against, never code to copy).
 REFERENCE_LLAMA_CPP = Path(os.environ.get(

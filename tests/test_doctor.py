@@ -717,7 +717,7 @@ def test_llama_arch_answers_are_cached_per_library_file(tmp_path, monkeypatch):
     mtime) and kept in the cache folder; an entry for another build of the library is not used."""
     import json
 
-    monkeypatch.setenv("LORA2GGUF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LORA2GGUF_CACHE", str(tmp_path / "cache"))
     lib = checks.find_libllama()
     assert checks.llama_arch_names(lib, ["gpt-oss", "no-such-arch-xyz"]) == frozenset({"gpt-oss"})
     cache = tmp_path / "cache" / checks.ARCH_CACHE

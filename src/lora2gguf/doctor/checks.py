@@ -215,43 +215,34 @@ def _llama_knows(lib: str, mtime: float, name: str) -> bool:
 ARCH_CACHE = "llama-archs.json"
 
 
-def cache_dir() -> Path:
-    """lora2gguf's cache folder: $LORA2GGUF_CACHE_DIR, else $XDG_CACHE_HOME/lora2gguf, else ~/.cache/lora2gguf."""
-    import os
-
-    if os.environ.get("LORA2GGUF_CACHE_DIR"):
-        return Path(os.environ["LORA2GGUF_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora2gguf"
-
-
 def llama_arch_names(lib: Path, arch_names: Iterable[str]) -> frozenset[str]:
     """Which of ``arch_names`` the llama.cpp library ``lib`` knows (:func:`_llama_knows`). The
-    answers are kept in :func:`cache_dir` per library file (path, size, modification time), so a
-    run after the first does not load llama.cpp (~0.3 s) to ask again; a rebuilt or reinstalled
-    library is asked anew. A cache that cannot be read or written is only not used."""
+    answers are kept in lora2gguf's cache folder (:func:`lora2gguf.o200k.cache_root`) per library
+    file (path, size, modification time), so a run after the first does not load llama.cpp
+    (~0.3 s) to ask again; a rebuilt or reinstalled library is asked anew. A cache that cannot be
+    read or written is only not used."""
     import json
-    import os
+
+    from ..o200k import _atomic_write_bytes, cache_root
 
     st = lib.stat()
     key = f"{lib}|{st.st_size}|{st.st_mtime_ns}"
-    path = cache_dir() / ARCH_CACHE
+    path = cache_root() / ARCH_CACHE
     try:
         cached = json.loads(path.read_text(encoding="utf-8"))
-        known = cached.get(key) if isinstance(cached, dict) else None
     except (OSError, ValueError):
-        cached, known = {}, None
-    known = dict(known) if isinstance(known, dict) else {}
+        cached = {}
+    cached = cached if isinstance(cached, dict) else {}
+    known = dict(cached[key]) if isinstance(cached.get(key), dict) else {}
     wanted = sorted(set(arch_names))
     missing = [n for n in wanted if not isinstance(known.get(n), bool)]
     if missing:
         known.update({n: _llama_knows(str(lib), st.st_mtime, n) for n in missing})
-        entries = {k: v for k, v in (cached if isinstance(cached, dict) else {}).items() if k.split("|")[0] != str(lib)}
+        entries = {k: v for k, v in cached.items() if k.split("|")[0] != str(lib)}
         entries[key] = known  # one entry per library path: the newest
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(entries, indent=1, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, path)
+            _atomic_write_bytes(path, json.dumps(entries, indent=1, sort_keys=True).encode())
         except OSError:
             pass
     return frozenset(n for n in wanted if known[n])
