@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .cachedir import atomic_write_bytes, cache_root
 from .errors import InputError, OutputError, UnsupportedError
 from .gguf_out import sha256_file
 
@@ -91,12 +92,6 @@ HARMONY_CHAT_TEMPLATE: str = (
 _BUILD_VERSION = 1
 
 
-def cache_root() -> Path:
-    """lora2gguf's cache folder: ``$LORA2GGUF_CACHE`` or ``~/.cache/lora2gguf``."""
-    env = os.environ.get("LORA2GGUF_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lora2gguf"
-
-
 def _o200k_cache() -> Path:
     d = cache_root() / "o200k"
     try:
@@ -105,17 +100,6 @@ def _o200k_cache() -> Path:
         raise OutputError(f"cannot create the tokenizer cache folder {d}: {e}; set LORA2GGUF_CACHE "
                           "to a writable folder") from e
     return d
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def tiktoken_rank_bytes(encoding: str, n_ranks: int) -> bytes:
@@ -158,7 +142,7 @@ def tiktoken_dir() -> Path:
     if path.exists():
         log.warning("%s has the wrong sha256; rewriting it", path)
     log.info("writing %s from quicktok-v1", path)
-    _atomic_write_bytes(path, o200k_base_bytes())
+    atomic_write_bytes(path, o200k_base_bytes())
     return d
 
 
@@ -205,7 +189,7 @@ def tokenizer_json_path() -> Path:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    _atomic_write_bytes(stamp_path, stamp.encode())
+    atomic_write_bytes(stamp_path, stamp.encode())
     return path
 
 

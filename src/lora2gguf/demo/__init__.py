@@ -142,7 +142,7 @@ def format_table(rows: list[Row]) -> str:
 def cache_dir(config: str = "full", cache: str | os.PathLike[str] | None = None) -> Path:
     """Where the trained models of ``config`` are cached: ``<cache>/demo/<DEMO_VERSION>/<config>``,
     ``cache`` defaulting to lora2gguf's cache folder (``$LORA2GGUF_CACHE`` or ``~/.cache/lora2gguf``)."""
-    from ..o200k import cache_root
+    from ..cachedir import cache_root
 
     return (Path(cache) if cache is not None else cache_root()) / "demo" / DEMO_VERSION / config
 

@@ -217,13 +217,13 @@ ARCH_CACHE = "llama-archs.json"
 
 def llama_arch_names(lib: Path, arch_names: Iterable[str]) -> frozenset[str]:
     """Which of ``arch_names`` the llama.cpp library ``lib`` knows (:func:`_llama_knows`). The
-    answers are kept in lora2gguf's cache folder (:func:`lora2gguf.o200k.cache_root`) per library
+    answers are kept in lora2gguf's cache folder (:func:`lora2gguf.cachedir.cache_root`) per library
     file (path, size, modification time), so a run after the first does not load llama.cpp
     (~0.3 s) to ask again; a rebuilt or reinstalled library is asked anew. A cache that cannot be
     read or written is only not used."""
     import json
 
-    from ..o200k import _atomic_write_bytes, cache_root
+    from ..cachedir import atomic_write_bytes, cache_root
 
     st = lib.stat()
     key = f"{lib}|{st.st_size}|{st.st_mtime_ns}"
@@ -242,7 +242,7 @@ def llama_arch_names(lib: Path, arch_names: Iterable[str]) -> frozenset[str]:
         entries[key] = known  # one entry per library path: the newest
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_bytes(path, json.dumps(entries, indent=1, sort_keys=True).encode())
+            atomic_write_bytes(path, json.dumps(entries, indent=1, sort_keys=True).encode())
         except OSError:
             pass
     return frozenset(n for n in wanted if known[n])

@@ -21,7 +21,7 @@ Mistral's ``[INST]`` template) and a condensed ChatML template for Qwen3 (the re
 calls and reasoning-content handling; the tokens it uses are the same).
 
 Builds are cached per process (a tokenizer.json takes about a second to build); the rank files
-live in ``$LORA2GGUF_CACHE/tokenizers`` (see :func:`lora2gguf.o200k.cache_root`).
+live in ``$LORA2GGUF_CACHE/tokenizers`` (see :func:`lora2gguf.cachedir.cache_root`).
 Needs the ``reference`` extras (quicktok-v1, tiktoken, transformers, tokenizers) and
 ``sentencepiece``.
 """
@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, UnsupportedError
-from ..o200k import _atomic_write_bytes, cache_root, tiktoken_rank_bytes
+from ..cachedir import atomic_write_bytes, cache_root
+from ..o200k import tiktoken_rank_bytes
 
 # --------------------------------------------------------------------------- facts
 
@@ -167,7 +168,7 @@ def _rank_file(encoding: str, n_ranks: int, sha256: str | None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{encoding}-{got[:16]}.tiktoken"
     if not path.is_file():
-        _atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data)
     return path
 
 
