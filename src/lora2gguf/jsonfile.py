@@ -40,21 +40,29 @@ def read_json_object(path: Path, *, missing: str, hint: str = "", keep: bool = F
         raise FormatError(f"{path}: expected a JSON object, found {type(data).__name__}")
     if key is not None:
         while len(_KEPT) >= _KEEP_AT_MOST:
-            _KEPT.pop(next(iter(_KEPT)))
+            old = _KEPT.pop(next(iter(_KEPT)))
+            for k in [k for k in _DERIVED if k[0] == id(old)]:
+                del _DERIVED[k]
         _KEPT[key] = data
     return data
 
 
-_ON_FORGET: list = []
+# (id of a kept object, what) -> what derived() made of it; dropped with the object
+_DERIVED: dict[tuple[int, str], Any] = {}
 
 
-def on_forget(fn) -> None:
-    """Call ``fn()`` on forget(): for caches of things derived from the kept objects."""
-    _ON_FORGET.append(fn)
+def derived(obj: dict[str, Any], what: str, make):
+    """``make()``, computed once per kept object (read with ``keep``, never modified) and name
+    ``what``, and given again until forget(); for any other object computed at every call."""
+    if not any(o is obj for o in _KEPT.values()):
+        return make()
+    key = (id(obj), what)
+    if key not in _DERIVED:
+        _DERIVED[key] = make()
+    return _DERIVED[key]
 
 
 def forget() -> None:
-    """Drop the kept objects (their memory), and what on_forget() callers derived from them."""
+    """Drop the kept objects (their memory), and what derived() made of them."""
     _KEPT.clear()
-    for fn in _ON_FORGET:
-        fn()
+    _DERIVED.clear()

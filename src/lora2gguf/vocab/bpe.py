@@ -116,25 +116,16 @@ def identify_pre(data: dict, path: Path) -> pre_mod.PreTokenizer:
     return _analysed(data, path)[3]
 
 
-# (data, merges, probe, load error, pre-tokenizer) of the tokenizer.json objects analysed last:
-# doctor and the vocabulary writer analyse the same parsed object (jsonfile keeps one parse per
-# content), ~0.25 s for a 128k-token vocabulary; dropped with the parse (jsonfile.forget())
-_ANALYSED: list[tuple] = []
-jsonfile.on_forget(_ANALYSED.clear)
-
-
 def _analysed(data: dict, path: Path) -> tuple[list[str], pre_mod.Probe | None, FormatError | None, pre_mod.PreTokenizer]:
     """merges_of(data), the tokenizers-library probe (with the added tokens that are not
     normalized among its texts: their decode(encode()) is written), the error that kept the
-    probe from loading (None if it loaded) and the pre-tokenizer llama.cpp would name."""
-    model = data.get("model") or {}
-    # the same object, not changed since (a caller's own dict may have been edited in place)
-    key = (id(data), id(model), len(model.get("vocab") or ()), len(model.get("merges") or ()),
-           repr([data.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder", "added_tokens")]),
-           repr({k: v for k, v in model.items() if k not in ("vocab", "merges")}))
-    for entry in _ANALYSED:
-        if entry[0] is data and entry[1] == key:
-            return entry[2:]
+    probe from loading (None if it loaded) and the pre-tokenizer llama.cpp would name. Made once
+    per parse jsonfile keeps: doctor and the vocabulary writer analyse the same object (~0.25 s
+    for a 128k-token vocabulary)."""
+    return jsonfile.derived(data, "bpe-analysis", lambda: _analyse(data, path))
+
+
+def _analyse(data: dict, path: Path):
     merges = merges_of(data, path)  # malformed merges are a FormatError before anything else reads them
     raw = [e["content"] for e in _added_tokens(data, path) if not _normalized(e)]
     try:
@@ -142,10 +133,7 @@ def _analysed(data: dict, path: Path) -> tuple[list[str], pre_mod.Probe | None, 
         load_error = None
     except FormatError as e:  # a hand-made file tokenizers cannot load: its split pattern may still name it
         probe, load_error = None, e
-    entry = (data, key, merges, probe, load_error, pre_mod.identify(probe, data))
-    del _ANALYSED[:-1]  # at most two kept
-    _ANALYSED.append(entry)
-    return entry[2:]
+    return merges, probe, load_error, pre_mod.identify(probe, data)
 
 
 # gguf-py writes a space inside a merge part as this character (the space itself separates the two parts)
