@@ -122,10 +122,17 @@ def test_the_write_mode_is_writeback_on_linux_and_chosen_by_the_environment(tmp_
     from lora2gguf.errors import InputError
 
     monkeypatch.delenv("LORA2GGUF_WRITE", raising=False)
+    assert seqwrite.default_mode() == "writeback"
+    path = tmp_path / "default.bin"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDWR)
+    w = SequentialWriter(path, fd, 0, chunk=CHUNK)
+    w.close()
+    os.close(fd)
     if sys.platform.startswith("linux"):  # glibc and musl both have sync_file_range
-        assert seqwrite.default_mode() == "writeback"
+        assert w.mode == "writeback"
     else:
-        assert seqwrite.default_mode() == "direct"
+        assert w.mode == "direct"
     monkeypatch.setenv("LORA2GGUF_WRITE", "Buffered")
     assert seqwrite.default_mode() == "buffered"
     path = tmp_path / "f.bin"

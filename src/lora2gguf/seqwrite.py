@@ -75,15 +75,14 @@ _sync_file_range = _load_sync_file_range()
 
 
 def default_mode() -> str:
-    """``LORA2GGUF_WRITE`` if set, else writeback where the system has sync_file_range, else direct."""
+    """``LORA2GGUF_WRITE`` if set, else writeback (direct where the system has no
+    sync_file_range: SequentialWriter falls back)."""
     mode = os.environ.get("LORA2GGUF_WRITE", "").strip().lower()
-    if mode:
-        if mode not in MODES:
-            from .errors import InputError
+    if mode and mode not in MODES:
+        from .errors import InputError
 
-            raise InputError(f"LORA2GGUF_WRITE={mode!r}: expected one of {', '.join(MODES)}")
-        return "direct" if mode == "writeback" and _sync_file_range is None else mode
-    return "writeback" if _sync_file_range is not None else "direct"
+        raise InputError(f"LORA2GGUF_WRITE={mode!r}: expected one of {', '.join(MODES)}")
+    return mode or "writeback"
 
 
 class SequentialWriter:
