@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from lora2gguf import vocab
 from lora2gguf.errors import FormatError
-from lora2gguf.gguf_kv import FastKVWriter
+from lora2gguf.gguf_kv import FastKVWriter, interleave_lengths
 
 T = gguf.GGUFValueType
 O200K_VOCAB = 201088
@@ -254,3 +254,24 @@ def test_malformed_merges_are_a_format_error(merges, tmp_path):
     folder, n = _tiny_tokenizer(tmp_path / "tok", merges)
     with pytest.raises(FormatError, match="merges"):
         vocab.write_vocab(gguf.GGUFWriter(None, "gpt-oss"), folder, n)
+
+
+def test_interleave_lengths_is_the_gguf_string_layout():
+    """Each item preceded by its uint64 length, for lengths of 0, 1, multi-byte text and over
+    255 and 65535 bytes (length fields with several non-zero bytes)."""
+    rng = np.random.default_rng(7)
+    items = [b"", b"a", "é😀".encode(), bytes(300), rng.bytes(70_000), b"", b"x y"]
+    items += [rng.bytes(int(n)) for n in rng.integers(0, 40, 500)]
+    expected = b"".join(struct.pack("<Q", len(b)) + b for b in items)
+    assert interleave_lengths(items) == expected
+    assert interleave_lengths([]) == b""
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=6), min_size=64, max_size=200))
+def test_texts_packed_in_one_encode_are_each_encoded(val):
+    """The whole-text packing (UTF-8 widths read from the code points) gives what encoding each
+    string does, for any mix of 1- to 4-byte characters and empty strings."""
+    expected = b"".join(struct.pack("<Q", len(b)) + b for b in (v.encode() for v in val))
+    w = FastKVWriter(None, "llama")
+    assert w._pack_val(val, gguf.GGUFValueType.ARRAY, False)[12:] == expected

@@ -9,6 +9,7 @@ doctor (a blocker, before any tensor is read) and by write_vocab."""
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 from pathlib import Path
@@ -214,3 +215,20 @@ def test_merges_within_keeps_exactly_the_merges_that_join_into_a_piece():
     assert rule == ["a b", "ab c", "a bc", "a  x", " x", "x ", "Ġ Ġ", "y  z", "ab"]
     pairs = [["a", "b"], ["ab", "c"], ["y", " z"], ["c", "a"], ["y ", "z"]]
     assert pre_mod._merges_within(pairs, subs) == [["a", "b"], ["ab", "c"], ["y", " z"], ["y ", "z"]]
+
+
+def test_inside_another_is_the_pairwise_rule():
+    """Probe's test for an added token inside another text (one count per token over the texts
+    joined) against the rule it stands for, on random short strings over a small alphabet,
+    texts that are tokens themselves included."""
+    rng = random.Random(3)
+
+    def word(lo, hi):
+        return "".join(rng.choice("ab<|>\x01") for _ in range(rng.randint(lo, hi)))
+
+    for _ in range(5000):
+        needles = [word(1, 4) for _ in range(rng.randint(0, 5))]
+        texts = [word(0, 7) for _ in range(rng.randint(0, 5))] + rng.sample(needles, len(needles) // 2)
+        rule = any(a in t and a != t for t in texts for a in needles)
+        assert pre_mod._inside_another(needles, texts) == rule, (needles, texts)
+    assert pre_mod._inside_another(["<|a|>"], ["x <|a|> y"]) and not pre_mod._inside_another(["<|a|>"], ["<|a|>"])

@@ -48,12 +48,56 @@ def _item_type(cls: type) -> _T | None:
 def _pack_strings(val: list | tuple, classes: set[type]) -> bytes | None:
     if not classes <= {str, bytes}:
         return None  # str subclasses may encode differently, bytearray and others: gguf-py
+    if classes == {str}:
+        return _pack_texts(val)
     try:
-        encoded = list(map(str.encode, val)) if classes == {str} else [
-            v.encode("utf-8") if type(v) is str else v for v in val]
+        encoded = [v.encode("utf-8") if type(v) is str else v for v in val]
     except UnicodeEncodeError:
         return None  # lone surrogates: gguf-py raises
-    return b"".join(itertools.chain.from_iterable(zip(map(_pack_u64, map(len, encoded)), encoded)))
+    return interleave_lengths(encoded)
+
+
+def _pack_texts(val: list | tuple) -> bytes | None:
+    """Strings as GGUF strings (each preceded by its UTF-8 length), encoded as one text: the
+    length of each item in bytes is the sum, over its characters, of their UTF-8 widths (read
+    from the code points), so that 646k tokens and merges are not encoded one by one."""
+    joined = "".join(val)
+    try:
+        blob = joined.encode("utf-8")
+    except UnicodeEncodeError:
+        return None  # lone surrogates: gguf-py raises
+    chars = np.fromiter(map(len, val), dtype=np.int64, count=len(val))
+    if len(blob) == len(joined):  # all ASCII: one byte per character
+        lens = chars
+    else:
+        cp = np.frombuffer(joined.encode("utf-32-le"), dtype="<u4")
+        width = 1 + (cp >= 0x80).astype(np.uint8) + (cp >= 0x800) + (cp >= 0x10000)
+        before = np.empty(cp.size + 1, dtype=np.int64)  # bytes before each character (and the end)
+        before[0] = 0
+        np.cumsum(width, out=before[1:])
+        lens = np.diff(before[np.cumsum(chars)], prepend=0)
+    return _interleave(lens, np.frombuffer(blob, dtype=np.uint8))
+
+
+def interleave_lengths(items: list[bytes]) -> bytes:
+    """``items`` each preceded by its length as a little-endian uint64, the GGUF string layout:
+    the bytes of ``b"".join(pack_u64(len(b)) + b for b in items)``, placed with numpy instead
+    of joining 2n small objects."""
+    lens = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
+    return _interleave(lens, np.frombuffer(b"".join(items), dtype=np.uint8))
+
+
+def _interleave(lens: np.ndarray, blob: np.ndarray) -> bytes:
+    """``blob`` cut into pieces of ``lens`` bytes, each preceded by its length (uint64 LE)."""
+    n = lens.size
+    out = np.empty(8 * n + blob.size, dtype=np.uint8)
+    starts = np.cumsum(lens + 8) - (lens + 8)  # where each item's length field begins
+    length_bytes = (starts[:, None] + np.arange(8)).reshape(-1)
+    out[length_bytes] = lens.astype("<u8").view(np.uint8)
+    text = np.ones(out.size, dtype=bool)
+    text[length_bytes] = False
+    out[text] = blob  # the items' bytes, in order, everywhere else
+    return out.tobytes()
 
 
 def _pack_ints(val: list | tuple, classes: set[type], dtype: np.dtype) -> bytes | None:

@@ -12,6 +12,7 @@ turn into findings (a typed error from :mod:`lora2gguf.errors` is kept as is).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -90,15 +91,17 @@ class TokenizerModel:
     decoder: Any
     post_processor: Any
 
-    @property
+    @functools.cached_property
     def id_to_token(self) -> dict[int, str]:
-        out = {i: t for t, i in self.vocab.items()}
+        """id -> token (added tokens over the model's); computed once (a model is cached per
+        content and never changed): callers must not modify it."""
+        out = dict(zip(self.vocab.values(), self.vocab.keys()))
         out.update({i: t for t, (i, _) in self.added.items()})
         return out
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
-        ids = list(self.vocab.values()) + [i for i, _ in self.added.values()]
+        ids = self.id_to_token
         return max(ids) + 1 if ids else 0
 
 
@@ -127,7 +130,7 @@ def _parse_tokenizer_json_uncached(path: str) -> TokenizerModel:
     vocab = model.get("vocab") or {}
     if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
         vocab = {str(p[0]): i for i, p in enumerate(vocab) if isinstance(p, list) and p}
-    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+    if not isinstance(vocab, dict) or not all(issubclass(t, int) for t in set(map(type, vocab.values()))):
         raise FormatError(f"{path}: model.vocab is not a map of tokens to integer ids")
     raw_merges = model.get("merges") or []
     if set(map(type, raw_merges)) == {list}:  # pairs (transformers >= 4.45): joined in one C-level pass

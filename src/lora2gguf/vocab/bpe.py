@@ -65,9 +65,7 @@ def vocab_of(data: dict, path: Path, vocab_size: int) -> Vocab:
         raise FormatError(f"{path}: model.vocab is not a map of tokens to integer ids")
     merges, probe, load_error, pre = _analysed(data, path)  # malformed merges: a FormatError first
     added_entries = _added_tokens(data, path)
-    reverse: dict[int, str] = {}
-    for tok, i in vocab.items():
-        reverse[i] = tok
+    reverse: dict[int, str] = dict(zip(vocab.values(), vocab.keys()))  # the last token of an id wins, as a loop
     for entry in added_entries:
         reverse[entry["id"]] = entry["content"]
     if reverse and max(reverse) >= vocab_size:
@@ -84,29 +82,33 @@ def vocab_of(data: dict, path: Path, vocab_size: int) -> Vocab:
     for entry in added_entries:
         added[entry["content"]] = entry["id"]
         by_id[entry["id"]] = entry
-    tokens: list[str] = []
-    types: list[int] = []
-    for i in range(vocab_size):
+    # every id a plain token of the model (NORMAL) at first, in C-level passes (a Python loop over
+    # 128k-200k ids took ~0.3 s); then the ids without a token, and those of added tokens (or of
+    # a model token with an added token's text), each as the converter treats it
+    tokens: list = list(map(reverse.get, range(vocab_size)))
+    types: list[int] = [gguf.TokenType.NORMAL] * vocab_size
+    if None in tokens:
+        for i in [i for i, tok in enumerate(tokens) if tok is None]:
+            tokens[i] = f"[PAD{i}]"
+            types[i] = gguf.TokenType.UNUSED
+    maybe_added = set(by_id) | {vocab[t] for t in added.keys() & vocab.keys()}
+    for i in sorted(i for i in maybe_added if isinstance(i, int) and 0 <= i < vocab_size):
         tok = reverse.get(i)
         if tok is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
             continue
         entry = by_id.get(i)
         if entry is None and tok in added:  # the same text as an added token, at another id
             entry = by_id[added[tok]]
         if entry is None:
-            tokens.append(tok)
-            types.append(gguf.TokenType.NORMAL)
             continue
         if not _normalized(entry) and probe is not None:
             tok = probe.roundtrip(tok)
         if entry.get("special") or looks_special(tok):
-            types.append(gguf.TokenType.CONTROL)
+            types[i] = gguf.TokenType.CONTROL
         else:
             tok = tok.replace(SPIECE_UNDERLINE, " ")
-            types.append(gguf.TokenType.USER_DEFINED)
-        tokens.append(tok)
+            types[i] = gguf.TokenType.USER_DEFINED
+        tokens[i] = tok
     return Vocab(tokens, types, pre.name, added, kind=BPE, model=TOKENIZER_MODELS[BPE], pre_how=pre.how, chkhsh=pre.chkhsh,
                  source=path, merges=merges)
 
