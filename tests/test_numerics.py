@@ -658,8 +658,12 @@ def test_f64_to_f16_rounds_once():
 
 @pytest.mark.parametrize("dtype", ["bf16", "f16"])
 def test_half_bits_finite_on_every_pattern(dtype):
-    """The two-reduction test agrees with the exponent-field definition on all 65536 patterns,
-    one pattern at a time in a field of finite values, and on strided views."""
+    """The compiled one-pass test (contiguous arrays) and the two-reduction numpy test agree with
+    the exponent-field definition on all 65536 patterns, one pattern at a time in a field of
+    finite values, and on strided views."""
+    from lora2gguf import kernel
+
+    assert kernel.available(), kernel.status()  # CI builds it: both routes are tested
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     exp = N.HALF_EXPONENT[dtype]
     nonfinite = (every & exp) == exp
@@ -667,6 +671,12 @@ def test_half_bits_finite_on_every_pattern(dtype):
     for bits, bad in zip(every, nonfinite):
         field_[3] = bits
         assert N.half_bits_finite(field_, dtype) is (not bad), hex(int(bits))
+        assert N._half_bits_finite_numpy(field_, exp) is (not bad), hex(int(bits))
+        assert kernel.half_nonfinite(field_, exp) is bool(bad), hex(int(bits))
+    long = np.full(100_003, field_[0], np.uint16)  # past any vector width, a pattern at the tail
+    assert N.half_bits_finite(long, dtype)
+    long[-1] = exp
+    assert not N.half_bits_finite(long, dtype)
     assert N.half_bits_finite(every[~nonfinite].reshape(-1, 2)[:, ::-1].T, dtype)
     assert not N.half_bits_finite(every.reshape(256, 256)[::3, 1::2], dtype)
     assert N.half_bits_finite(np.empty((0, 4), np.uint16), dtype)

@@ -259,7 +259,15 @@ int64_t l2g_merge_bf16(const void *w, int kind, const int64_t *row_off, int64_t 
 
 /* the interface version: lora2gguf.kernel refuses a library built from another version of this
  * file (an editable install whose kernel was not rebuilt) and merges in numpy */
-int64_t l2g_kernel_version(void) { return 1; }
+int64_t l2g_kernel_version(void) { return 2; }
+
+/* 1 when one of n 16-bit float bit patterns (bf16 or f16) has its exponent field, exp_mask, all
+ * ones (Inf or NaN), else 0: one vectorized pass (the numpy route reads the data twice) */
+L2G_CLONES int64_t l2g_half_nonfinite(const uint16_t *x, int64_t n, uint16_t exp_mask) {
+    uint16_t any = 0;
+    for (int64_t i = 0; i < n; i++) any |= (uint16_t)((x[i] & exp_mask) == exp_mask);
+    return any != 0;
+}
 
 /* the kernel's own rounding, for the tests: n doubles -> bf16 bits */
 void l2g_bf16_of(const double *x, int64_t n, uint16_t *out) {

@@ -4,14 +4,13 @@ gguf-py packs a metadata array one item at a time through ``GGUFWriter._pack_val
 calls and a ``struct.pack`` per item). A 200k-token vocabulary has about 850,000 items (200k token
 strings, 200k token types, 446k merges), which costs seconds before the first tensor is written.
 :class:`FastKVWriter` packs large homogeneous lists and tuples of str, int, float or bool in bulk
-(numpy, ``bytes.join``) and leaves everything else to gguf-py: the bytes are the same as gguf-py's
-for every input, and so are the errors (an input the bulk path is not sure of goes to gguf-py).
+(numpy; strings as one encoded text) and leaves everything else to gguf-py: the bytes are the
+same as gguf-py's for every input, and so are the errors (an input the bulk path is not sure of
+goes to gguf-py).
 """
 
 from __future__ import annotations
 
-import itertools
-import struct
 from typing import Any
 
 import gguf
@@ -26,7 +25,6 @@ _INT_DTYPES: dict[int, np.dtype] = {
 }
 _FLOAT_DTYPES: dict[int, np.dtype] = {_T.FLOAT32: np.dtype("<f4"), _T.FLOAT64: np.dtype("<f8")}
 
-_pack_u64 = struct.Struct("<Q").pack
 
 
 def _item_type(cls: type) -> _T | None:

@@ -14,7 +14,7 @@ import numpy as np
 
 ENV = "LORA2GGUF_KERNEL"
 #: l2g_kernel_version() of the _kernels.c this code calls
-VERSION = 1
+VERSION = 2
 
 _lib = None
 _why = ""
@@ -44,6 +44,8 @@ def _load():
     f.restype = i64
     lib.l2g_bf16_of.argtypes = [p, i64, p]
     lib.l2g_bf16_of.restype = None
+    lib.l2g_half_nonfinite.argtypes = [p, i64, ctypes.c_uint16]
+    lib.l2g_half_nonfinite.restype = i64
     return lib
 
 
@@ -83,3 +85,11 @@ def bf16_of(x: np.ndarray) -> np.ndarray:
     out = np.empty(x.shape, np.uint16)
     _lib.l2g_bf16_of(_ptr(x), x.size, _ptr(out))
     return out
+
+
+def half_nonfinite(bits: np.ndarray, exp_mask: int) -> bool:
+    """Whether a C-contiguous uint16 array of bf16 / f16 bit patterns holds an Inf or NaN (its
+    exponent field ``exp_mask`` all ones), in one compiled pass."""
+    if bits.dtype != np.uint16 or not bits.flags.c_contiguous:
+        raise ValueError("half_nonfinite takes a C-contiguous uint16 array")
+    return bool(_lib.l2g_half_nonfinite(_ptr(bits), bits.size, exp_mask))

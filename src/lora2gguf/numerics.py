@@ -142,6 +142,15 @@ def half_bits_finite(bits: np.ndarray, dtype: str) -> bool:
         raise FormatError(f"half_bits_finite expects uint16 bit patterns, got {u.dtype}")
     if not u.size:
         return True
+    if u.flags.c_contiguous:
+        from . import kernel
+
+        if kernel.available():  # the same test in one compiled pass (a base's copied tensors: GBs)
+            return not kernel.half_nonfinite(u, exp)
+    return _half_bits_finite_numpy(u, exp)
+
+
+def _half_bits_finite_numpy(u: np.ndarray, exp: int) -> bool:
     return int(u.max()) < (exp | 0x8000) and int(u.view(np.int16).max()) < exp
 
 
