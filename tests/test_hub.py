@@ -137,8 +137,10 @@ def test_download_reads_only_what_it_needs_and_resumes_after_an_interruption(fak
                                                                              tiny_adapter):
     home, out = tmp_path / "hf", tmp_path / "out"
     # the client must still be waiting on the stalled transfer when Ctrl-C comes: with the default
-    # 10 s read timeout a loaded machine let it resume and finish first (seen once in CI)
-    env = _env(fake_hub, home, HF_HUB_DOWNLOAD_TIMEOUT="120")
+    # 10 s read timeout a loaded machine let it resume and finish first (seen once in CI), and with
+    # 120 s once more (its read timed out and resumed before the wait below ended; the client then
+    # took over 120 s to answer Ctrl-C): the read now outlasts the wait's own 300 s limit
+    env = _env(fake_hub, home, HF_HUB_DOWNLOAD_TIMEOUT="600")
     storage = home / "hub" / "models--org--base"
     snapshot = storage / "snapshots" / fake_hub.base_commit
     etags = {n: _sha(tiny_base / n) for n in SHARDS}  # an LFS file's etag is its SHA-256
