@@ -26,7 +26,6 @@ _INT_DTYPES: dict[int, np.dtype] = {
 _FLOAT_DTYPES: dict[int, np.dtype] = {_T.FLOAT32: np.dtype("<f4"), _T.FLOAT64: np.dtype("<f8")}
 
 
-
 def _item_type(cls: type) -> _T | None:
     """gguf-py's ``GGUFValueType.get_type`` for an item of class `cls` (same order of checks: bool
     before int), or None where gguf-py would raise."""
